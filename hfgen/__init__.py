@@ -1,0 +1,12 @@
+"""hfgen: Hugging Face-style VAEs, GANs, diffusion and latent diffusion models.
+
+Importing hfgen imports every model and pipeline class: diffusers needs them imported to load saved
+pipelines. Training code (hfgen.training) is imported only when used.
+"""
+
+__version__ = "0.1.0"
+
+from .models import VAEModel  # noqa: E402
+from .pipelines import AutoPipeline, ConditionalPipeline, GenerativePipeline, VAEPipeline  # noqa: E402
+
+__all__ = ["AutoPipeline", "ConditionalPipeline", "GenerativePipeline", "VAEModel", "VAEPipeline", "__version__"]

@@ -1,0 +1,17 @@
+"""hfgen's model classes.
+
+Saved pipelines record each component as [module, class] in model_index.json. hfgen records the public
+module `hfgen.models` for every model class, whatever file defines it, so folders saved today keep loading
+after the code is reorganised. diffusers looks `ModelMixin` up on the recorded module, so it is exported here.
+"""
+
+from diffusers.models.modeling_utils import ModelMixin
+
+from .vae import VAEDecoderOutput, VAEEncoderOutput, VAEModel, VAEOutput
+
+RECORDED_MODULE = __name__  # "hfgen.models"
+
+for _model_class in (VAEModel,):
+    _model_class.__module__ = RECORDED_MODULE
+
+__all__ = ["ModelMixin", "VAEModel", "VAEOutput", "VAEEncoderOutput", "VAEDecoderOutput"]

@@ -1,0 +1,10 @@
+"""hfgen pipelines: one module per family, all on `GenerativePipeline`."""
+
+from .auto import AutoPipeline
+from .conditional import ConditionalPipeline
+from .pipeline_utils import GenerativePipeline
+from .vae import VAEPipeline
+
+PIPELINES = {pipeline.__name__: pipeline for pipeline in (VAEPipeline, ConditionalPipeline)}
+
+__all__ = ["AutoPipeline", "ConditionalPipeline", "GenerativePipeline", "VAEPipeline", "PIPELINES"]

@@ -1,0 +1,22 @@
+"""Loading any hfgen pipeline folder without naming its class."""
+
+import json
+import os
+
+from .pipeline_utils import GenerativePipeline, resolve_pretrained_path
+
+
+class AutoPipeline:
+    """`AutoPipeline.from_pretrained(folder or repo id)` returns the hfgen pipeline named in model_index.json."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> GenerativePipeline:
+        from . import PIPELINES
+
+        hub_kwargs = {key: kwargs.pop(key) for key in ("revision", "cache_dir", "token") if key in kwargs}
+        path = resolve_pretrained_path(pretrained_model_name_or_path, **hub_kwargs)
+        with open(os.path.join(path, "model_index.json"), encoding="utf-8") as file:
+            class_name = json.load(file).get("_class_name")
+        if class_name not in PIPELINES:
+            raise ValueError(f"{path!r} holds a {class_name!r} pipeline; hfgen pipelines are {sorted(PIPELINES)}")
+        return PIPELINES[class_name].from_pretrained(path, **kwargs)

@@ -1,0 +1,118 @@
+"""The base of every hfgen pipeline: loading, class labels, prior noise and output conversion."""
+
+import os
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+
+from hfgen.image_processing import postprocess
+from hfgen.utils import check_class_labels, check_positive_int
+
+HUB_DOWNLOAD_KWARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only")
+
+
+def resolve_pretrained_path(pretrained_model_name_or_path, **hub_kwargs) -> str:
+    """A local pipeline folder, or a Hub repo id downloaded with `snapshot_download`: -> a local folder.
+
+    diffusers 0.42 cannot load components defined outside diffusers from a repo id by itself, so hfgen
+    always downloads first and loads the local copy.
+    """
+    path = os.path.expanduser(str(pretrained_model_name_or_path))
+    if not os.path.isdir(path):
+        looks_like_path = os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1
+        if looks_like_path:
+            raise ValueError(f"`pretrained_model_name_or_path` {path!r} is not a folder (nor a Hub repo id)")
+        path = snapshot_download(path, **hub_kwargs)
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise ValueError(f"`pretrained_model_name_or_path` {path!r} holds no model_index.json: it is not a saved pipeline")
+    return path
+
+
+class GenerativePipeline(DiffusionPipeline):
+    """Shared by all hfgen pipelines.
+
+    Subclasses register their components and name the model that maps prior latents to images in
+    `generative_model`. That model exposes `latent_shape`, `data_range` ("unit" or "symmetric"),
+    `config.num_classes` and `decode(latents, class_labels)`. Diffusion pipelines override `__call__`
+    and reuse the helpers.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Loads a local folder or a Hub repo id (`revision`, `token`, `cache_dir` go to the download)."""
+        hub_kwargs = {key: kwargs.pop(key) for key in HUB_DOWNLOAD_KWARGS if key in kwargs}
+        path = resolve_pretrained_path(pretrained_model_name_or_path, **hub_kwargs)
+        return super().from_pretrained(path, **kwargs)
+
+    @property
+    def generative_model(self):
+        raise NotImplementedError
+
+    def prepare_class_labels(self, class_labels, batch_size: int | None) -> tuple[torch.Tensor | None, int]:
+        """Ints, names from the model's `id2label`, or a tensor -> ((B,) long tensor or None, B).
+
+        A single label is repeated `batch_size` times; a list sets the batch size when it is None.
+        """
+        config = self.generative_model.config
+        if batch_size is not None:
+            check_positive_int("batch_size", batch_size)
+        if class_labels is None or config.num_classes == 0:
+            batch_size = batch_size or 1
+            return check_class_labels(class_labels, config.num_classes, batch_size), batch_size
+        if isinstance(class_labels, (int, str)) or (isinstance(class_labels, torch.Tensor) and class_labels.dim() == 0):
+            class_labels = [class_labels] * (batch_size or 1)
+        if not isinstance(class_labels, torch.Tensor):
+            class_labels = [self._label_id(label) for label in class_labels]
+        batch_size = batch_size or len(class_labels)
+        return check_class_labels(class_labels, config.num_classes, batch_size, self.device), batch_size
+
+    def _label_id(self, label):
+        if not isinstance(label, str):
+            return label
+        id2label = self.generative_model.config.id2label or {}
+        label2id = {name: int(index) for index, name in id2label.items()}
+        if label not in label2id:
+            raise ValueError(f"`class_labels` has the name {label!r}, but the model's id2label names {sorted(label2id)}")
+        return label2id[label]
+
+    def prepare_latents(self, batch_size: int, generator=None, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Prior noise z ~ N(0, I) of shape (B, *latent_shape), or the given `latents` after a shape check."""
+        model = self.generative_model
+        shape = (batch_size, *model.latent_shape)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
+            return latents.to(self.device, model.dtype)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=model.dtype)
+
+    def output(self, images: torch.Tensor, output_type: str, return_dict: bool):
+        """Model tensor -> `ImagePipelineOutput` (or a tuple) of "pil", "np" or "pt" images."""
+        images = postprocess(images, output_type, self.generative_model.data_range)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int | None = None,
+        *,
+        class_labels=None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        r"""Samples z ~ p(z) and decodes it: prior noise -> model -> image.
+
+        Args:
+            batch_size: number of images; None means one per class label, or 1.
+            class_labels: for conditional models, an int, a class name, or one per image (list or tensor).
+            generator: makes sampling deterministic: the same generator state gives the same images.
+            latents: prior samples of shape (B, *latent_shape) to decode instead of fresh noise.
+            output_type: "pil", "np" (B, H, W, C) or "pt" (B, C, H, W), values in [0, 1].
+        """
+        labels, batch_size = self.prepare_class_labels(class_labels, batch_size)
+        latents = self.prepare_latents(batch_size, generator, latents)
+        images = self.generative_model.decode(latents, labels).sample
+        return self.output(images, output_type, return_dict)

@@ -1,0 +1,33 @@
+from setuptools import setup
+
+setup(
+    name="hfgen",
+    version="0.1.0",
+    description="Hugging Face-style VAEs, GANs, diffusion and latent diffusion models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # pipelines/ and training/ live at the top of the repository but install inside hfgen,
+    # so nothing but `hfgen` lands in site-packages.
+    packages=["hfgen", "hfgen.models", "hfgen.pipelines", "hfgen.training"],
+    package_dir={"hfgen": "hfgen", "hfgen.pipelines": "pipelines", "hfgen.training": "training"},
+    install_requires=[
+        "torch>=2.1,<3",
+        # hfgen relies on how 0.42 records and loads custom pipeline components (see tests/test_serialization.py).
+        "diffusers>=0.42.1,<0.43",
+        "accelerate>=1.0,<2",
+        "huggingface_hub>=0.34",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "datasets>=3",
+        "mlxtend>=0.23",
+        "scikit-learn>=1.3",
+    ],
+    extras_require={
+        "tensorboard": ["tensorboard"],
+        "test": ["pytest>=8", "tensorboard"],
+    },
+    entry_points={"console_scripts": ["hfgen=hfgen.cli:main"]},
+)
