@@ -4,10 +4,13 @@ Model tensors are NCHW floats in a family's data range: [0, 1] for VAEs (Bernoul
 for GANs and diffusion. Users get "pt" (NCHW in [0, 1]), "np" (NHWC in [0, 1]) or "pil" images.
 """
 
+import math
+
 import numpy as np
 import PIL.Image
 import torch
 from diffusers.pipelines.pipeline_utils import numpy_to_pil
+from diffusers.utils import make_image_grid
 
 DATA_RANGES = {"unit": (0.0, 1.0), "symmetric": (-1.0, 1.0)}
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -63,3 +66,13 @@ def preprocess(images, channels: int, size: int, data_range: str = "unit", name:
     if images.numel() and (images.min() < 0 or images.max() > 1):
         raise ValueError(f"`{name}` must hold values in [0, 1], got values in [{images.min().item():.3g}, {images.max().item():.3g}]")
     return from_unit_range(images.float(), data_range)
+
+
+def image_grid(images: list[PIL.Image.Image], columns: int | None = None) -> PIL.Image.Image:
+    """Tiles PIL images in a grid (square by default); empty cells stay black."""
+    if not images:
+        raise ValueError("`images` is empty: nothing to tile")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    blanks = [PIL.Image.new(images[0].mode, images[0].size)] * (rows * columns - len(images))
+    return make_image_grid(list(images) + blanks, rows=rows, cols=columns)

@@ -45,7 +45,8 @@ def bits_per_dim(nll_nats: float, num_dims: int, dequantization_bits: float = 0.
 
 @torch.no_grad()
 def evaluate_vae(vae, dataloader, num_importance_samples: int = 100, seed: int = 0) -> dict[str, float]:
-    """Test negative ELBO and IWAE negative log-likelihood (nats per example) and IWAE bits/dim."""
+    """Negative ELBO and IWAE negative log-likelihood with K = `num_importance_samples` (nats per example),
+    and the IWAE bound in bits/dim, over a dataloader of (images, labels)."""
     generator = torch.Generator(vae.device).manual_seed(seed)
     conditional = vae.config.num_classes > 0
     total_elbo = total_iwae = count = 0.0
@@ -62,5 +63,4 @@ def evaluate_vae(vae, dataloader, num_importance_samples: int = 100, seed: int =
         "test_negative_elbo": -total_elbo / count,
         "test_iwae_nll": -total_iwae / count,
         "test_iwae_bits_per_dim": bits_per_dim(-total_iwae / count, num_dims, dequantization),
-        "iwae_samples": num_importance_samples,
     }

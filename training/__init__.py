@@ -1,0 +1,1 @@
+"""Training entry points, one per family, on the shared skeleton in `trainer.py`."""

@@ -1,0 +1,404 @@
+"""The training skeleton every family shares: arguments, accelerator, data, loop, checkpoints, output.
+
+A family subclasses `Trainer` and supplies its models, its objective and its pipeline:
+
+    class VAETrainer(Trainer):
+        family = "vae"
+        def build_models(self): return {"vae": VAEModel(...)}
+        def training_step(self, images, labels): loss = ...; self.optimize("vae", loss); return {"loss": loss}
+        def build_pipeline(self): return VAEPipeline(self.unwrap("vae"))
+        def evaluate(self, pipeline): return {"test_negative_elbo": ...}
+
+`Trainer(args).train()` then runs on one process or many (`accelerate launch`), resumes from checkpoints,
+and writes `output_dir` as a loadable, pushable pipeline folder with a model card and a sample grid.
+"""
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from hfgen.data import BUILTIN_DATASETS, load_image_dataset
+from hfgen.hub_utils import SAMPLE_GRID, push_folder, write_model_card
+from hfgen.image_processing import image_grid
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+LOGGERS = ("auto", "tensorboard", "wandb", "none")
+
+
+def training_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every family shares, named like diffusers' example scripts."""
+    parser = argparse.ArgumentParser(description=description)
+    add = parser.add_argument
+    add("--output_dir", required=True, help="Where the pipeline folder, checkpoints and logs are written.")
+    add("--dataset_name", default="hfgen:mnist",
+        help=f"Built-in ({', '.join(BUILTIN_DATASETS)}: no network) or a `datasets` name on the Hub.")
+    add("--train_data_dir", default=None, help="A local image folder (class sub-folders or metadata.jsonl).")
+    add("--resolution", type=int, default=28, help="Images are resized to resolution x resolution.")
+    add("--num_channels", type=int, default=None, help="1 or 3 for image folders; inferred when omitted.")
+    add("--train_batch_size", type=int, default=100, help="Batch size per process.")
+    add("--eval_batch_size", type=int, default=250)
+    add("--num_epochs", type=int, default=10)
+    add("--max_train_steps", type=int, default=None, help="Overrides --num_epochs when set.")
+    add("--learning_rate", type=float, default=1e-3)
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_weight_decay", type=float, default=0.0)
+    add("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (off by default).")
+    add("--lr_scheduler", default="constant",
+        help='diffusers scheduler name: "constant", "linear", "cosine", "constant_with_warmup", ...')
+    add("--lr_warmup_steps", type=int, default=0)
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    add("--dataloader_num_workers", type=int, default=0)
+    add("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    add("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    add("--save_images_epochs", type=int, default=1, help="Write a sample grid every N epochs (0: never).")
+    add("--num_validation_images", type=int, default=64)
+    add("--logging_steps", type=int, default=10)
+    add("--seed", type=int, default=0)
+    add("--logger", default="auto", choices=LOGGERS, help='"auto": TensorBoard when it is installed.')
+    add("--push_to_hub", action="store_true")
+    add("--hub_model_id", default=None, help="Repository on the Hub, e.g. user/hfgen-vae-mnist.")
+    add("--hub_token", default=None)
+    add("--hub_private_repo", action="store_true")
+    return parser
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Clear errors for flag values that cannot work, before any work starts."""
+    for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                 "logging_steps", "num_epochs", "num_validation_images"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}")
+    for name in ("max_train_steps", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be >= 1 when given, got {getattr(args, name)}")
+    for name in ("lr_warmup_steps", "save_images_epochs", "dataloader_num_workers"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        raise ValueError(f"`--learning_rate` must be > 0, got {args.learning_rate}")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. user/my-model)")
+    if args.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError('`--logger tensorboard` needs tensorboard: pip install "hfgen[tensorboard]"')
+
+
+def list_checkpoints(checkpoint_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first. A checkpoint is complete once renamed to checkpoint-<step>."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    names = [name for name in os.listdir(checkpoint_dir) if CHECKPOINT_PATTERN.match(name)]
+    names.sort(key=lambda name: int(CHECKPOINT_PATTERN.match(name).group(1)))
+    return [os.path.join(checkpoint_dir, name) for name in names]
+
+
+class Trainer:
+    """The shared training loop; see the module docstring for what a family supplies."""
+
+    family: str = ""
+    pipeline_task = "unconditional-image-generation"
+
+    def __init__(self, args: argparse.Namespace):
+        check_training_args(args)
+        self.args = args
+        logging_dir = os.path.join(args.output_dir, "logs")
+        log_with = self._tracker(args.logger)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+            # Seeded sampling + set_epoch make a resumed run see the same batches as an uninterrupted one.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        set_seed(args.seed)
+
+        self.train_dataset = self.load_split("train")
+        self.test_dataset = self.load_split("test")
+        self.models = self.build_models()
+        self.optimizers = self.build_optimizers()
+        train_dataloader = torch.utils.data.DataLoader(
+            self.train_dataset,
+            batch_size=args.train_batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=args.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        if len(train_dataloader) == 0:
+            raise ValueError(f"`--train_batch_size` {args.train_batch_size} exceeds the {len(self.train_dataset)} training images")
+        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        self.max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+        # accelerate steps a prepared scheduler once per process, so the schedule counts processes too.
+        num_processes = self.accelerator.num_processes
+        self.lr_schedulers = {
+            name: get_scheduler(
+                args.lr_scheduler,
+                optimizer=optimizer,
+                num_warmup_steps=args.lr_warmup_steps * num_processes,
+                num_training_steps=self.max_train_steps * num_processes,
+            )
+            for name, optimizer in self.optimizers.items()
+        }
+        names = list(self.models)
+        prepared = self.accelerator.prepare(
+            *self.models.values(), *self.optimizers.values(), *self.lr_schedulers.values(), train_dataloader
+        )
+        self.models = dict(zip(names, prepared[: len(names)]))
+        self.optimizers = dict(zip(self.optimizers, prepared[len(names): len(names) + len(self.optimizers)]))
+        self.lr_schedulers = dict(zip(self.lr_schedulers, prepared[len(names) + len(self.optimizers): -1]))
+        self.train_dataloader = prepared[-1]
+        self.steps_per_epoch = math.ceil(len(self.train_dataloader) / args.gradient_accumulation_steps)
+        self.num_epochs = math.ceil(self.max_train_steps / self.steps_per_epoch)
+        self.global_step = 0
+        self.checkpoint_dir = os.path.join(args.output_dir, "checkpoints")
+
+    # ----- what a family supplies -------------------------------------------------------------------------
+
+    def build_models(self) -> dict:
+        """name -> ModelMixin, built from self.args and the data (self.train_dataset)."""
+        raise NotImplementedError
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One batch: compute the objective, call `self.optimize`, return detached scalars to log."""
+        raise NotImplementedError
+
+    def build_pipeline(self):
+        """The pipeline to save, from the unwrapped models."""
+        raise NotImplementedError
+
+    def evaluate(self, pipeline) -> dict[str, float]:
+        """Test-split metrics for the model card."""
+        return {}
+
+    def model_card_description(self) -> str:
+        return ""
+
+    def build_optimizers(self) -> dict:
+        """One Adam per model by default; families with other needs override."""
+        args = self.args
+        return {
+            name: torch.optim.AdamW(
+                model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                weight_decay=args.adam_weight_decay,
+            )
+            for name, model in self.models.items()
+        }
+
+    # ----- helpers for families --------------------------------------------------------------------------
+
+    def load_split(self, split: str):
+        args = self.args
+        return load_image_dataset(args.dataset_name, split, args.resolution, args.train_data_dir, args.num_channels)
+
+    def unwrap(self, name: str):
+        return self.accelerator.unwrap_model(self.models[name])
+
+    def optimize(self, name: str, loss: torch.Tensor) -> None:
+        """Backward, optional clipping, and one step of optimizer and lr schedule `name` (accumulation-aware)."""
+        self.accelerator.backward(loss)
+        if self.args.max_grad_norm and self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(self.models[name].parameters(), self.args.max_grad_norm)
+        self.optimizers[name].step()
+        self.lr_schedulers[name].step()
+        self.optimizers[name].zero_grad(set_to_none=True)
+
+    # ----- the loop -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _tracker(choice: str):
+        if choice == "auto":
+            return "tensorboard" if importlib.util.find_spec("tensorboard") else None
+        return None if choice == "none" else choice
+
+    def train(self) -> str:
+        """Runs the whole job and returns the output folder."""
+        args, accelerator = self.args, self.accelerator
+        if accelerator.is_main_process:
+            os.makedirs(args.output_dir, exist_ok=True)
+        if accelerator.log_with:
+            # trackers take scalars only: lists become strings, unset flags are left out
+            config = {k: str(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()
+                      if v is not None and k != "hub_token"}
+            accelerator.init_trackers(self.family, config=config)
+        first_epoch, skip_batches = self.resume()
+        logger.info(
+            "%s: %d training images, %d processes, %d steps of %d images",
+            self.family, len(self.train_dataset), accelerator.num_processes, self.max_train_steps,
+            args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        )
+        progress = tqdm(total=self.max_train_steps, initial=self.global_step, desc="steps",
+                        disable=not accelerator.is_local_main_process)
+        models = list(self.models.values())
+        self.epoch_seconds = []  # wall time of each epoch's training steps (sample grids excluded)
+        for epoch in range(first_epoch, self.num_epochs):
+            epoch_start = time.perf_counter()
+            for model in models:
+                model.train()
+            self.train_dataloader.set_epoch(epoch)
+            batches = self.train_dataloader
+            if epoch == first_epoch and skip_batches:
+                batches = accelerator.skip_first_batches(self.train_dataloader, skip_batches)
+            for images, labels in batches:
+                with accelerator.accumulate(*models):
+                    logs = self.training_step(images, labels)
+                if not accelerator.sync_gradients:
+                    continue
+                self.global_step += 1
+                progress.update(1)
+                if self.global_step % args.logging_steps == 0:
+                    values = {name: float(value) for name, value in logs.items()}
+                    values["lr"] = next(iter(self.lr_schedulers.values())).get_last_lr()[0]
+                    progress.set_postfix(**{k: f"{v:.4g}" for k, v in values.items()})
+                    if accelerator.log_with:
+                        accelerator.log(values, step=self.global_step)
+                if self.global_step % args.checkpointing_steps == 0:
+                    self.save_checkpoint()
+                if self.global_step >= self.max_train_steps:
+                    break
+            self.epoch_seconds.append(time.perf_counter() - epoch_start)
+            if accelerator.log_with:
+                accelerator.log({"epoch_seconds": self.epoch_seconds[-1]}, step=self.global_step)
+            if args.save_images_epochs and ((epoch + 1) % args.save_images_epochs == 0 or epoch == self.num_epochs - 1):
+                self.save_sample_grid(os.path.join(args.output_dir, "samples", f"step-{self.global_step:06d}.png"))
+        progress.close()
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.save_output()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return args.output_dir
+
+    # ----- samples and output ---------------------------------------------------------------------------------
+
+    def sample_images(self, pipeline, num_images: int):
+        """A fixed seed, so grids from different steps show the same noise decoded by a better model."""
+        generator = torch.Generator(pipeline.device).manual_seed(self.args.seed)
+        num_classes = pipeline.generative_model.config.num_classes
+        labels = [i % num_classes for i in range(num_images)] if num_classes else None
+        return pipeline(num_images, class_labels=labels, generator=generator).images
+
+    def save_sample_grid(self, path: str) -> None:
+        """Writes a grid of samples (and logs it to TensorBoard), on the main process."""
+        if not self.accelerator.is_main_process:
+            return
+        for model in self.models.values():
+            model.eval()
+        grid = image_grid(self.sample_images(self.build_pipeline(), self.args.num_validation_images))
+        for model in self.models.values():
+            model.train()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        grid.save(path)
+        if "tensorboard" in [tracker.name for tracker in self.accelerator.trackers]:
+            writer = self.accelerator.get_tracker("tensorboard").writer
+            writer.add_image("samples", np.asarray(grid.convert("RGB")), self.global_step, dataformats="HWC")
+
+    def save_output(self) -> None:
+        """Pipeline folder + sample grid + evaluation + model card (+ push), on the main process."""
+        args = self.args
+        pipeline = self.build_pipeline()
+        pipeline.save_pretrained(args.output_dir)
+        self.save_sample_grid(os.path.join(args.output_dir, SAMPLE_GRID))
+        metrics = self.evaluate(pipeline)
+        logger.info("test metrics: %s", metrics)
+        with open(os.path.join(args.output_dir, "metrics.json"), "w") as file:
+            json.dump(metrics, file, indent=2)
+        model = pipeline.generative_model
+        dataset = args.train_data_dir if args.train_data_dir else args.dataset_name
+        training_config = {key: value for key, value in vars(args).items()
+                           if key not in ("hub_token", "output_dir") and value is not None}
+        training_config["global_step"] = self.global_step
+        write_model_card(
+            args.output_dir,
+            title=f"hfgen {self.family} on {dataset}",
+            description=self.model_card_description(),
+            pipeline_class=type(pipeline).__name__,
+            tags=[self.family],
+            dataset_name=dataset,
+            metrics=metrics,
+            model_config=dict(model.config),
+            training_config=training_config,
+            task_type=self.pipeline_task,
+        )
+        if args.push_to_hub:
+            url = push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo or None)
+            logger.info("pushed to %s", url)
+
+    # ----- checkpoints --------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> str:
+        """Writes checkpoint-<step> atomically: into a temporary folder first, renamed once complete.
+
+        A process killed mid-write leaves only `checkpoint-<step>.incomplete`, which is never resumed from.
+        """
+        accelerator = self.accelerator
+        final = os.path.join(self.checkpoint_dir, f"checkpoint-{self.global_step}")
+        partial = final + ".incomplete"
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(partial)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(partial, TRAINER_STATE), "w") as file:
+                json.dump({"global_step": self.global_step, "family": self.family}, file)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            limit = self.args.checkpoints_total_limit
+            if limit:
+                for old in list_checkpoints(self.checkpoint_dir)[:-limit]:
+                    shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+    def resume(self) -> tuple[int, int]:
+        """Loads the checkpoint named by --resume_from_checkpoint; returns (first epoch, batches to skip)."""
+        choice = self.args.resume_from_checkpoint
+        if not choice:
+            return 0, 0
+        if choice == "latest":
+            checkpoints = list_checkpoints(self.checkpoint_dir)
+            if not checkpoints:
+                logger.info("no checkpoint in %s yet: starting a new run", self.checkpoint_dir)
+                return 0, 0
+            path = checkpoints[-1]
+        else:
+            path = choice
+        state_file = os.path.join(path, TRAINER_STATE)
+        if not os.path.isdir(path):
+            raise ValueError(f"`--resume_from_checkpoint` {path!r} is not a folder (give a checkpoint folder or 'latest')")
+        if not os.path.isfile(state_file):
+            raise ValueError(f"`--resume_from_checkpoint` {path!r} is not a complete checkpoint: it has no {TRAINER_STATE}")
+        try:
+            with open(state_file) as file:
+                state = json.load(file)
+            self.accelerator.load_state(path)
+        except Exception as error:
+            raise ValueError(f"`--resume_from_checkpoint` {path!r} could not be loaded (corrupt checkpoint?): {error}") from error
+        if state.get("family") != self.family:
+            raise ValueError(f"`--resume_from_checkpoint` {path!r} was written by a {state.get('family')!r} trainer, not {self.family!r}")
+        self.global_step = int(state["global_step"])
+        logger.info("resumed from %s at step %d", path, self.global_step)
+        first_epoch = self.global_step // self.steps_per_epoch
+        skip = (self.global_step % self.steps_per_epoch) * self.args.gradient_accumulation_steps
+        return first_epoch, skip
