@@ -96,9 +96,9 @@ def _load_hf(dataset_name: str | None, train_data_dir: str | None, split: str, r
         raise ValueError(
             f"could not load {source}: {error}. Built-in datasets that need no network: {', '.join(BUILTIN_DATASETS)}"
         ) from error
-    if split in splits:
+    if "test" in splits:
         data = splits[split]
-    else:  # hold out a fixed share of the training split
+    else:  # hold out a fixed share of the training split as the test split
         data = splits["train"].train_test_split(test_size=HELD_OUT_FRACTION, seed=SPLIT_SEED)[split]
     image_column = next((c for c in ("image", "img", "pixel_values") if c in data.column_names), None)
     if image_column is None:

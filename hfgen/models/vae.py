@@ -218,6 +218,7 @@ class VAEModel(ModelMixin, ConfigMixin):
         """
         check_positive_int("num_samples", num_samples)
         check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+        check_images("sample", sample, *self.image_shape[:2])
         labels = check_class_labels(class_labels, self.config.num_classes, sample.shape[0], sample.device)
         posterior = self.encode(sample, labels).latent_dist
         batch = sample.shape[0]

@@ -1,0 +1,52 @@
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import PIL.Image
+import pytest
+
+from hfgen.cli import main
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def test_sample_writes_a_png_grid(trained_vae_dir, tmp_path):
+    output = tmp_path / "grid.png"
+    main(["sample", str(trained_vae_dir), "--num_images", "9", "--output", str(output)])
+    assert PIL.Image.open(output).size == (3 * 28, 3 * 28)
+
+
+def test_sample_with_class_names(trained_cvae_dir, tmp_path):
+    output = tmp_path / "grid.png"
+    main(["sample", str(trained_cvae_dir), "--num_images", "4", "--class_labels", "7", "--output", str(output)])
+    assert PIL.Image.open(output).size == (2 * 28, 2 * 28)
+
+
+def test_train_runs_the_module_entry_point(tmp_path):
+    main(["train", "vae", "--output_dir", str(tmp_path), "--max_train_steps", "3", "--hidden_dims", "16",
+          "--logger", "none", "--save_images_epochs", "0", "--eval_importance_samples", "1"])
+    assert (tmp_path / "model_index.json").is_file() and (tmp_path / "README.md").is_file()
+
+
+def test_unknown_commands_and_families_exit_with_usage():
+    with pytest.raises(SystemExit, match="name a family"):
+        main(["train", "flow"])
+    with pytest.raises(SystemExit, match="unknown command 'fit'"):
+        main(["fit"])
+
+
+def test_console_script_is_installed():
+    script = shutil.which("hfgen", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    assert script, "pip install -e . installs the `hfgen` command"
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, check=True)
+    assert "hfgen train" in result.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```(?:bash|sh)\n(.*?)\n```", readme, flags=re.S)
+    assert len(commands) >= 2, "the README opens with two commands"
+    assert commands[1].strip() in (ROOT / ".ci" / "run").read_text()

@@ -1,0 +1,134 @@
+import json
+import os
+
+import pytest
+import torch
+from conftest import quick_training_args
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from hfgen import ConditionalPipeline, VAEModel, VAEPipeline
+from hfgen.metrics import evaluate_vae
+from hfgen.training.train_vae import VAETrainer, main, parse_args
+
+
+def test_training_lowers_the_test_negative_elbo_far_below_the_untrained_model(trained_vae_dir, mnist_test):
+    loader = torch.utils.data.DataLoader(mnist_test, batch_size=500)
+    torch.manual_seed(0)
+    untrained = evaluate_vae(VAEModel().eval(), loader, num_importance_samples=10)
+    trained = json.loads((trained_vae_dir / "metrics.json").read_text())
+    assert untrained["test_negative_elbo"] > 500  # ~ 784 log 2 for a random Bernoulli decoder
+    assert trained["test_negative_elbo"] < 0.4 * untrained["test_negative_elbo"], (trained, untrained)
+    assert trained["test_iwae_nll"] < trained["test_negative_elbo"]
+
+
+def test_output_folder_is_a_loadable_pipeline_with_a_model_card(trained_vae_dir):
+    pipe = VAEPipeline.from_pretrained(trained_vae_dir)
+    assert pipe(2, generator=torch.manual_seed(0), output_type="pt").images.shape == (2, 1, 28, 28)
+    assert (trained_vae_dir / "samples.png").is_file()
+    assert sorted(os.listdir(trained_vae_dir / "samples")) == ["step-000200.png"]
+    card = ModelCard.load(trained_vae_dir / "README.md")
+    assert card.data.library_name == "hfgen" and "vae" in card.data.tags
+    metrics = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert set(metrics) == {"test_negative_elbo", "test_iwae_nll", "test_iwae_bits_per_dim"}
+    assert "samples.png" in card.text and '"latent_dim": 20' not in card.text and "`latent_dim`: `20`" in card.text
+
+
+def test_cvae_generates_the_requested_classes(trained_cvae_dir, digit_classifier):
+    pipe = ConditionalPipeline.from_pretrained(trained_cvae_dir)
+    labels = torch.arange(10).repeat_interleave(20)
+    images = pipe(class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
+    accuracy = (digit_classifier(images) == labels).float().mean().item()
+    assert accuracy > 0.8, accuracy
+    # the same latents with shuffled labels are read as the new labels: the label, not z, sets the class
+    shifted = (labels + 1) % 10
+    images = pipe(class_labels=shifted, generator=torch.manual_seed(0), output_type="pt").images
+    assert (digit_classifier(images) == shifted).float().mean().item() > 0.8
+
+
+def crash_after(monkeypatch, num_batches):
+    class Interrupted(Exception):
+        pass
+
+    original = VAETrainer.training_step
+    calls = {"count": 0}
+
+    def step(self, images, labels):
+        calls["count"] += 1
+        if calls["count"] > num_batches:
+            raise Interrupted
+        return original(self, images, labels)
+
+    monkeypatch.setattr(VAETrainer, "training_step", step)
+    return Interrupted
+
+
+def test_resume_after_an_interruption_continues_from_the_saved_step_bit_identically(tmp_path, monkeypatch):
+    flags = ["--max_train_steps", "45", "--checkpointing_steps", "20", "--train_batch_size", "200",
+             "--hidden_dims", "64", "--eval_importance_samples", "2"]
+    main(quick_training_args(tmp_path / "full", *flags))
+
+    interrupted = crash_after(monkeypatch, 30)
+    with pytest.raises(interrupted):
+        main(quick_training_args(tmp_path / "cut", *flags))
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint-20"]
+    # a checkpoint that was being written when the process died is never resumed from
+    (checkpoints / "checkpoint-40.incomplete").mkdir()
+    monkeypatch.undo()
+
+    trainer = VAETrainer(parse_args(quick_training_args(tmp_path / "cut", *flags, "--resume_from_checkpoint", "latest")))
+    assert trainer.resume() == (1, 0)  # 20 steps of 200 images = one epoch of 4,000
+    assert trainer.global_step == 20
+    trainer.global_step = 0
+    trainer.train()
+    assert trainer.global_step == 45
+    full = load_file(tmp_path / "full" / "vae" / "diffusion_pytorch_model.safetensors")
+    resumed = load_file(tmp_path / "cut" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(full[name], resumed[name]) for name in full)
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
+    main(quick_training_args(tmp_path, "--max_train_steps", "8", "--checkpointing_steps", "2",
+                             "--checkpoints_total_limit", "2", "--hidden_dims", "16", "--eval_importance_samples", "1"))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_missing_or_corrupt_checkpoints_are_clear_errors(tmp_path):
+    flags = ["--max_train_steps", "2", "--checkpointing_steps", "2", "--hidden_dims", "16", "--eval_importance_samples", "1"]
+    with pytest.raises(ValueError, match="`--resume_from_checkpoint` .*nowhere.* is not a folder"):
+        main(quick_training_args(tmp_path, *flags, "--resume_from_checkpoint", str(tmp_path / "nowhere")))
+    main(quick_training_args(tmp_path, *flags))
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    (checkpoint / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="could not be loaded \\(corrupt checkpoint\\?\\)"):
+        main(quick_training_args(tmp_path, *flags, "--resume_from_checkpoint", "latest"))
+    (checkpoint / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        main(quick_training_args(tmp_path, *flags, "--resume_from_checkpoint", str(checkpoint)))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset_name", "hfgen:fashion"], "unknown built-in `dataset_name` 'hfgen:fashion'"),
+        (["--latent_dim", "0"], "`latent_dim` must be a positive integer"),
+        (["--beta", "-1"], "`--beta` must be >= 0"),
+        (["--train_batch_size", "0"], "`--train_batch_size` must be >= 1"),
+        (["--train_batch_size", "5000"], "exceeds the 4000 training images"),
+        (["--push_to_hub"], "`--push_to_hub` needs `--hub_model_id`"),
+        (["--architecture", "conv", "--hidden_dims", "8", "8", "8"], "divisible"),
+    ],
+)
+def test_bad_flags_are_clear_errors(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        main(quick_training_args(tmp_path, *flags))
+
+
+def test_conditional_needs_labels(tmp_path):
+    from hfgen.data import ImageDataset
+
+    trainer_cls = type("Unlabelled", (VAETrainer,), {"load_split": lambda self, split: ImageDataset(
+        torch.rand(10, 1, 28, 28), torch.zeros(10, dtype=torch.long), None)})
+    with pytest.raises(ValueError, match="`--conditional` needs a labelled dataset"):
+        trainer_cls(parse_args(quick_training_args(tmp_path, "--conditional", "--train_batch_size", "5")))
