@@ -2,7 +2,7 @@
 
 import os
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, get_token, upload_folder
 
 # Training by-products that stay local when a pipeline folder is pushed.
 PUSH_IGNORE_PATTERNS = ["checkpoints/*", "logs/*", "samples/*", "*.incomplete/*"]
@@ -88,6 +88,9 @@ def push_folder(folder: str, repo_id: str, token: str | None = None, private: bo
     """Uploads a saved pipeline folder (without checkpoints and logs) to `repo_id`; returns the commit URL."""
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise ValueError(f"{folder!r} holds no model_index.json: only a complete saved pipeline can be pushed")
+    token = token or get_token()
+    if not token:
+        raise ValueError("pushing needs a Hub token: run `hf auth login`, set HF_TOKEN, or pass `token` (`--hub_token`)")
     repo = create_repo(repo_id, token=token, private=private, exist_ok=True)
     commit = upload_folder(
         repo_id=repo.repo_id,

@@ -146,10 +146,11 @@ class Trainer:
         )
         if len(train_dataloader) == 0:
             raise ValueError(f"`--train_batch_size` {args.train_batch_size} exceeds the {len(self.train_dataset)} training images")
-        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-        self.max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-        # accelerate steps a prepared scheduler once per process, so the schedule counts processes too.
+        # Each process sees 1/num_processes of the batches; the lr schedule is stepped once per process.
         num_processes = self.accelerator.num_processes
+        batches_per_process = math.ceil(len(train_dataloader) / num_processes)
+        steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
+        self.max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
         self.lr_schedulers = {
             name: get_scheduler(
                 args.lr_scheduler,

@@ -1,0 +1,192 @@
+"""Hub round trips for the VAE family against the loopback Hub in tests/hub_server.py (no network)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import HfHubHTTPError
+
+import hfgen
+from hfgen.hub_utils import push_folder, write_model_card
+
+from hub_fixtures import hub_server  # noqa: F401  (the fixture)
+
+
+def tiny_pipeline(seed: int = 0) -> hfgen.VAEPipeline:
+    torch.manual_seed(seed)
+    return hfgen.VAEPipeline(hfgen.VAEModel(latent_dim=4, hidden_dims=[16]))
+
+
+def sample(pipe) -> np.ndarray:
+    return pipe(2, generator=torch.manual_seed(0), output_type="np").images
+
+
+def saved_folder(path, pipe=None) -> str:
+    """A saved pipeline folder plus training by-products that must stay local."""
+    folder = str(path)
+    (pipe or tiny_pipeline()).save_pretrained(folder)
+    os.makedirs(os.path.join(folder, "checkpoints", "step-10"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
+    with open(os.path.join(folder, "checkpoints", "step-10", "optimizer.bin"), "wb") as f:
+        f.write(b"\0" * 64)
+    with open(os.path.join(folder, "logs", "events.txt"), "w") as f:
+        f.write("step 10 loss 1.0\n")
+    return folder
+
+
+def local_files(folder: str) -> set[str]:
+    return {
+        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+def test_push_to_hub_then_from_pretrained_gives_the_same_images(hub_server):
+    pipe = tiny_pipeline()
+    pipe.push_to_hub("user/tiny-vae")
+
+    files = hub_server.files("user/tiny-vae")
+    assert {"model_index.json", "vae/config.json", "README.md"} <= set(files)
+    assert any(path.startswith("vae/") and path.endswith(".safetensors") for path in files)
+
+    loaded = hfgen.VAEPipeline.from_pretrained("user/tiny-vae")
+    assert isinstance(loaded.vae, hfgen.VAEModel)
+    np.testing.assert_allclose(sample(loaded), sample(pipe), rtol=0, atol=1e-6)
+    assert hub_server.unknown_requests == []
+
+
+def test_push_folder_uploads_the_pipeline_only_and_updates_the_repo(hub_server, tmp_path):
+    folder = saved_folder(tmp_path / "pipe")
+    commit_url = push_folder(folder, "user/tiny-vae-folder")
+
+    files = hub_server.files("user/tiny-vae-folder")
+    expected = {path for path in local_files(folder) if not path.startswith(("checkpoints/", "logs/"))}
+    assert set(files) == expected
+    assert hub_server.shas["user/tiny-vae-folder"][-1] in commit_url
+    first = hfgen.VAEPipeline.from_pretrained("user/tiny-vae-folder")
+    np.testing.assert_allclose(sample(first), sample(tiny_pipeline()), rtol=0, atol=1e-6)
+
+    # Push other weights to the same repo: a new commit, and that is what gets downloaded.
+    retrained = tiny_pipeline(seed=1)
+    retrained.save_pretrained(folder)
+    before = list(hub_server.shas["user/tiny-vae-folder"])
+    push_folder(folder, "user/tiny-vae-folder", commit_message="Retrain")
+    shas = hub_server.shas["user/tiny-vae-folder"]
+    assert shas[:-1] == before and hub_server.messages["user/tiny-vae-folder"][-1] == "Retrain"
+    changed = {path for path in files if hub_server.files("user/tiny-vae-folder")[path] != files[path]}
+    assert any(path.endswith(".safetensors") for path in changed)
+
+    second = hfgen.VAEPipeline.from_pretrained("user/tiny-vae-folder")
+    np.testing.assert_allclose(sample(second), sample(retrained), rtol=0, atol=1e-6)
+    assert not np.allclose(sample(second), sample(first))
+    # The old commit is still there and can be pinned.
+    pinned = hfgen.VAEPipeline.from_pretrained("user/tiny-vae-folder", revision=before[-1])
+    np.testing.assert_allclose(sample(pinned), sample(first), rtol=0, atol=1e-6)
+    assert hub_server.unknown_requests == []
+
+
+def test_push_folder_without_model_index_raises(hub_server, tmp_path):
+    folder = tmp_path / "not-a-pipeline"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not-a-pipeline"):
+        push_folder(str(folder), "user/broken")
+    assert hub_server.requests == [] and hub_server.repos == {}
+
+
+def test_push_without_token_is_refused_before_any_request(hub_server, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    folder = saved_folder(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="pushing needs a Hub token"):
+        push_folder(folder, "user/tiny-vae")
+    assert hub_server.requests == []
+
+
+def test_the_hub_itself_refuses_a_push_without_token(hub_server, tmp_path, monkeypatch):
+    """What a push that bypasses hfgen's check meets: the Hub's 401."""
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(HfHubHTTPError) as info:
+        tiny_pipeline().push_to_hub("user/tiny-vae")
+    assert info.value.response.status_code == 401
+    assert hub_server.repos.get("user/tiny-vae") is None
+
+
+def test_trainer_push_to_hub_uploads_a_loadable_pipeline(hub_server, tmp_path):
+    from conftest import quick_training_args
+
+    from hfgen.training.train_vae import main
+
+    output_dir = tmp_path / "out"
+    main(quick_training_args(output_dir, "--max_train_steps", "4", "--hidden_dims", "16", "--checkpointing_steps", "2",
+                             "--eval_importance_samples", "1", "--push_to_hub", "--hub_model_id", "user/trained-vae"))
+    files = set(hub_server.files("user/trained-vae"))
+    assert {"model_index.json", "README.md", "samples.png", "metrics.json", "vae/config.json"} <= files
+    assert not any(path.startswith(("checkpoints/", "logs/")) for path in files)
+    local, remote = hfgen.VAEPipeline.from_pretrained(output_dir), hfgen.VAEPipeline.from_pretrained("user/trained-vae")
+    np.testing.assert_array_equal(sample(remote), sample(local))
+    assert ModelCard.load("user/trained-vae").data.eval_results[0].dataset_name == "hfgen:mnist"
+
+
+def test_push_with_a_wrong_token_is_refused(hub_server, tmp_path):
+    with pytest.raises(HfHubHTTPError, match="Invalid credentials"):
+        push_folder(saved_folder(tmp_path / "pipe"), "user/tiny-vae", token="hf_wrong")
+    assert hub_server.repos == {}
+
+
+def test_model_card_metadata_arrives(hub_server, tmp_path):
+    pipe = tiny_pipeline()
+    folder = saved_folder(tmp_path / "pipe", pipe)
+    write_model_card(
+        folder,
+        title="Tiny VAE",
+        description="A VAE small enough for tests.",
+        pipeline_class="VAEPipeline",
+        tags=["vae", "mnist"],
+        dataset_name="mnist",
+        metrics={"fid": 12.345678, "nll": 0.5},
+        model_config=dict(pipe.vae.config),
+        training_config={"epochs": 1, "lr": 1e-3},
+    )
+    push_folder(folder, "user/tiny-vae-card")
+
+    card = ModelCard.load("user/tiny-vae-card")
+    assert card.data.library_name == "hfgen"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert {"hfgen", "vae", "mnist"} <= set(card.data.tags)
+    results = {result.metric_type: result for result in card.data.eval_results}
+    assert {name: result.metric_value for name, result in results.items()} == {"fid": 12.3457, "nll": 0.5}
+    assert {result.dataset_name for result in results.values()} == {"mnist"}
+    assert {result.dataset_split for result in results.values()} == {"test"}
+    assert card.data.model_name == "Tiny VAE"
+    assert "# Tiny VAE" in card.text and "VAEPipeline.from_pretrained" in card.text
+    assert hub_server.unknown_requests == []
+
+
+def test_server_lists_trees_deletes_files_and_rejects_unknown_routes(hub_server):
+    """The server's other answers, through the client: tree listings, deletions, 404s."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import get_session
+
+    api = HfApi()
+    hub_server.create_repo("user/tree", {"a.txt": b"a", "vae/config.json": b"{}", "vae/sub/w.bin": b"w"})
+    listing = lambda **kwargs: sorted(entry.path for entry in api.list_repo_tree("user/tree", **kwargs))  # noqa: E731
+    assert listing() == ["a.txt", "vae"]
+    assert listing(path_in_repo="vae") == ["vae/config.json", "vae/sub"]
+    assert listing(recursive=True) == ["a.txt", "vae", "vae/config.json", "vae/sub", "vae/sub/w.bin"]
+
+    api.delete_file("a.txt", "user/tree")
+    api.delete_folder("vae/sub", "user/tree")
+    assert api.list_repo_files("user/tree") == ["vae/config.json"]
+    assert len(hub_server.shas["user/tree"]) == 3
+    with pytest.raises(EntryNotFoundError):
+        api.hf_hub_download("user/tree", "a.txt")
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info("user/missing")
+
+    response = get_session().get(f"{hub_server.url}/api/whoami-v2")
+    assert response.status_code == 404 and "no route" in response.json()["error"]
+    assert hub_server.unknown_requests == [("GET", "/api/whoami-v2")]
