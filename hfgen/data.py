@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 # Built-in names carry the "hfgen:" prefix, which no Hub dataset id can have: "hfgen:mnist" is never
 # mistaken for the Hub's full "mnist".
@@ -44,6 +44,37 @@ class ImageDataset(Dataset):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
+
+
+class _WholeBatches(Dataset):
+    """An ImageDataset seen by a DataLoader as whole batches: one indexing operation per batch instead of one
+    lookup per image and a stack (torch's DataLoader calls `__getitems__` with the batch's indices)."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset[torch.as_tensor(indices)]
+
+
+def _already_collated(batch):
+    return batch
+
+
+def training_dataloader(dataset: ImageDataset, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
+    """Shuffled full batches of (images (B, C, H, W), labels (B,)), reproducible from `seed`."""
+    return DataLoader(
+        _WholeBatches(dataset),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=_already_collated,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 @functools.lru_cache(maxsize=None)

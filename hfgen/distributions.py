@@ -66,10 +66,14 @@ def standard_normal_log_prob(z: torch.Tensor, num_batch_dims: int = 1) -> torch.
 
 
 def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """sum x log p + (1 - x) log(1 - p) with p = sigmoid(logits), computed stably from logits: (B,)."""
-    return -_sum_per_example(F.binary_cross_entropy_with_logits(logits, x, reduction="none"), 1)
+    """sum x log p + (1 - x) log(1 - p) with p = sigmoid(logits): (B,), or (K, B) for logits (K, B, ...).
+
+    Written as x * logits - softplus(logits), which is exact, stable and broadcasts x over K samples.
+    """
+    return _sum_per_example(x * logits - F.softplus(logits), logits.dim() - x.dim() + 1)
 
 
 def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """-1/2 sum [(x - m)^2 / s^2 + log(2 pi s^2)]; logvar broadcasts against x: (B,)."""
-    return _sum_per_example(-0.5 * ((x - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI), 1)
+    """-1/2 sum [(x - m)^2 / s^2 + log(2 pi s^2)]: (B,), or (K, B) for mean (K, B, ...); logvar broadcasts."""
+    log_density = -0.5 * ((x - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI)
+    return _sum_per_example(log_density, mean.dim() - x.dim() + 1)

@@ -32,7 +32,7 @@ def iwae_log_likelihood(
         k = min(chunk_size, num_samples - start)
         latents = posterior.sample(generator, k)  # (k, B, D)
         decoded = vae.decoder_output(latents.flatten(0, 1), None if labels is None else labels.repeat(k))
-        log_px_z = vae.log_likelihood(sample.repeat(k, 1, 1, 1), decoded).view(k, batch)
+        log_px_z = vae.log_likelihood(sample, decoded.unflatten(0, (k, batch)))  # (k, B)
         log_pz = standard_normal_log_prob(latents, num_batch_dims=2)
         log_weights.append(log_px_z + log_pz - posterior.log_prob(latents))
     return torch.logsumexp(torch.cat(log_weights), dim=0) - math.log(num_samples)

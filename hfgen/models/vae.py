@@ -193,7 +193,7 @@ class VAEModel(ModelMixin, ConfigMixin):
         return VAEDecoderOutput(sample=output) if return_dict else (output,)
 
     def log_likelihood(self, sample: torch.Tensor, decoder_output: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) per example, (B,), from `decoder_output`'s logits or mean."""
+        """log p(x|z) from `decoder_output`'s logits or mean: (B,), or (K, B) for outputs of shape (K, B, C, H, W)."""
         if self.config.likelihood == "bernoulli":
             return bernoulli_log_likelihood(sample, decoder_output)
         return gaussian_log_likelihood(sample, decoder_output, self.decoder_logvar)
@@ -224,14 +224,13 @@ class VAEModel(ModelMixin, ConfigMixin):
         batch = sample.shape[0]
         latents = posterior.sample(generator, num_samples)  # (K, B, D)
         flat_labels = None if labels is None else labels.repeat(num_samples)
-        decoded = self.decoder_output(latents.flatten(0, 1), flat_labels)
-        log_likelihood = self.log_likelihood(sample.repeat(num_samples, 1, 1, 1), decoded).view(num_samples, batch)
+        decoded = self.decoder_output(latents.flatten(0, 1), flat_labels).unflatten(0, (num_samples, batch))
+        log_likelihood = self.log_likelihood(sample, decoded).mean(0)  # 1/K sum_k log p(x|z_k)
         if kl_estimator == "analytic":
             kl = posterior.kl_standard_normal()
         else:
             kl = (posterior.log_prob(latents) - standard_normal_log_prob(latents, num_batch_dims=2)).mean(0)
-        log_likelihood = log_likelihood.mean(0)
-        reconstruction = decoded[:batch]
+        reconstruction = decoded[0]
         if self.config.likelihood == "bernoulli":
             reconstruction = torch.sigmoid(reconstruction)
         output = (reconstruction, posterior, latents, log_likelihood, kl, log_likelihood - kl)

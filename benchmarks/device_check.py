@@ -1,0 +1,69 @@
+"""A short check of hfgen on a CUDA GPU: training with mixed precision, sampling, evaluation.
+
+    python benchmarks/device_check.py            # prints one line per check, exits non-zero on failure
+
+Tests run on the CPU; this script covers what only a GPU shows: device placement of data, labels, noise
+and generators, fp16/bf16 autocast with accelerate, and that a GPU-trained folder samples the same
+images on GPU and CPU (up to float rounding) for the same CPU generator.
+"""
+
+import json
+import sys
+import tempfile
+import time
+
+import torch
+
+from hfgen import AutoPipeline, ConditionalPipeline, VAEPipeline
+from hfgen.training.train_vae import main as train_vae
+
+
+def check(name, condition, detail=""):
+    print(f"{'ok  ' if condition else 'FAIL'} {name} {detail}", flush=True)
+    return bool(condition)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 1
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    results = []
+    with tempfile.TemporaryDirectory() as root:
+        runs = {
+            "mlp-fp16": ["--mixed_precision", "fp16"],
+            "conv-bf16": ["--mixed_precision", "bf16", "--architecture", "conv", "--hidden_dims", "32", "64"],
+            "cvae-bf16": ["--mixed_precision", "bf16", "--conditional", "--latent_dim", "2"],
+        }
+        for name, flags in runs.items():
+            out = f"{root}/{name}"
+            start = time.perf_counter()
+            train_vae(["--output_dir", out, "--num_epochs", "10", "--logger", "none", "--save_images_epochs", "0",
+                       "--checkpointing_steps", "200", *flags])
+            seconds = time.perf_counter() - start
+            metrics = json.load(open(f"{out}/metrics.json"))
+            results.append(check(f"train {name}", metrics["test_negative_elbo"] < 200,
+                                 f"{seconds:.1f}s, test -ELBO {metrics['test_negative_elbo']:.1f}, "
+                                 f"IWAE NLL {metrics['test_iwae_nll']:.1f}"))
+            pipe = AutoPipeline.from_pretrained(out)
+            labels = list(range(10)) if isinstance(pipe, ConditionalPipeline) else None
+            on_cpu = pipe(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
+            on_gpu = pipe.to("cuda")(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
+            results.append(check(f"sample {name} cuda == cpu", torch.allclose(on_cpu, on_gpu, atol=1e-3),
+                                 f"max diff {(on_cpu - on_gpu).abs().max().item():.2e}"))
+            cuda_generator = pipe(4, class_labels=labels and labels[:4], generator=torch.Generator("cuda").manual_seed(0),
+                                  output_type="np").images
+            results.append(check(f"sample {name} with a cuda generator", cuda_generator.shape == (4, 28, 28, 1)))
+        # resume on the GPU
+        out = f"{root}/resume"
+        flags = ["--output_dir", out, "--max_train_steps", "60", "--checkpointing_steps", "30", "--logger", "none",
+                 "--save_images_epochs", "0", "--mixed_precision", "fp16"]
+        train_vae(flags)
+        train_vae([*flags, "--max_train_steps", "90", "--resume_from_checkpoint", "latest"])
+        results.append(check("resume on cuda", isinstance(VAEPipeline.from_pretrained(out), VAEPipeline)))
+    print("all ok" if all(results) else "FAILURES")
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
