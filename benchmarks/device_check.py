@@ -2,6 +2,10 @@
 
     python benchmarks/device_check.py            # prints one line per check, exits non-zero on failure
 
+A GPU machine without network needs hfgen and the packages its image lacks as wheels (diffusers, datasets,
+dill, multiprocess, mlxtend; `pip download --no-deps --python-version 3.12 --only-binary=:all:` here, and
+`pip wheel --no-deps .` for hfgen), installed there with `pip install --no-deps --no-index wheels/*.whl`.
+
 Tests run on the CPU; this script covers what only a GPU shows: device placement of data, labels, noise
 and generators, fp16/bf16 autocast with accelerate, and that a GPU-trained folder samples the same
 images on GPU and CPU (up to float rounding) for the same CPU generator.

@@ -88,6 +88,13 @@ def test_resume_after_an_interruption_continues_from_the_saved_step_bit_identica
     assert all(torch.equal(full[name], resumed[name]) for name in full)
 
 
+def test_mixed_precision_training_runs(tmp_path):
+    # bf16 autocast works on CPU; accelerate then casts the model outputs back to float32
+    main(quick_training_args(tmp_path, "--max_train_steps", "30", "--mixed_precision", "bf16", "--hidden_dims", "64"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test_negative_elbo"] < 400
+
+
 def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
     main(quick_training_args(tmp_path, "--max_train_steps", "8", "--checkpointing_steps", "2",
                              "--checkpoints_total_limit", "2", "--hidden_dims", "16", "--eval_importance_samples", "1"))

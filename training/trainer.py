@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
@@ -122,6 +123,10 @@ class Trainer:
         self.args = args
         logging_dir = os.path.join(args.output_dir, "logs")
         log_with = self._tracker(args.logger)
+        # accelerate keeps one state per process; each Trainer (a second run in a notebook or a test, maybe with
+        # another precision) starts from a fresh one. The process-level distributed set-up (PartialState) stays.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         self.accelerator = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=args.mixed_precision,

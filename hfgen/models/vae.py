@@ -45,11 +45,12 @@ class VAEOutput(BaseOutput):
     """
 
     sample: torch.Tensor
-    latent_dist: DiagonalGaussian
-    latents: torch.Tensor
-    log_likelihood: torch.Tensor
-    kl: torch.Tensor
-    elbo: torch.Tensor
+    # Defaults let BaseOutput be rebuilt from a dict, as accelerate does when it casts mixed-precision outputs.
+    latent_dist: DiagonalGaussian = None
+    latents: torch.Tensor = None
+    log_likelihood: torch.Tensor = None
+    kl: torch.Tensor = None
+    elbo: torch.Tensor = None
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
