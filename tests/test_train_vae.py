@@ -88,6 +88,31 @@ def test_resume_after_an_interruption_continues_from_the_saved_step_bit_identica
     assert all(torch.equal(full[name], resumed[name]) for name in full)
 
 
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path, monkeypatch):
+    """2 micro-batches of 50 accumulate to the update of one batch of 100 (the same 100 shuffled images)."""
+    # z = mean: without sampling noise, which is drawn differently for 2 x 50 and 100 examples, the two agree
+    monkeypatch.setattr("hfgen.distributions.randn_tensor", lambda shape, **kwargs: torch.zeros(shape))
+    common = ["--max_train_steps", "6", "--hidden_dims", "64", "--eval_importance_samples", "1"]
+    main(quick_training_args(tmp_path / "big", *common, "--train_batch_size", "100"))
+    main(quick_training_args(tmp_path / "accumulated", *common, "--train_batch_size", "50",
+                             "--gradient_accumulation_steps", "2"))
+    big = load_file(tmp_path / "big" / "vae" / "diffusion_pytorch_model.safetensors")
+    accumulated = load_file(tmp_path / "accumulated" / "vae" / "diffusion_pytorch_model.safetensors")
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-5)
+    untrained = VAEModel(hidden_dims=[64])
+    assert not torch.allclose(untrained.decoder[0].weight, VAEModel.from_pretrained(tmp_path / "big" / "vae").decoder[0].weight)
+
+
+def test_tensorboard_logs_and_periodic_grids(tmp_path):
+    pytest.importorskip("tensorboard")
+    main(quick_training_args(tmp_path, "--num_epochs", "2", "--hidden_dims", "16", "--logger", "tensorboard",
+                             "--save_images_epochs", "1", "--logging_steps", "5"))
+    events = [name for _, _, names in os.walk(tmp_path / "logs") for name in names if name.startswith("events.")]
+    assert events
+    assert sorted(os.listdir(tmp_path / "samples")) == ["step-000040.png", "step-000080.png"]
+
+
 def test_mixed_precision_training_runs(tmp_path):
     # bf16 autocast works on CPU; accelerate then casts the model outputs back to float32
     main(quick_training_args(tmp_path, "--max_train_steps", "30", "--mixed_precision", "bf16", "--hidden_dims", "64"))
