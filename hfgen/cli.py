@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-TRAINERS = {"vae": "hfgen.training.train_vae"}
+TRAINERS = {"vae": "hfgen.training.train_vae", "gan": "hfgen.training.train_gan"}
 
 
 def sample(argv) -> str:

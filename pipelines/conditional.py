@@ -16,14 +16,18 @@ class ConditionalPipeline(GenerativePipeline):
         ```
 
     Args:
-        model: a model with `num_classes > 0` that decodes (latents, class_labels) to images.
+        model: a model with `num_classes > 0` that decodes (latents, class_labels) to images: a CVAE
+            (`VAEModel`) or a conditional GAN `Generator`.
+        discriminator: optional; a conditional GAN's discriminator, saved so adversarial training can resume.
     """
 
-    def __init__(self, model: ModelMixin):
+    _optional_components = ["discriminator"]
+
+    def __init__(self, model: ModelMixin, discriminator: ModelMixin | None = None):
         super().__init__()
         if model.config.num_classes < 1:
             raise ValueError("`model` must be conditional (num_classes > 0); use the family's unconditional pipeline")
-        self.register_modules(model=model)
+        self.register_modules(model=model, discriminator=discriminator)
 
     @property
     def generative_model(self):

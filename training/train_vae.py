@@ -33,6 +33,7 @@ def parse_args(argv=None):
 
 class VAETrainer(Trainer):
     family = "vae"
+    ema_model_names = ("vae",)
 
     def build_models(self):
         args, data = self.args, self.train_dataset
@@ -67,7 +68,7 @@ class VAETrainer(Trainer):
         return {"loss": loss.detach(), "kl": output.kl.mean().detach()}
 
     def build_pipeline(self):
-        vae = self.unwrap("vae")
+        vae = self.sampling_model("vae")
         return ConditionalPipeline(vae) if self.args.conditional else VAEPipeline(vae)
 
     def evaluate(self, pipeline):

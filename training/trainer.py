@@ -6,7 +6,7 @@ A family subclasses `Trainer` and supplies its models, its objective and its pip
         family = "vae"
         def build_models(self): return {"vae": VAEModel(...)}
         def training_step(self, images, labels): loss = ...; self.optimize("vae", loss); return {"loss": loss}
-        def build_pipeline(self): return VAEPipeline(self.unwrap("vae"))
+        def build_pipeline(self): return VAEPipeline(self.sampling_model("vae"))
         def evaluate(self, pipeline): return {"test_negative_elbo": ...}
 
 `Trainer(args).train()` then runs on one process or many (`accelerate launch`), resumes from checkpoints,
@@ -14,6 +14,7 @@ and writes `output_dir` as a loadable, pushable pipeline folder with a model car
 """
 
 import argparse
+import copy
 import importlib.util
 import json
 import logging
@@ -29,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from hfgen.data import BUILTIN_DATASETS, load_image_dataset, training_dataloader
@@ -62,6 +64,10 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     add("--adam_beta2", type=float, default=0.999)
     add("--adam_weight_decay", type=float, default=0.0)
     add("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (off by default).")
+    add("--use_ema", action="store_true", help="Keep an EMA of the weights and sample with it.")
+    add("--ema_max_decay", type=float, default=0.9999)
+    add("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power.")
+    add("--ema_power", type=float, default=0.75)
     add("--lr_scheduler", default="constant",
         help='diffusers scheduler name: "constant", "linear", "cosine", "constant_with_warmup", ...')
     add("--lr_warmup_steps", type=int, default=0)
@@ -95,6 +101,8 @@ def check_training_args(args: argparse.Namespace) -> None:
     for name in ("lr_warmup_steps", "save_images_epochs", "dataloader_num_workers"):
         if getattr(args, name) < 0:
             raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.ema_max_decay < 1:
+        raise ValueError(f"`--ema_max_decay` must be in [0, 1), got {args.ema_max_decay}")
     if not args.learning_rate > 0:
         raise ValueError(f"`--learning_rate` must be > 0, got {args.learning_rate}")
     if args.push_to_hub and not args.hub_model_id:
@@ -117,6 +125,7 @@ class Trainer:
 
     family: str = ""
     pipeline_task = "unconditional-image-generation"
+    ema_model_names: tuple[str, ...] = ()  # the models whose weights --use_ema averages (the samplers)
 
     def __init__(self, args: argparse.Namespace):
         check_training_args(args)
@@ -169,6 +178,16 @@ class Trainer:
         self.optimizers = dict(zip(self.optimizers, prepared[len(names): len(names) + len(self.optimizers)]))
         self.lr_schedulers = dict(zip(self.lr_schedulers, prepared[len(names) + len(self.optimizers): -1]))
         self.train_dataloader = prepared[-1]
+        self.ema_models = {}
+        if args.use_ema:
+            for name in self.ema_model_names:
+                model = self.unwrap(name)
+                ema = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
+                               inv_gamma=args.ema_inv_gamma, power=args.ema_power,
+                               model_cls=type(model), model_config=model.config)
+                ema.to(self.accelerator.device)
+                self.accelerator.register_for_checkpointing(ema)  # saved and resumed with the checkpoints
+                self.ema_models[name] = ema
         self.steps_per_epoch = math.ceil(len(self.train_dataloader) / args.gradient_accumulation_steps)
         self.num_epochs = math.ceil(self.max_train_steps / self.steps_per_epoch)
         self.global_step = 0
@@ -214,6 +233,15 @@ class Trainer:
 
     def unwrap(self, name: str):
         return self.accelerator.unwrap_model(self.models[name])
+
+    def sampling_model(self, name: str):
+        """The model to sample and save with: a copy holding the EMA weights under --use_ema, else the model."""
+        model = self.unwrap(name)
+        if name not in self.ema_models:
+            return model
+        averaged = copy.deepcopy(model)
+        self.ema_models[name].copy_to(averaged.parameters())
+        return averaged
 
     def optimize(self, name: str, loss: torch.Tensor) -> None:
         """Backward, then (once gradients are accumulated) clipping and one step of optimizer and lr schedule `name`."""
@@ -276,6 +304,8 @@ class Trainer:
                     continue
                 self.global_step += 1
                 progress.update(1)
+                for name, ema in self.ema_models.items():
+                    ema.step(self.models[name].parameters())
                 if self.global_step % args.logging_steps == 0:
                     values = {name: float(value) for name, value in logs.items()}
                     values["lr"] = next(iter(self.lr_schedulers.values())).get_last_lr()[0]

@@ -7,11 +7,13 @@ after the code is reorganised. diffusers looks `ModelMixin` up on the recorded m
 
 from diffusers.models.modeling_utils import ModelMixin
 
+from .classifier import ClassifierOutput, DigitClassifier
+from .gan import Discriminator, DiscriminatorOutput, Generator, GeneratorOutput
 from .vae import VAEDecoderOutput, VAEEncoderOutput, VAEModel, VAEOutput
 
 RECORDED_MODULE = __name__  # "hfgen.models"
 
-for _model_class in (VAEModel,):
+for _model_class in (VAEModel, DigitClassifier, Generator, Discriminator):
     _model_class.__module__ = RECORDED_MODULE
 
-__all__ = ["ModelMixin", "VAEModel", "VAEOutput", "VAEEncoderOutput", "VAEDecoderOutput"]
+__all__ = ["ModelMixin", "ClassifierOutput", "DigitClassifier", "Discriminator", "DiscriminatorOutput", "Generator", "GeneratorOutput", "VAEModel", "VAEOutput", "VAEEncoderOutput", "VAEDecoderOutput"]

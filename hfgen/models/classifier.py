@@ -1,0 +1,78 @@
+"""A small CNN digit classifier whose penultimate features serve Fréchet distance (hfgen.metrics)."""
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from ..utils import check_images, check_positive_int
+
+
+@dataclass
+class ClassifierOutput(BaseOutput):
+    """logits: (B, num_classes); features: (B, feature_dim), the ReLU activations before the linear head."""
+
+    logits: torch.Tensor
+    # A default lets BaseOutput be rebuilt from a dict, as accelerate does when it casts mixed-precision outputs.
+    features: torch.Tensor = None
+
+
+class DigitClassifier(ModelMixin, ConfigMixin):
+    r"""Conv blocks (3x3 conv, ReLU, 2x2 max-pool), then a linear to `feature_dim`, ReLU and a linear head.
+
+    Images are (B, in_channels, sample_size, sample_size) in [0, 1].
+
+    Args:
+        sample_size: image height and width (at least 2 ** len(block_out_channels)).
+        in_channels: image channels.
+        num_classes: number of classes of the head.
+        feature_dim: width of the feature layer that `ClassifierOutput.features` returns.
+        block_out_channels: output channels of each conv block; each block halves the image size.
+        id2label: optional class names, {"0": "zero", ...}.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 28,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        feature_dim: int = 128,
+        block_out_channels: tuple[int, ...] = (32, 64),
+        id2label: dict | None = None,
+    ):
+        super().__init__()
+        for name, value in (("sample_size", sample_size), ("in_channels", in_channels),
+                            ("num_classes", num_classes), ("feature_dim", feature_dim)):
+            check_positive_int(name, value)
+        if not block_out_channels:
+            raise ValueError("`block_out_channels` must list at least one block, got an empty list")
+        for channels in block_out_channels:
+            check_positive_int("block_out_channels", channels)
+        if sample_size < 2 ** len(block_out_channels):
+            raise ValueError(f"`sample_size` {sample_size} is too small for {len(block_out_channels)} blocks that "
+                             f"each halve it; it must be at least {2 ** len(block_out_channels)}")
+        if id2label is not None and len(id2label) != num_classes:
+            raise ValueError(f"`id2label` must name all {num_classes} classes, got {len(id2label)} names")
+
+        blocks, size = [], sample_size
+        for c_in, c_out in zip([in_channels, *block_out_channels[:-1]], block_out_channels):
+            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            size //= 2
+        self.conv_blocks = nn.Sequential(*blocks, nn.Flatten())
+        self.feature_layer = nn.Sequential(nn.Linear(block_out_channels[-1] * size * size, feature_dim), nn.ReLU())
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.config.in_channels, self.config.sample_size, self.config.sample_size)
+
+    def forward(self, sample: torch.Tensor, return_dict: bool = True):
+        """sample: (B, C, H, W) in [0, 1] -> `ClassifierOutput` with logits (B, num_classes), features (B, feature_dim)."""
+        check_images("sample", sample, *self.image_shape[:2])
+        features = self.feature_layer(self.conv_blocks(sample))
+        logits = self.head(features)
+        return ClassifierOutput(logits=logits, features=features) if return_dict else (logits, features)
