@@ -17,11 +17,13 @@ torch.set_num_threads(1)
 
 
 def quick_training_args(output_dir, *extra) -> list[str]:
-    """Flags for short, quiet training runs in tests."""
-    return [
-        "--output_dir", str(output_dir), "--logger", "none", "--save_images_epochs", "0",
-        "--num_validation_images", "16", "--eval_importance_samples", "10", *map(str, extra),
-    ]
+    """Flags for short, quiet training runs in tests (any family)."""
+    return ["--output_dir", str(output_dir), "--logger", "none", "--save_images_epochs", "0",
+            "--num_validation_images", "16", *map(str, extra)]
+
+
+def quick_vae_args(output_dir, *extra) -> list[str]:
+    return quick_training_args(output_dir, "--eval_importance_samples", "10", *extra)
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +54,7 @@ def trained_vae_dir(tmp_path_factory):
     from hfgen.training.train_vae import main
 
     output_dir = tmp_path_factory.mktemp("vae") / "out"
-    main(quick_training_args(output_dir, "--num_epochs", "5", "--save_images_epochs", "5"))
+    main(quick_vae_args(output_dir, "--num_epochs", "5", "--save_images_epochs", "5"))
     return output_dir
 
 
@@ -61,5 +63,5 @@ def trained_cvae_dir(tmp_path_factory):
     from hfgen.training.train_vae import main
 
     output_dir = tmp_path_factory.mktemp("cvae") / "out"
-    main(quick_training_args(output_dir, "--num_epochs", "10", "--conditional", "--latent_dim", "2"))
+    main(quick_vae_args(output_dir, "--num_epochs", "10", "--conditional", "--latent_dim", "2"))
     return output_dir

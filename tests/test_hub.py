@@ -115,12 +115,12 @@ def test_the_hub_itself_refuses_a_push_without_token(hub_server, tmp_path, monke
 
 
 def test_trainer_push_to_hub_uploads_a_loadable_pipeline(hub_server, tmp_path):
-    from conftest import quick_training_args
+    from conftest import quick_vae_args
 
     from hfgen.training.train_vae import main
 
     output_dir = tmp_path / "out"
-    main(quick_training_args(output_dir, "--max_train_steps", "4", "--hidden_dims", "16", "--checkpointing_steps", "2",
+    main(quick_vae_args(output_dir, "--max_train_steps", "4", "--hidden_dims", "16", "--checkpointing_steps", "2",
                              "--eval_importance_samples", "1", "--push_to_hub", "--hub_model_id", "user/trained-vae"))
     files = set(hub_server.files("user/trained-vae"))
     assert {"model_index.json", "README.md", "samples.png", "metrics.json", "vae/config.json"} <= files

@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from conftest import quick_training_args
+from conftest import quick_vae_args
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
@@ -66,18 +66,18 @@ def crash_after(monkeypatch, num_batches):
 def test_resume_after_an_interruption_continues_from_the_saved_step_bit_identically(tmp_path, monkeypatch):
     flags = ["--max_train_steps", "45", "--checkpointing_steps", "20", "--train_batch_size", "200",
              "--hidden_dims", "64", "--eval_importance_samples", "2"]
-    main(quick_training_args(tmp_path / "full", *flags))
+    main(quick_vae_args(tmp_path / "full", *flags))
 
     interrupted = crash_after(monkeypatch, 30)
     with pytest.raises(interrupted):
-        main(quick_training_args(tmp_path / "cut", *flags))
+        main(quick_vae_args(tmp_path / "cut", *flags))
     checkpoints = tmp_path / "cut" / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["checkpoint-20"]
     # a checkpoint that was being written when the process died is never resumed from
     (checkpoints / "checkpoint-40.incomplete").mkdir()
     monkeypatch.undo()
 
-    trainer = VAETrainer(parse_args(quick_training_args(tmp_path / "cut", *flags, "--resume_from_checkpoint", "latest")))
+    trainer = VAETrainer(parse_args(quick_vae_args(tmp_path / "cut", *flags, "--resume_from_checkpoint", "latest")))
     assert trainer.resume() == (1, 0)  # 20 steps of 200 images = one epoch of 4,000
     assert trainer.global_step == 20
     trainer.global_step = 0
@@ -93,8 +93,8 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, monkeypatch):
     # z = mean: without sampling noise, which is drawn differently for 2 x 50 and 100 examples, the two agree
     monkeypatch.setattr("hfgen.distributions.randn_tensor", lambda shape, **kwargs: torch.zeros(shape))
     common = ["--max_train_steps", "6", "--hidden_dims", "64", "--eval_importance_samples", "1"]
-    main(quick_training_args(tmp_path / "big", *common, "--train_batch_size", "100"))
-    main(quick_training_args(tmp_path / "accumulated", *common, "--train_batch_size", "50",
+    main(quick_vae_args(tmp_path / "big", *common, "--train_batch_size", "100"))
+    main(quick_vae_args(tmp_path / "accumulated", *common, "--train_batch_size", "50",
                              "--gradient_accumulation_steps", "2"))
     big = load_file(tmp_path / "big" / "vae" / "diffusion_pytorch_model.safetensors")
     accumulated = load_file(tmp_path / "accumulated" / "vae" / "diffusion_pytorch_model.safetensors")
@@ -106,7 +106,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, monkeypatch):
 
 def test_tensorboard_logs_and_periodic_grids(tmp_path):
     pytest.importorskip("tensorboard")
-    main(quick_training_args(tmp_path, "--num_epochs", "2", "--hidden_dims", "16", "--logger", "tensorboard",
+    main(quick_vae_args(tmp_path, "--num_epochs", "2", "--hidden_dims", "16", "--logger", "tensorboard",
                              "--save_images_epochs", "1", "--logging_steps", "5"))
     events = [name for _, _, names in os.walk(tmp_path / "logs") for name in names if name.startswith("events.")]
     assert events
@@ -115,13 +115,13 @@ def test_tensorboard_logs_and_periodic_grids(tmp_path):
 
 def test_mixed_precision_training_runs(tmp_path):
     # bf16 autocast works on CPU; accelerate then casts the model outputs back to float32
-    main(quick_training_args(tmp_path, "--max_train_steps", "30", "--mixed_precision", "bf16", "--hidden_dims", "64"))
+    main(quick_vae_args(tmp_path, "--max_train_steps", "30", "--mixed_precision", "bf16", "--hidden_dims", "64"))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test_negative_elbo"] < 400
 
 
 def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
-    main(quick_training_args(tmp_path, "--max_train_steps", "8", "--checkpointing_steps", "2",
+    main(quick_vae_args(tmp_path, "--max_train_steps", "8", "--checkpointing_steps", "2",
                              "--checkpoints_total_limit", "2", "--hidden_dims", "16", "--eval_importance_samples", "1"))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-6", "checkpoint-8"]
 
@@ -129,15 +129,15 @@ def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
 def test_missing_or_corrupt_checkpoints_are_clear_errors(tmp_path):
     flags = ["--max_train_steps", "2", "--checkpointing_steps", "2", "--hidden_dims", "16", "--eval_importance_samples", "1"]
     with pytest.raises(ValueError, match="`--resume_from_checkpoint` .*nowhere.* is not a folder"):
-        main(quick_training_args(tmp_path, *flags, "--resume_from_checkpoint", str(tmp_path / "nowhere")))
-    main(quick_training_args(tmp_path, *flags))
+        main(quick_vae_args(tmp_path, *flags, "--resume_from_checkpoint", str(tmp_path / "nowhere")))
+    main(quick_vae_args(tmp_path, *flags))
     checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
     (checkpoint / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="could not be loaded \\(corrupt checkpoint\\?\\)"):
-        main(quick_training_args(tmp_path, *flags, "--resume_from_checkpoint", "latest"))
+        main(quick_vae_args(tmp_path, *flags, "--resume_from_checkpoint", "latest"))
     (checkpoint / "trainer_state.json").unlink()
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        main(quick_training_args(tmp_path, *flags, "--resume_from_checkpoint", str(checkpoint)))
+        main(quick_vae_args(tmp_path, *flags, "--resume_from_checkpoint", str(checkpoint)))
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,7 @@ def test_missing_or_corrupt_checkpoints_are_clear_errors(tmp_path):
 )
 def test_bad_flags_are_clear_errors(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
-        main(quick_training_args(tmp_path, *flags))
+        main(quick_vae_args(tmp_path, *flags))
 
 
 def test_conditional_needs_labels(tmp_path):
@@ -163,4 +163,4 @@ def test_conditional_needs_labels(tmp_path):
     trainer_cls = type("Unlabelled", (VAETrainer,), {"load_split": lambda self, split: ImageDataset(
         torch.rand(10, 1, 28, 28), torch.zeros(10, dtype=torch.long), None)})
     with pytest.raises(ValueError, match="`--conditional` needs a labelled dataset"):
-        trainer_cls(parse_args(quick_training_args(tmp_path, "--conditional", "--train_batch_size", "5")))
+        trainer_cls(parse_args(quick_vae_args(tmp_path, "--conditional", "--train_batch_size", "5")))

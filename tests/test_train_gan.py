@@ -1,0 +1,108 @@
+import os
+
+import pytest
+import torch
+from conftest import quick_training_args
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from hfgen import AutoPipeline, ConditionalPipeline, Discriminator, GANPipeline
+from hfgen.training.train_gan import GANTrainer, main, parse_args
+
+SMALL = ["--base_channels", "8", "--latent_dim", "16"]
+
+
+@pytest.fixture(scope="session")
+def trained_cgan_dir(tmp_path_factory):
+    """A small conditional DCGAN, 10 epochs on the real digits (~25 s on one core)."""
+    output_dir = tmp_path_factory.mktemp("cgan") / "out"
+    main(quick_training_args(output_dir, "--num_epochs", "10", "--conditional", "--base_channels", "16",
+                             "--latent_dim", "32"))
+    return output_dir
+
+
+def test_cgan_generates_the_requested_classes(trained_cgan_dir, digit_classifier):
+    pipe = ConditionalPipeline.from_pretrained(trained_cgan_dir)
+    labels = torch.arange(10).repeat_interleave(20)
+    images = pipe(class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
+    accuracy = (digit_classifier(images) == labels).float().mean().item()
+    assert accuracy > 0.7, accuracy  # chance is 0.1
+
+
+def test_output_folder_has_both_nets_and_a_card(trained_cgan_dir):
+    pipe = AutoPipeline.from_pretrained(trained_cgan_dir)
+    assert isinstance(pipe, ConditionalPipeline) and isinstance(pipe.discriminator, Discriminator)
+    assert pipe.discriminator.config.num_classes == 10
+    card = ModelCard.load(trained_cgan_dir / "README.md")
+    assert card.data.library_name == "hfgen" and "gan" in card.data.tags
+    assert (trained_cgan_dir / "samples.png").is_file()
+
+
+def test_d_steps_discriminator_steps_per_generator_step(tmp_path):
+    trainer = GANTrainer(parse_args(quick_training_args(tmp_path, *SMALL, "--max_train_steps", "6", "--d_steps", "3")))
+    trainer.train()
+    steps = lambda name: int(next(iter(trainer.optimizers[name].state.values()))["step"])  # noqa: E731
+    assert steps("discriminator") == 6 and steps("generator") == 2
+
+
+def test_fixed_noise_grids_and_ema(tmp_path):
+    main(quick_training_args(tmp_path, *SMALL, "--max_train_steps", "4", "--use_ema", "--train_batch_size", "1000",
+                             "--save_images_epochs", "1"))
+    assert sorted(os.listdir(tmp_path / "samples")) == ["step-000004.png"]
+    pipe = GANPipeline.from_pretrained(tmp_path)
+    assert pipe.generator is not None
+
+
+def test_resume_continues_the_adversarial_run_bit_identically(tmp_path, monkeypatch):
+    flags = [*SMALL, "--max_train_steps", "12", "--checkpointing_steps", "5", "--train_batch_size", "500", "--use_ema",
+             "--d_steps", "2"]
+    main(quick_training_args(tmp_path / "full", *flags))
+
+    class Interrupted(Exception):
+        pass
+
+    original, calls = GANTrainer.training_step, {"count": 0}
+
+    def step(self, images, labels):
+        calls["count"] += 1
+        if calls["count"] > 7:
+            raise Interrupted
+        return original(self, images, labels)
+
+    monkeypatch.setattr(GANTrainer, "training_step", step)
+    with pytest.raises(Interrupted):
+        main(quick_training_args(tmp_path / "cut", *flags))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / "cut" / "checkpoints") == ["checkpoint-5"]
+    main(quick_training_args(tmp_path / "cut", *flags, "--resume_from_checkpoint", "latest"))
+    for component in ("generator", "discriminator"):
+        full = load_file(tmp_path / "full" / component / "diffusion_pytorch_model.safetensors")
+        resumed = load_file(tmp_path / "cut" / component / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(full[name], resumed[name]) for name in full), component
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--d_steps", "0"], "`--d_steps` must be >= 1"),
+        (["--resolution", "30"], "`sample_size` 30 cannot be produced by the dcgan architecture"),
+        (["--gradient_accumulation_steps", "2"], "`--gradient_accumulation_steps` must be 1 for GANs"),
+        (["--r1_gamma", "-1"], "`--r1_gamma` must be >= 0"),
+    ],
+)
+def test_bad_flags_are_clear_errors(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        main(quick_training_args(tmp_path, *SMALL, *flags))
+
+
+def test_unknown_loss_flag_names_the_argument(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--output_dir", "x", "--loss", "wasserstein"])
+    assert "argument --loss: invalid choice: 'wasserstein'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss", ["minimax", "hinge"])
+def test_every_objective_and_r1_and_spectral_norm_train(tmp_path, loss):
+    main(quick_training_args(tmp_path, *SMALL, "--max_train_steps", "3", "--loss", loss, "--r1_gamma", "1",
+                             "--spectral_norm", "--train_batch_size", "32"))
+    assert GANPipeline.from_pretrained(tmp_path).discriminator.config.spectral_norm
