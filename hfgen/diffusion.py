@@ -1,0 +1,106 @@
+"""DDPM maths (seed notes §5; MATHS.md, DDPM section) on a diffusers scheduler's noise schedule.
+
+Shapes: images x (B, C, H, W); timesteps t (B,) integers in [0, T); a schedule tensor of length T is
+gathered at t and broadcast over the image dims by `extract`. hfgen's t = 0 is the notes' t = 1.
+"""
+
+import math
+
+import torch
+
+# diffusers' names for what the denoiser predicts: noise eps, the clean image x0, or v.
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def extract(schedule: torch.Tensor, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
+    """schedule (T,) gathered at timesteps (B,) -> (B, 1, ..., 1) with `ndim` dims in all."""
+    values = schedule.to(timesteps.device)[timesteps].float()
+    return values.reshape(-1, *([1] * (ndim - 1)))
+
+
+def q_sample(x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor):
+    """x_t = sqrt(alphabar_t) x0 + sqrt(1 - alphabar_t) eps, a sample of q(x_t | x0) in closed form."""
+    alphabar = extract(alphas_cumprod, timesteps, x0.dim())
+    return alphabar.sqrt() * x0 + (1 - alphabar).sqrt() * noise
+
+
+def velocity(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor):
+    """v = sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) x0 (Salimans & Ho, 2022)."""
+    alphabar = extract(alphas_cumprod, timesteps, x0.dim())
+    return alphabar.sqrt() * noise - (1 - alphabar).sqrt() * x0
+
+
+def training_target(x0, noise, timesteps, prediction_type: str, alphas_cumprod) -> torch.Tensor:
+    """What the denoiser regresses onto: eps, x0 or v."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":
+        return velocity(x0, noise, timesteps, alphas_cumprod)
+    raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def predict_x0(x_t, timesteps, model_output, prediction_type: str, alphas_cumprod) -> torch.Tensor:
+    """x0 from the model's prediction: x0 = (x_t - sqrt(1 - alphabar) eps) / sqrt(alphabar) for eps."""
+    alphabar = extract(alphas_cumprod, timesteps, x_t.dim())
+    if prediction_type == "epsilon":
+        return (x_t - (1 - alphabar).sqrt() * model_output) / alphabar.sqrt()
+    if prediction_type == "sample":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alphabar.sqrt() * x_t - (1 - alphabar).sqrt() * model_output
+    raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def predict_epsilon(x_t, timesteps, model_output, prediction_type: str, alphas_cumprod) -> torch.Tensor:
+    """eps from the model's prediction: eps = (x_t - sqrt(alphabar) x0) / sqrt(1 - alphabar) for x0."""
+    alphabar = extract(alphas_cumprod, timesteps, x_t.dim())
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "sample":
+        return (x_t - alphabar.sqrt() * model_output) / (1 - alphabar).sqrt()
+    if prediction_type == "v_prediction":
+        return (1 - alphabar).sqrt() * x_t + alphabar.sqrt() * model_output
+    raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def posterior_mean_variance(x0, x_t, timesteps, betas, alphas_cumprod) -> tuple[torch.Tensor, torch.Tensor]:
+    """q(x_{t-1} | x_t, x0) = N(mu~_t, beta~_t I) with
+    mu~_t = sqrt(alphabar_{t-1}) beta_t / (1 - alphabar_t) x0 + sqrt(alpha_t) (1 - alphabar_{t-1}) / (1 - alphabar_t) x_t,
+    beta~_t = (1 - alphabar_{t-1}) / (1 - alphabar_t) beta_t   (alphabar_{-1} = 1: at t = 0 the mean is x0)."""
+    alphabar_prev_schedule = torch.cat([torch.ones(1, dtype=alphas_cumprod.dtype), alphas_cumprod[:-1]])
+    beta = extract(betas, timesteps, x_t.dim())
+    alphabar = extract(alphas_cumprod, timesteps, x_t.dim())
+    alphabar_prev = extract(alphabar_prev_schedule, timesteps, x_t.dim())
+    mean = (alphabar_prev.sqrt() * beta / (1 - alphabar)) * x0 + ((1 - beta).sqrt() * (1 - alphabar_prev) / (1 - alphabar)) * x_t
+    variance = (1 - alphabar_prev) / (1 - alphabar) * beta
+    return mean, variance
+
+
+def reverse_mean_from_epsilon(x_t, timesteps, epsilon, betas, alphas_cumprod) -> torch.Tensor:
+    """mu_theta = 1 / sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alphabar_t) eps_theta(x_t, t))."""
+    beta = extract(betas, timesteps, x_t.dim())
+    alphabar = extract(alphas_cumprod, timesteps, x_t.dim())
+    return (x_t - beta / (1 - alphabar).sqrt() * epsilon) / (1 - beta).sqrt()
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element."""
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1)
+
+
+def _standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log P(x) per element for 8-bit data scaled to [-1, 1]: the Gaussian's mass on x's bin of width 2/255,
+    with the outer bins extended to -inf and +inf (Ho et al., 2020, the decoder of L_0)."""
+    centered, inv_std = x - mean, torch.exp(-log_scale)
+    cdf_plus = _standard_normal_cdf(inv_std * (centered + 1 / 255))
+    cdf_minus = _standard_normal_cdf(inv_std * (centered - 1 / 255))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_minus = (1 - cdf_minus).clamp(min=1e-12).log()
+    log_bin = (cdf_plus - cdf_minus).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_bin))
