@@ -24,6 +24,7 @@ setup(
         "datasets>=3",
         "mlxtend>=0.23",
         "scikit-learn>=1.3",
+        "torchmetrics>=1.4",  # Fréchet distance with a custom feature extractor
     ],
     extras_require={
         "tensorboard": ["tensorboard"],

@@ -1,10 +1,12 @@
-"""The `hfgen` command: `hfgen train <family> ...` and `hfgen sample <folder> ...`.
+"""The `hfgen` command: `hfgen train <family> ...`, `hfgen sample <folder> ...` and `hfgen evaluate <folder> ...`.
 
 `hfgen train vae ARGS` runs exactly what `accelerate launch -m hfgen.training.train_vae ARGS` runs.
 """
 
 import argparse
 import importlib
+import json
+import os
 import sys
 
 TRAINERS = {"vae": "hfgen.training.train_vae", "gan": "hfgen.training.train_gan"}
@@ -38,9 +40,58 @@ def sample(argv) -> str:
     return args.output
 
 
+def evaluate(argv) -> dict[str, float]:
+    parser = argparse.ArgumentParser(
+        prog="hfgen evaluate",
+        description="Fréchet distance between a pipeline's samples and a dataset split (plus a VAE's likelihood "
+                    "bounds); prints the metrics as JSON.")
+    parser.add_argument("pretrained", help="A pipeline folder or a Hub repo id.")
+    parser.add_argument("--dataset_name", default="hfgen:mnist", help="hfgen:mnist, hfgen:digits or a Hub dataset.")
+    parser.add_argument("--train_data_dir", default=None, help="A local image folder, used instead of --dataset_name.")
+    parser.add_argument("--split", default="test", choices=("train", "test"))
+    parser.add_argument("--num_samples", type=int, default=1000, help="Samples drawn, and real images compared with.")
+    parser.add_argument("--feature_extractor", default="hfgen:digit-classifier",
+                        help='"hfgen:digit-classifier" (trained and cached on first use), a saved DigitClassifier '
+                             'folder, or "inception" (needs torch-fidelity).')
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--num_importance_samples", type=int, default=100, help="K of a VAE's IWAE bound.")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--write_card", action="store_true",
+                        help="Merge the metrics into the folder's README.md model card and metrics.json.")
+    args = parser.parse_args(argv)
+    if args.write_card and not os.path.isdir(args.pretrained):
+        raise SystemExit(f"hfgen evaluate: --write_card needs a local pipeline folder, got {args.pretrained!r}")
+
+    from hfgen import AutoPipeline
+    from hfgen.data import load_image_dataset
+    from hfgen.hub_utils import update_model_card_metrics
+    from hfgen.metrics import DEFAULT_FEATURE_EXTRACTOR, default_classifier_dir, evaluate_pipeline, load_feature_extractor
+
+    pipeline = AutoPipeline.from_pretrained(args.pretrained).to(args.device)
+    dataset = load_image_dataset(args.dataset_name, args.split, pipeline.generative_model.config.sample_size,
+                                 args.train_data_dir)
+    if args.feature_extractor == DEFAULT_FEATURE_EXTRACTOR and not os.path.isdir(default_classifier_dir()):
+        # stderr: stdout carries only the JSON
+        print(f"training the default feature extractor {DEFAULT_FEATURE_EXTRACTOR} (once; it is cached in "
+              f"{default_classifier_dir()})", file=sys.stderr)
+    feature_extractor = load_feature_extractor(args.feature_extractor).to(args.device)
+    metrics = evaluate_pipeline(pipeline, dataset, args.num_samples, feature_extractor, args.seed, args.batch_size,
+                                args.num_importance_samples)
+    print(json.dumps(metrics, indent=2))
+    if args.write_card:
+        dataset_name = args.train_data_dir or args.dataset_name
+        fd_args = {"feature_extractor": args.feature_extractor, "num_samples": args.num_samples, "seed": args.seed}
+        update_model_card_metrics(args.pretrained, metrics, dataset_name=dataset_name, split=args.split,
+                                  metric_args={"fd": fd_args})
+        print(f"wrote the metrics into {os.path.join(args.pretrained, 'README.md')} and metrics.json", file=sys.stderr)
+    return metrics
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    usage = f"usage: hfgen train {{{','.join(TRAINERS)}}} ARGS | hfgen sample FOLDER ARGS  (-h after each for its flags)"
+    usage = (f"usage: hfgen train {{{','.join(TRAINERS)}}} ARGS | hfgen sample FOLDER ARGS | hfgen evaluate FOLDER ARGS  "
+             "(-h after each for its flags)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return
@@ -51,6 +102,8 @@ def main(argv=None) -> None:
         importlib.import_module(TRAINERS[rest[0]]).main(rest[1:])
     elif command == "sample":
         sample(rest)
+    elif command == "evaluate":
+        evaluate(rest)
     else:
         raise SystemExit(f"hfgen: unknown command {command!r}\n{usage}")
 

@@ -1,12 +1,42 @@
 """Model cards and Hub uploads for pipeline folders (huggingface_hub does the work)."""
 
+import json
 import os
+import re
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, get_token, upload_folder
 
 # Training by-products that stay local when a pipeline folder is pushed.
 PUSH_IGNORE_PATTERNS = ["checkpoints/*", "logs/*", "samples/*", "*.incomplete/*"]
 SAMPLE_GRID = "samples.png"
+METRICS_FILE = "metrics.json"
+METRICS_TABLE_HEADER = "| metric | value |\n| --- | --- |\n"
+
+
+def _eval_results(metrics: dict[str, float], dataset_name: str, split: str, task_type: str,
+                  metric_args: dict[str, dict] | None = None) -> list[EvalResult]:
+    """One model-index result per metric; `metric_args` may describe how a metric was computed."""
+    return [
+        EvalResult(
+            task_type=task_type,
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=name,
+            metric_name=name,
+            metric_value=round(float(value), 4),
+            metric_args=(metric_args or {}).get(name),
+        )
+        for name, value in metrics.items()
+    ]
+
+
+def _evaluation_heading(dataset_name: str, split: str) -> str:
+    return f"## Evaluation on the {split} split of `{dataset_name}`"
+
+
+def _metric_rows(metrics: dict[str, float]) -> str:
+    return "\n".join(f"| {name} | {value:.4f} |" for name, value in metrics.items())
 
 
 def write_model_card(
@@ -23,18 +53,7 @@ def write_model_card(
     task_type: str = "unconditional-image-generation",
 ) -> ModelCard:
     """Writes folder/README.md: metadata (library, tags, metrics as model-index), usage, config, sample grid."""
-    eval_results = [
-        EvalResult(
-            task_type=task_type,
-            dataset_type=dataset_name,
-            dataset_name=dataset_name,
-            dataset_split="test",
-            metric_type=name,
-            metric_name=name,
-            metric_value=round(float(value), 4),
-        )
-        for name, value in metrics.items()
-    ]
+    eval_results = _eval_results(metrics, dataset_name, "test", task_type)
     card_data = ModelCardData(
         library_name="hfgen",
         pipeline_tag=task_type,
@@ -42,7 +61,7 @@ def write_model_card(
         model_name=title,
         eval_results=eval_results or None,
     )
-    rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in metrics.items())
+    rows = _metric_rows(metrics)
     config_lines = "\n".join(f"- `{key}`: `{value}`" for key, value in model_config.items() if not key.startswith("_"))
     training_lines = "\n".join(f"- `{key}`: `{value}`" for key, value in training_config.items())
     grid = f"![samples]({SAMPLE_GRID})\n\n" if os.path.isfile(os.path.join(folder, SAMPLE_GRID)) else ""
@@ -64,11 +83,9 @@ pipe = {pipeline_class}.from_pretrained("path/or/repo-id")
 images = pipe(16, generator=torch.manual_seed(0)).images
 ```
 
-## Evaluation on the test split of `{dataset_name}`
+{_evaluation_heading(dataset_name, "test")}
 
-| metric | value |
-| --- | --- |
-{rows}
+{METRICS_TABLE_HEADER}{rows}
 
 ## Model configuration
 
@@ -80,6 +97,58 @@ images = pipe(16, generator=torch.manual_seed(0)).images
 """
     card = ModelCard(content)
     card.save(os.path.join(folder, "README.md"))
+    return card
+
+
+def update_model_card_metrics(
+    folder: str,
+    metrics: dict[str, float],
+    *,
+    dataset_name: str,
+    split: str = "test",
+    metric_args: dict[str, dict] | None = None,
+) -> ModelCard:
+    """Merges `metrics` into folder/README.md and folder/metrics.json; other metrics and text stay as they are.
+
+    In the card's metadata a result for the same metric, dataset and split is replaced, others are kept; in the
+    text the metric table under "## Evaluation on the <split> split of `<dataset>`" gets the new rows (the section
+    is appended when the card has none). A folder without a README.md gets a minimal card. `metric_args`
+    ({metric: {arg: value}}) records how a metric was computed, e.g. the FD's feature extractor.
+    """
+    path = os.path.join(folder, "README.md")
+    if os.path.isfile(path):
+        card = ModelCard.load(path)
+    else:
+        card = ModelCard(f"---\n{ModelCardData(library_name='hfgen').to_yaml()}\n---\n")
+    data = card.data
+    task_type = data.eval_results[0].task_type if data.eval_results else data.pipeline_tag
+    task_type = task_type or "unconditional-image-generation"
+    new_results = _eval_results(metrics, dataset_name, split, task_type, metric_args)
+    replaced = {(result.metric_type, result.dataset_name, result.dataset_split) for result in new_results}
+    kept = [result for result in data.eval_results or []
+            if (result.metric_type, result.dataset_name, result.dataset_split) not in replaced]
+    data.model_name = data.model_name or os.path.basename(os.path.abspath(folder))  # model-index needs a name
+    data.eval_results = kept + new_results
+
+    heading = _evaluation_heading(dataset_name, split)
+    table = re.search(re.escape(f"{heading}\n\n{METRICS_TABLE_HEADER}") + r"((?:\|.*\|(?:\n|$))*)", card.text)
+    if table:
+        rows = dict(re.match(r"\| (.*?) \| (.*) \|", line).groups() for line in table.group(1).splitlines())
+        rows.update({name: f"{value:.4f}" for name, value in metrics.items()})
+        new_rows = "".join(f"| {name} | {value} |\n" for name, value in rows.items())
+        card.text = card.text[:table.start(1)] + new_rows + card.text[table.end(1):]
+    else:
+        card.text = f"{card.text.rstrip()}\n\n{heading}\n\n{METRICS_TABLE_HEADER}{_metric_rows(metrics)}\n"
+    card.save(path)
+
+    metrics_path = os.path.join(folder, METRICS_FILE)
+    merged = {}
+    if os.path.isfile(metrics_path):
+        with open(metrics_path, encoding="utf-8") as file:
+            merged = json.load(file)
+    merged.update({name: float(value) for name, value in metrics.items()})
+    with open(metrics_path, "w", encoding="utf-8") as file:
+        json.dump(merged, file, indent=2)
     return card
 
 

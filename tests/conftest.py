@@ -1,10 +1,13 @@
 """Shared test set-up: no network, small seeded models, and one short training run reused by several tests."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# What hfgen trains on first use (the FD's digit classifier) is cached once per test session, away from ~/.cache.
+os.environ.setdefault("HFGEN_CACHE", tempfile.mkdtemp(prefix="hfgen-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -19,7 +22,7 @@ torch.set_num_threads(1)
 def quick_training_args(output_dir, *extra) -> list[str]:
     """Flags for short, quiet training runs in tests (any family)."""
     return ["--output_dir", str(output_dir), "--logger", "none", "--save_images_epochs", "0",
-            "--num_validation_images", "16", *map(str, extra)]
+            "--num_validation_images", "16", "--eval_num_samples", "200", *map(str, extra)]
 
 
 def quick_vae_args(output_dir, *extra) -> list[str]:

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -6,7 +7,8 @@ from conftest import quick_training_args
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from hfgen import AutoPipeline, ConditionalPipeline, Discriminator, GANPipeline
+from hfgen import AutoPipeline, ConditionalPipeline, Discriminator, GANPipeline, Generator
+from hfgen.metrics import evaluate_pipeline
 from hfgen.training.train_gan import GANTrainer, main, parse_args
 
 SMALL = ["--base_channels", "8", "--latent_dim", "16"]
@@ -27,6 +29,18 @@ def test_cgan_generates_the_requested_classes(trained_cgan_dir, digit_classifier
     images = pipe(class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
     accuracy = (digit_classifier(images) == labels).float().mean().item()
     assert accuracy > 0.7, accuracy  # chance is 0.1
+
+
+def test_short_run_lowers_fd_far_below_the_untrained_generator(tmp_path, mnist_test):
+    flags = ["--num_epochs", "4", "--base_channels", "16", "--latent_dim", "32", "--eval_num_samples", "500"]
+    main(quick_training_args(tmp_path, *flags))
+    trained = json.loads((tmp_path / "metrics.json").read_text())["fd"]
+    torch.manual_seed(0)
+    untrained = GANPipeline(Generator(latent_dim=32, base_channels=16).eval())
+    untrained_fd = evaluate_pipeline(untrained, mnist_test, num_samples=500)["fd"]
+    assert trained < 0.5 * untrained_fd, (trained, untrained_fd)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert {result.metric_type for result in card.data.eval_results} == {"fd"}
 
 
 def test_output_folder_has_both_nets_and_a_card(trained_cgan_dir):

@@ -6,7 +6,7 @@
 
 import torch
 
-from hfgen.metrics import evaluate_vae
+from hfgen.metrics import LIKELIHOOD_BATCH_SIZE, evaluate_vae
 from hfgen.models import VAEModel
 from hfgen.models.vae import ARCHITECTURES, KL_ESTIMATORS, LIKELIHOODS
 from hfgen.pipelines import ConditionalPipeline, VAEPipeline
@@ -71,10 +71,16 @@ class VAETrainer(Trainer):
         vae = self.sampling_model("vae")
         return ConditionalPipeline(vae) if self.args.conditional else VAEPipeline(vae)
 
-    def evaluate(self, pipeline):
-        loader = torch.utils.data.DataLoader(self.test_dataset, batch_size=self.args.eval_batch_size)
-        vae = pipeline.generative_model.eval()
-        return evaluate_vae(vae, loader, self.args.eval_importance_samples, seed=self.args.seed)
+    def evaluation_options(self):
+        return {"num_importance_samples": self.args.eval_importance_samples}
+
+    def evaluate(self, pipeline, num_samples, likelihood=True):
+        metrics = super().evaluate(pipeline, num_samples, likelihood)
+        if likelihood and "test_iwae_nll" not in metrics:  # no FD for these images: the bounds alone
+            loader = torch.utils.data.DataLoader(self.test_dataset, batch_size=LIKELIHOOD_BATCH_SIZE)
+            metrics.update(evaluate_vae(pipeline.generative_model.eval(), loader, self.args.eval_importance_samples,
+                                        seed=self.args.seed))
+        return metrics
 
     def model_card_description(self):
         kind = "conditional VAE" if self.args.conditional else "VAE"

@@ -7,7 +7,7 @@ A family subclasses `Trainer` and supplies its models, its objective and its pip
         def build_models(self): return {"vae": VAEModel(...)}
         def training_step(self, images, labels): loss = ...; self.optimize("vae", loss); return {"loss": loss}
         def build_pipeline(self): return VAEPipeline(self.sampling_model("vae"))
-        def evaluate(self, pipeline): return {"test_negative_elbo": ...}
+        def evaluation_options(self): return {"num_importance_samples": self.args.eval_importance_samples}
 
 `Trainer(args).train()` then runs on one process or many (`accelerate launch`), resumes from checkpoints,
 and writes `output_dir` as a loadable, pushable pipeline folder with a model card and a sample grid.
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from hfgen.data import BUILTIN_DATASETS, load_image_dataset, training_dataloader
 from hfgen.hub_utils import SAMPLE_GRID, push_folder, write_model_card
 from hfgen.image_processing import image_grid
+from hfgen.metrics import DEFAULT_FEATURE_EXTRACTOR, evaluate_pipeline, load_feature_extractor
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,12 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     add("--save_images_epochs", type=int, default=1, help="Write a sample grid every N epochs (0: never).")
     add("--num_validation_images", type=int, default=64)
     add("--logging_steps", type=int, default=10)
+    add("--feature_extractor", default="auto",
+        help='Features of the Fréchet distance (FD): "auto" (hfgen\'s digit classifier for 1x28x28 images, else no '
+             'FD), "none", "hfgen:digit-classifier", a saved DigitClassifier folder, or "inception".')
+    add("--eval_num_samples", type=int, default=1000, help="Samples for the final FD on the test split.")
+    add("--eval_fd_steps", type=int, default=0, help="Also log a cheap FD every N steps (0: only at the end).")
+    add("--eval_fd_num_samples", type=int, default=200, help="Samples for the periodic FD.")
     add("--seed", type=int, default=0)
     add("--logger", default="auto", choices=LOGGERS, help='"auto": TensorBoard when it is installed.')
     add("--push_to_hub", action="store_true")
@@ -92,13 +99,13 @@ def training_parser(description: str) -> argparse.ArgumentParser:
 def check_training_args(args: argparse.Namespace) -> None:
     """Clear errors for flag values that cannot work, before any work starts."""
     for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                 "logging_steps", "num_epochs", "num_validation_images"):
+                 "logging_steps", "num_epochs", "num_validation_images", "eval_num_samples", "eval_fd_num_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}")
     for name in ("max_train_steps", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be >= 1 when given, got {getattr(args, name)}")
-    for name in ("lr_warmup_steps", "save_images_epochs", "dataloader_num_workers"):
+    for name in ("lr_warmup_steps", "save_images_epochs", "dataloader_num_workers", "eval_fd_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.ema_max_decay < 1:
@@ -149,6 +156,7 @@ class Trainer:
 
         self.train_dataset = self.load_split("train")
         self.test_dataset = self.load_split("test")
+        self.feature_extractor = self.load_feature_extractor()
         self.models = self.build_models()
         self.optimizers = self.build_optimizers()
         train_dataloader = training_dataloader(
@@ -207,9 +215,17 @@ class Trainer:
         """The pipeline to save, from the unwrapped models."""
         raise NotImplementedError
 
-    def evaluate(self, pipeline) -> dict[str, float]:
-        """Test-split metrics for the model card."""
+    def evaluation_options(self) -> dict:
+        """Extra keyword arguments of `hfgen.metrics.evaluate_pipeline` for this family."""
         return {}
+
+    def evaluate(self, pipeline, num_samples: int, likelihood: bool = True) -> dict[str, float]:
+        """Test-split metrics: FD of `num_samples` samples, and the family's likelihood bounds if it has them."""
+        if self.feature_extractor is None:
+            return {}
+        return evaluate_pipeline(pipeline, self.test_dataset, min(num_samples, len(self.test_dataset)),
+                                 self.feature_extractor, self.args.seed, self.args.eval_batch_size,
+                                 likelihood=likelihood, **self.evaluation_options())
 
     def model_card_description(self) -> str:
         return ""
@@ -230,6 +246,20 @@ class Trainer:
     def load_split(self, split: str):
         args = self.args
         return load_image_dataset(args.dataset_name, split, args.resolution, args.train_data_dir, args.num_channels)
+
+    def load_feature_extractor(self):
+        """The FD features for --feature_extractor, or None (with a warning under "auto") when none fits the data."""
+        choice = self.args.feature_extractor
+        if choice == "none":
+            return None
+        if choice == "auto":
+            if self.train_dataset.image_shape != (1, 28, 28):
+                logger.warning("no FD: the default feature extractor takes 1x28x28 digits, these images are %s; "
+                               "pass --feature_extractor", "x".join(map(str, self.train_dataset.image_shape)))
+                return None
+            choice = DEFAULT_FEATURE_EXTRACTOR
+        with self.accelerator.main_process_first():  # the main process trains and caches the default once
+            return load_feature_extractor(choice).to(self.accelerator.device)
 
     def unwrap(self, name: str):
         return self.accelerator.unwrap_model(self.models[name])
@@ -312,6 +342,8 @@ class Trainer:
                     progress.set_postfix(**{k: f"{v:.4g}" for k, v in values.items()})
                     if accelerator.log_with:
                         accelerator.log(values, step=self.global_step)
+                if args.eval_fd_steps and self.global_step % args.eval_fd_steps == 0:
+                    self.log_fd()
                 if self.global_step % args.checkpointing_steps == 0:
                     self.save_checkpoint()
                 if self.global_step >= self.max_train_steps:
@@ -353,13 +385,26 @@ class Trainer:
             writer = self.accelerator.get_tracker("tensorboard").writer
             writer.add_image("samples", np.asarray(grid.convert("RGB")), self.global_step, dataformats="HWC")
 
+    def log_fd(self) -> None:
+        """A cheap FD (--eval_fd_num_samples samples) logged during training, on the main process."""
+        if not self.accelerator.is_main_process or self.feature_extractor is None:
+            return
+        for model in self.models.values():
+            model.eval()
+        fd = self.evaluate(self.build_pipeline(), self.args.eval_fd_num_samples, likelihood=False)["fd"]
+        for model in self.models.values():
+            model.train()
+        logger.info("step %d: FD %.2f (%d samples)", self.global_step, fd, self.args.eval_fd_num_samples)
+        if self.accelerator.log_with:
+            self.accelerator.log({"fd": fd}, step=self.global_step)
+
     def save_output(self) -> None:
         """Pipeline folder + sample grid + evaluation + model card (+ push), on the main process."""
         args = self.args
         pipeline = self.build_pipeline()
         pipeline.save_pretrained(args.output_dir)
         self.save_sample_grid(os.path.join(args.output_dir, SAMPLE_GRID))
-        metrics = self.evaluate(pipeline)
+        metrics = self.evaluate(pipeline, args.eval_num_samples)
         logger.info("test metrics: %s", metrics)
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as file:
             json.dump(metrics, file, indent=2)

@@ -41,7 +41,7 @@ class DigitClassifier(ModelMixin, ConfigMixin):
         in_channels: int = 1,
         num_classes: int = 10,
         feature_dim: int = 128,
-        block_out_channels: tuple[int, ...] = (32, 64),
+        block_out_channels: tuple[int, ...] = (16, 32),
         id2label: dict | None = None,
     ):
         super().__init__()
@@ -71,7 +71,7 @@ class DigitClassifier(ModelMixin, ConfigMixin):
         return (self.config.in_channels, self.config.sample_size, self.config.sample_size)
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True):
-        """sample: (B, C, H, W) in [0, 1] -> `ClassifierOutput` with logits (B, num_classes), features (B, feature_dim)."""
+        """sample: (B, C, H, W) in [0, 1] -> logits (B, num_classes) and features (B, feature_dim)."""
         check_images("sample", sample, *self.image_shape[:2])
         features = self.feature_layer(self.conv_blocks(sample))
         logits = self.head(features)
