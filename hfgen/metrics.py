@@ -317,8 +317,9 @@ def frechet_distance(
                          f"{tuple(real_images.shape[1:])} and {tuple(fake_images.shape[1:])}")
     parameter = next(feature_extractor.parameters(), None)
     device, dtype = (real_images.device, real_images.dtype) if parameter is None else (parameter.device, parameter.dtype)
-    # normalize=True: a custom module gets the float images in [0, 1] unchanged
-    metric = FrechetInceptionDistance(feature=feature_extractor, normalize=True).to(device)
+    # normalize=True: a custom module gets the float images in [0, 1] unchanged. sync_on_compute=False: all the
+    # images are here; under several processes only the main one evaluates, so there is nobody to sync with.
+    metric = FrechetInceptionDistance(feature=feature_extractor, normalize=True, sync_on_compute=False).to(device)
     for images, real in ((real_images, True), (fake_images, False)):
         for start in range(0, len(images), batch_size):
             metric.update(images[start:start + batch_size].to(device, dtype), real=real)
