@@ -18,7 +18,8 @@ After the same number of epochs, for both:
 
 Both trainers use the same `torch.set_num_threads`. To reduce drift they run alternately, in the order
 plain, hfgen, hfgen, plain, ... (`--rounds` runs of each per seed; a linear drift cancels over a pair of
-rounds). Only the models of each seed's first round are evaluated; the other rounds add timings.
+rounds; benchmarks/common.py, shared with bench_gan.py). Only the models of each seed's first round are
+evaluated; the other rounds add timings.
 
     python benchmarks/bench_vae.py --write          # default run; rewrites the VAE section of BENCHMARKS.md
     python benchmarks/bench_vae.py --seeds 3 --epochs 20 --iwae_samples 1000 2>/dev/null
@@ -27,27 +28,23 @@ The trainer's progress bar and logs go to stderr; the results table goes to stdo
 """
 
 import argparse
-import datetime
 import os
-import platform
-import re
-import statistics
-import sys
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import (
+    BENCHMARKS_MD, TARGET_RATIO, TIMING_HEADER, check_positive, environment_lines, finish, load_average, markers,
+    mean_sd, ratio_sentence, run_alternately, timing_cells, timing_summary,
+)
 from hfgen import VAEModel, VAEPipeline
 from hfgen.data import load_image_dataset
 from hfgen.metrics import evaluate_vae
 from hfgen.training.train_vae import VAETrainer, parse_args as vae_trainer_args
 
-BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
-START, END = "<!-- vae:start -->", "<!-- vae:end -->"
-TARGET_RATIO = 1.10
+KEY = "vae"  # the section <!-- vae:start --> ... <!-- vae:end --> of BENCHMARKS.md
 
 HIDDEN, LATENT, PIXELS = 400, 20, 784
 LEARNING_RATE, BATCH_SIZE = 1e-3, 100
@@ -160,86 +157,54 @@ def run(args):
     train_data = load_image_dataset("hfgen:mnist", "train")
     test_set = load_image_dataset("hfgen:mnist", "test")
     plain_train_set = torch.utils.data.TensorDataset(train_data.images, train_data.labels)
-    seconds = {"plain": [], "hfgen": []}  # per-epoch times, first epoch of each run dropped
-    run_medians = {"plain": [], "hfgen": []}
-    metrics = {"plain": [], "hfgen": []}
-    for seed in range(args.seeds):
-        for round_index in range(args.rounds):
-            order = ("plain", "hfgen") if (seed * args.rounds + round_index) % 2 == 0 else ("hfgen", "plain")
-            for name in order:
-                torch.set_num_threads(args.threads)
-                with tempfile.TemporaryDirectory() as output_dir:
-                    if name == "plain":
-                        plain, epoch_seconds = train_plain(seed, args.epochs, plain_train_set)
-                        model = plain_to_hfgen(plain)
-                        check_mapping(plain, model, test_set.images[:10])
-                    else:
-                        model, epoch_seconds = train_hfgen(seed, args.epochs, output_dir)
-                if torch.get_num_threads() != args.threads:
-                    raise RuntimeError(f"{name} changed torch's thread count to {torch.get_num_threads()}")
-                if len(epoch_seconds) != args.epochs:
-                    raise RuntimeError(f"{name} ran {len(epoch_seconds)} epochs, not {args.epochs}")
-                timed = epoch_seconds[1:] or epoch_seconds  # the first epoch is warm-up
-                seconds[name] += timed
-                run_medians[name].append(statistics.median(timed))
-                print(f"seed {seed} round {round_index} {name}: median {run_medians[name][-1]:.4f} s/epoch",
-                      file=sys.stderr, flush=True)
-                if round_index == 0:
-                    start = time.perf_counter()
-                    metrics[name].append(evaluate(model, test_set, args.iwae_samples))
-                    print(f"  {name} seed {seed}: {metrics[name][-1]} ({time.perf_counter() - start:.0f} s)",
-                          file=sys.stderr, flush=True)
-    return seconds, run_medians, metrics
+
+    def plain(seed, _output_dir):
+        model, epoch_seconds = train_plain(seed, args.epochs, plain_train_set)
+        vae = plain_to_hfgen(model)
+        check_mapping(model, vae, test_set.images[:10])
+        return vae, epoch_seconds
+
+    def hfgen(seed, output_dir):
+        return train_hfgen(seed, args.epochs, output_dir)
+
+    return run_alternately(
+        {"plain": plain, "hfgen": hfgen},
+        lambda _name, vae, _seed: evaluate(vae, test_set, args.iwae_samples),
+        seeds=args.seeds, rounds=args.rounds, epochs=args.epochs, threads=args.threads,
+    )
 
 
 # ----- report -----------------------------------------------------------------------------------------------
 
 
-def mean_sd(values):
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def report(args, seconds, run_medians, metrics):
-    median = {name: statistics.median(times) for name, times in seconds.items()}
-    fastest = {name: min(times) for name, times in seconds.items()}
-    ratio = median["hfgen"] / median["plain"]
+    timing = timing_summary(seconds, run_medians)
     k = args.iwae_samples
     rows = [
-        f"| trainer | median s/epoch | per-run medians (s) | fastest epoch (s) | test −ELBO (nats) "
-        f"| test IWAE NLL, K={k} (nats) | per-seed IWAE NLL |",
+        f"| trainer | {TIMING_HEADER} | test −ELBO (nats) | test IWAE NLL, K={k} (nats) | per-seed IWAE NLL |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, label in (("plain", "plain PyTorch loop"), ("hfgen", "hfgen `VAETrainer`")):
         elbo = [m["test_negative_elbo"] for m in metrics[name]]
         nll = [m["test_iwae_nll"] for m in metrics[name]]
         rows.append(
-            f"| {label} | {median[name]:.4f} | {', '.join(f'{s:.4f}' for s in run_medians[name])} | {fastest[name]:.4f} | "
-            f"{mean_sd(elbo)} | {mean_sd(nll)} | {', '.join(f'{v:.2f}' for v in nll)} |"
+            f"| {label} | {timing_cells(timing, name)} | {mean_sd(elbo)} | {mean_sd(nll)} | "
+            f"{', '.join(f'{v:.2f}' for v in nll)} |"
         )
     nll_gap = [h["test_iwae_nll"] - p["test_iwae_nll"] for h, p in zip(metrics["hfgen"], metrics["plain"])]
     lines = rows + [
         "",
-        f"**hfgen / plain seconds per epoch: {ratio:.3f}** (target ≤ {TARGET_RATIO:.2f}: "
-        f"{'met' if ratio <= TARGET_RATIO else 'not met'}). "
-        f"Fastest epochs: {fastest['hfgen'] / fastest['plain']:.3f}. "
+        f"{ratio_sentence(timing)} "
         f"IWAE NLL, hfgen − plain, per seed: {', '.join(f'{d:+.2f}' for d in nll_gap)} nats.",
     ]
-    return "\n".join(lines), ratio
+    return "\n".join(lines), timing["ratio"]
 
 
 def section(args, table, load_before, load_after):
-    command = "python benchmarks/bench_vae.py " + " ".join(sys.argv[1:])
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as file:
-            cpu = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    start, end = markers(KEY)
     epochs_timed = args.epochs - 1
     return "\n".join([
-        START,
+        start,
         "## VAE: hfgen trainer vs a plain PyTorch loop",
         "",
         "The classic VAE (MLP 784-400-20, ReLU, Bernoulli decoder, Adam lr 1e-3, batch 100) on the 4,000 training "
@@ -260,46 +225,20 @@ def section(args, table, load_before, load_after):
         "torch's default AdamW, which the plain loop uses) and whole-batch indexing of the in-memory digits "
         "instead of 100 item lookups and a stack per batch.",
         "",
-        f"- command: `{command.strip()}`",
-        f"- date: {datetime.date.today().isoformat()}; torch {torch.__version__}; "
-        f"`torch.set_num_threads({args.threads})`; {cpu} ({os.cpu_count()} cores); Python {platform.python_version()}",
-        f"- 1-minute load average before / after the run: {load_before:.2f} / {load_after:.2f} "
-        "(other processes share these cores: compare the per-run medians and the fastest epochs)",
+        *environment_lines("bench_vae.py", args.threads, load_before, load_after),
         "",
         table,
-        END,
+        end,
     ])
-
-
-def write_section(text):
-    if os.path.exists(BENCHMARKS_MD):
-        with open(BENCHMARKS_MD, encoding="utf-8") as file:
-            content = file.read()
-    else:
-        content = "# hfgen benchmarks\n"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(content):
-        content = pattern.sub(lambda _: text, content)
-    else:
-        content = content.rstrip("\n") + "\n\n" + text + "\n"
-    with open(BENCHMARKS_MD, "w", encoding="utf-8") as file:
-        file.write(content)
 
 
 def main():
     args = parse_args()
-    for name in ("epochs", "seeds", "rounds", "iwae_samples", "threads"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be >= 1")
-    start, load_before = time.perf_counter(), os.getloadavg()[0]
+    check_positive(args, ("epochs", "seeds", "rounds", "iwae_samples", "threads"))
+    started, load_before = time.perf_counter(), load_average()
     seconds, run_medians, metrics = run(args)
     table, _ = report(args, seconds, run_medians, metrics)
-    text = section(args, table, load_before, os.getloadavg()[0])
-    print(text)
-    print(f"(whole benchmark: {time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    if args.write:
-        write_section(text)
-        print(f"wrote {BENCHMARKS_MD}", file=sys.stderr)
+    finish(KEY, section(args, table, load_before, load_average()), args.write, started)
 
 
 if __name__ == "__main__":
