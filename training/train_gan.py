@@ -24,7 +24,6 @@ def parse_args(argv=None):
     add("--architecture", default="dcgan", choices=ARCHITECTURES)
     add("--latent_dim", type=int, default=64)
     add("--base_channels", type=int, default=32, help="Width of the nets (channels of the outermost conv layers).")
-    add("--conditional", action="store_true", help="Train a cGAN on the dataset's class labels.")
     add("--loss", default="non_saturating", choices=GAN_LOSSES,
         help="minimax (§3), non_saturating generator loss (§3.2) or hinge.")
     add("--d_steps", type=int, default=1, help="Discriminator steps per generator step (k of §3.1).")
@@ -50,13 +49,11 @@ class GANTrainer(Trainer):
             raise ValueError("`--gradient_accumulation_steps` must be 1 for GANs: each batch is one update of D")
         if args.r1_gamma < 0:
             raise ValueError(f"`--r1_gamma` must be >= 0, got {args.r1_gamma}")
-        if args.conditional and data.num_classes < 2:
-            raise ValueError("`--conditional` needs a labelled dataset with at least 2 classes")
         channels, size, _ = data.image_shape
         shared = dict(
             sample_size=size, channels=channels, architecture=args.architecture, base_channels=args.base_channels,
-            num_classes=data.num_classes if args.conditional else 0,
-            id2label=data.id2label if args.conditional else None,
+            num_classes=self.num_classes,
+            id2label=self.id2label,
         )
         return {
             "generator": Generator(latent_dim=args.latent_dim, **shared),
@@ -78,7 +75,6 @@ class GANTrainer(Trainer):
     def training_step(self, images, labels):
         args = self.args
         real = from_unit_range(images, "symmetric")
-        labels = labels if args.conditional else None
         generator, discriminator = self.unwrap("generator"), self.unwrap("discriminator")
         latent_shape = (real.shape[0], args.latent_dim)
 

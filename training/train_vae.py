@@ -23,7 +23,6 @@ def parse_args(argv=None):
     add("--likelihood", default="bernoulli", choices=LIKELIHOODS)
     add("--decoder_std", type=float, default=0.1, help="Gaussian decoder std (fixed, or initial if learned).")
     add("--learn_decoder_std", action="store_true")
-    add("--conditional", action="store_true", help="Train a CVAE on the dataset's class labels.")
     add("--beta", type=float, default=1.0, help="Weight of the KL term (1: the ELBO).")
     add("--kl_estimator", default="analytic", choices=KL_ESTIMATORS)
     add("--num_latent_samples", type=int, default=1, help="Reparameterized samples K per example.")
@@ -39,8 +38,6 @@ class VAETrainer(Trainer):
         args, data = self.args, self.train_dataset
         if args.beta < 0:
             raise ValueError(f"`--beta` must be >= 0, got {args.beta}")
-        if args.conditional and data.num_classes < 2:
-            raise ValueError("`--conditional` needs a labelled dataset with at least 2 classes")
         channels, size, _ = data.image_shape
         vae = VAEModel(
             sample_size=size,
@@ -51,15 +48,15 @@ class VAETrainer(Trainer):
             likelihood=args.likelihood,
             decoder_std=args.decoder_std,
             learn_decoder_std=args.learn_decoder_std,
-            num_classes=data.num_classes if args.conditional else 0,
-            id2label=data.id2label if args.conditional else None,
+            num_classes=self.num_classes,
+            id2label=self.id2label,
         )
         return {"vae": vae}
 
     def training_step(self, images, labels):
         args = self.args
         output = self.models["vae"](
-            images, labels if args.conditional else None, num_samples=args.num_latent_samples,
+            images, labels, num_samples=args.num_latent_samples,
             kl_estimator=args.kl_estimator,
         )
         # beta-ELBO: maximise E_q[log p(x|z)] - beta KL(q(z|x) || p(z)), averaged over the batch

@@ -56,6 +56,7 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     add("--train_data_dir", default=None, help="A local image folder (class sub-folders or metadata.jsonl).")
     add("--resolution", type=int, default=28, help="Images are resized to resolution x resolution.")
     add("--num_channels", type=int, default=None, help="1 or 3 for image folders; inferred when omitted.")
+    add("--conditional", action="store_true", help="Condition the model on the dataset's class labels.")
     add("--train_batch_size", type=int, default=100, help="Batch size per process.")
     add("--eval_batch_size", type=int, default=250)
     add("--num_epochs", type=int, default=10)
@@ -156,6 +157,11 @@ class Trainer:
 
         self.train_dataset = self.load_split("train")
         self.test_dataset = self.load_split("test")
+        if args.conditional and self.train_dataset.num_classes < 2:
+            raise ValueError("`--conditional` needs a labelled dataset with at least 2 classes")
+        # what a family passes to its models: the classes under --conditional, none otherwise
+        self.num_classes = self.train_dataset.num_classes if args.conditional else 0
+        self.id2label = self.train_dataset.id2label if args.conditional else None
         self.feature_extractor = self.load_feature_extractor()
         self.models = self.build_models()
         self.optimizers = self.build_optimizers()
@@ -207,8 +213,9 @@ class Trainer:
         """name -> ModelMixin, built from self.args and the data (self.train_dataset)."""
         raise NotImplementedError
 
-    def training_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One batch: compute the objective, call `self.optimize`, return detached scalars to log."""
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One batch (labels None unless --conditional): compute the objective, call `self.optimize`, return
+        detached scalars to log."""
         raise NotImplementedError
 
     def build_pipeline(self):
@@ -328,6 +335,7 @@ class Trainer:
             if epoch == first_epoch and skip_batches:
                 batches = accelerator.skip_first_batches(self.train_dataloader, skip_batches)
             for images, labels in batches:
+                labels = labels if args.conditional else None
                 with accelerator.accumulate(*models):
                     logs = self.training_step(images, labels)
                 if not accelerator.sync_gradients:
