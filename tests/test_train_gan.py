@@ -59,6 +59,15 @@ def test_d_steps_discriminator_steps_per_generator_step(tmp_path):
     assert steps("discriminator") == 6 and steps("generator") == 2
 
 
+def test_sample_grids_use_a_fixed_noise_batch(tmp_path):
+    trainer = GANTrainer(parse_args(quick_training_args(tmp_path, *SMALL, "--max_train_steps", "1")))
+    trainer.models["generator"].eval()
+    first = trainer.sample_images(trainer.build_pipeline(), 4)
+    torch.randn(100)  # other draws in between do not move the grid's noise
+    again = trainer.sample_images(trainer.build_pipeline(), 4)
+    assert [image.tobytes() for image in first] == [image.tobytes() for image in again]
+
+
 def test_fixed_noise_grids_and_ema(tmp_path):
     main(quick_training_args(tmp_path, *SMALL, "--max_train_steps", "4", "--use_ema", "--train_batch_size", "1000",
                              "--save_images_epochs", "1"))
