@@ -1,4 +1,4 @@
-"""A short check of hfgen on a CUDA GPU: training with mixed precision, sampling, evaluation.
+"""A short check of hfgen on a CUDA GPU: VAE and GAN training with mixed precision, sampling, evaluation.
 
     python benchmarks/device_check.py            # prints one line per check, exits non-zero on failure
 
@@ -19,6 +19,7 @@ import time
 import torch
 
 from hfgen import AutoPipeline, ConditionalPipeline, VAEPipeline
+from hfgen.training.train_gan import main as train_gan
 from hfgen.training.train_vae import main as train_vae
 
 
@@ -58,6 +59,24 @@ def main() -> int:
             cuda_generator = pipe(4, class_labels=labels and labels[:4], generator=torch.Generator("cuda").manual_seed(0),
                                   output_type="np").images
             results.append(check(f"sample {name} with a cuda generator", cuda_generator.shape == (4, 28, 28, 1)))
+        gan_runs = {
+            "gan-fp16-ema-r1": ["--mixed_precision", "fp16", "--use_ema", "--r1_gamma", "1"],
+            "cgan-bf16-sn-hinge": ["--mixed_precision", "bf16", "--conditional", "--spectral_norm", "--loss", "hinge"],
+        }
+        for name, flags in gan_runs.items():
+            out = f"{root}/{name}"
+            start = time.perf_counter()
+            train_gan(["--output_dir", out, "--num_epochs", "5", "--logger", "none", "--save_images_epochs", "0",
+                       "--checkpointing_steps", "100", *flags])
+            seconds = time.perf_counter() - start
+            fd = json.load(open(f"{out}/metrics.json"))["fd"]
+            results.append(check(f"train {name}", fd < 600, f"{seconds:.1f}s, FD {fd:.1f}"))
+            pipe = AutoPipeline.from_pretrained(out)
+            labels = list(range(10)) if isinstance(pipe, ConditionalPipeline) else None
+            on_cpu = pipe(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
+            on_gpu = pipe.to("cuda")(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
+            results.append(check(f"sample {name} cuda == cpu", torch.allclose(on_cpu, on_gpu, atol=1e-3),
+                                 f"max diff {(on_cpu - on_gpu).abs().max().item():.2e}"))
         # resume on the GPU
         out = f"{root}/resume"
         flags = ["--output_dir", out, "--max_train_steps", "60", "--checkpointing_steps", "30", "--logger", "none",
