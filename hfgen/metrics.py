@@ -356,7 +356,7 @@ def evaluate_pipeline(
     if not isinstance(feature_extractor, nn.Module):
         feature_extractor = load_feature_extractor(feature_extractor or DEFAULT_FEATURE_EXTRACTOR)
     model = pipeline.generative_model
-    num_classes = model.config.num_classes
+    num_classes = pipeline.num_classes
     if num_classes and dataset.num_classes != num_classes:
         raise ValueError(f"the pipeline generates {num_classes} classes but `dataset` has {dataset.num_classes}: "
                          "a conditional pipeline is evaluated on a dataset labelled with its classes")

@@ -2,10 +2,11 @@
 
 from .auto import AutoPipeline
 from .conditional import ConditionalPipeline
+from .ddpm import DDPMPipeline
 from .gan import GANPipeline
 from .pipeline_utils import GenerativePipeline
 from .vae import VAEPipeline
 
-PIPELINES = {pipeline.__name__: pipeline for pipeline in (VAEPipeline, GANPipeline, ConditionalPipeline)}
+PIPELINES = {pipeline.__name__: pipeline for pipeline in (VAEPipeline, GANPipeline, ConditionalPipeline, DDPMPipeline)}
 
-__all__ = ["AutoPipeline", "ConditionalPipeline", "GANPipeline", "GenerativePipeline", "VAEPipeline", "PIPELINES"]
+__all__ = ["AutoPipeline", "ConditionalPipeline", "DDPMPipeline", "GANPipeline", "GenerativePipeline", "VAEPipeline", "PIPELINES"]

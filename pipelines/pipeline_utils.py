@@ -34,9 +34,9 @@ class GenerativePipeline(DiffusionPipeline):
     """Shared by all hfgen pipelines.
 
     Subclasses register their components and name the model that maps prior latents to images in
-    `generative_model`. That model exposes `latent_shape`, `data_range` ("unit" or "symmetric"),
-    `config.num_classes` and `decode(latents, class_labels)`. Diffusion pipelines override `__call__`
-    and reuse the helpers.
+    `generative_model`. By default that model supplies `latent_shape`, `data_range` ("unit" or "symmetric"),
+    `config.num_classes`, `config.id2label` and `decode(latents, class_labels)`; a pipeline whose model does
+    not (diffusion) overrides those properties and `__call__`, and reuses the helpers.
     """
 
     @classmethod
@@ -50,28 +50,44 @@ class GenerativePipeline(DiffusionPipeline):
     def generative_model(self):
         raise NotImplementedError
 
+    # What the sampling skeleton needs to know; by default the generative model's, pipelines may override.
+    @property
+    def num_classes(self) -> int:
+        return self.generative_model.config.num_classes
+
+    @property
+    def id2label(self) -> dict | None:
+        return self.generative_model.config.get("id2label")
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.generative_model.latent_shape
+
+    @property
+    def data_range(self) -> str:
+        return self.generative_model.data_range
+
     def prepare_class_labels(self, class_labels, batch_size: int | None) -> tuple[torch.Tensor | None, int]:
         """Ints, names from the model's `id2label`, or a tensor -> ((B,) long tensor or None, B).
 
         A single label is repeated `batch_size` times; a list sets the batch size when it is None.
         """
-        config = self.generative_model.config
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
-        if class_labels is None or config.num_classes == 0:
+        if class_labels is None or self.num_classes == 0:
             batch_size = batch_size or 1
-            return check_class_labels(class_labels, config.num_classes, batch_size), batch_size
+            return check_class_labels(class_labels, self.num_classes, batch_size), batch_size
         if isinstance(class_labels, (int, str)) or (isinstance(class_labels, torch.Tensor) and class_labels.dim() == 0):
             class_labels = [class_labels] * (batch_size or 1)
         if not isinstance(class_labels, torch.Tensor):
             class_labels = [self._label_id(label) for label in class_labels]
         batch_size = batch_size or len(class_labels)
-        return check_class_labels(class_labels, config.num_classes, batch_size, self.device), batch_size
+        return check_class_labels(class_labels, self.num_classes, batch_size, self.device), batch_size
 
     def _label_id(self, label):
         if not isinstance(label, str):
             return label
-        id2label = self.generative_model.config.id2label or {}
+        id2label = self.id2label or {}
         label2id = {name: int(index) for index, name in id2label.items()}
         if label not in label2id:
             raise ValueError(f"`class_labels` has the name {label!r}, but the model's id2label names {sorted(label2id)}")
@@ -79,17 +95,17 @@ class GenerativePipeline(DiffusionPipeline):
 
     def prepare_latents(self, batch_size: int, generator=None, latents: torch.Tensor | None = None) -> torch.Tensor:
         """Prior noise z ~ N(0, I) of shape (B, *latent_shape), or the given `latents` after a shape check."""
-        model = self.generative_model
-        shape = (batch_size, *model.latent_shape)
+        dtype = self.generative_model.dtype
+        shape = (batch_size, *self.latent_shape)
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
-            return latents.to(self.device, model.dtype)
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=model.dtype)
+            return latents.to(self.device, dtype)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
 
     def output(self, images: torch.Tensor, output_type: str, return_dict: bool):
         """Model tensor -> `ImagePipelineOutput` (or a tuple) of "pil", "np" or "pt" images."""
-        images = postprocess(images, output_type, self.generative_model.data_range)
+        images = postprocess(images, output_type, self.data_range)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     @torch.no_grad()

@@ -374,7 +374,7 @@ class Trainer:
     def sample_images(self, pipeline, num_images: int):
         """A fixed seed, so grids from different steps show the same noise decoded by a better model."""
         generator = torch.Generator(pipeline.device).manual_seed(self.args.seed)
-        num_classes = pipeline.generative_model.config.num_classes
+        num_classes = pipeline.num_classes
         labels = [i % num_classes for i in range(num_images)] if num_classes else None
         return pipeline(num_images, class_labels=labels, generator=generator).images
 

@@ -1,0 +1,105 @@
+"""Ancestral and fast sampling from a diffusion model (seed notes §5; MATHS.md), with classifier-free guidance."""
+
+import torch
+from diffusers import SchedulerMixin, UNet2DModel
+
+from hfgen.utils import check_positive_int
+
+from .pipeline_utils import GenerativePipeline
+
+
+class DDPMPipeline(GenerativePipeline):
+    r"""Samples x_T ~ N(0, I) and denoises it step by step with `unet` and `scheduler`.
+
+    Folders interoperate with `diffusers.DDPMPipeline` (an unconditional hfgen folder loads there, and a folder
+    saved by diffusers loads here). Any diffusers scheduler plugs in, as diffusers users swap them:
+    `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.
+
+    Class conditioning: a denoiser with `num_class_embeds = K + 1` generates K classes; hfgen trains the last
+    id K as the null class ("no label", label dropout), which classifier-free guidance needs.
+
+    Example:
+        ```py
+        >>> import torch
+        >>> from hfgen import DDPMPipeline
+        >>> pipe = DDPMPipeline.from_pretrained("hfgen-ddpm-mnist")
+        >>> images = pipe(16, num_inference_steps=50, generator=torch.manual_seed(0)).images
+        ```
+    """
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def generative_model(self):
+        return self.unet
+
+    @property
+    def num_classes(self) -> int:
+        num_class_embeds = self.unet.config.get("num_class_embeds")
+        return num_class_embeds - 1 if num_class_embeds else 0  # the last id is the null class
+
+    @property
+    def id2label(self) -> dict | None:
+        return None
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return (self.unet.config.in_channels, height, width)
+
+    data_range = "symmetric"  # images in [-1, 1]
+
+    def denoise(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None, guidance_scale: float):
+        """The model's prediction at one step; with guidance: eps(x, null) + w (eps(x, y) - eps(x, null))."""
+        if class_labels is None:
+            return self.unet(sample, timestep).sample
+        if guidance_scale == 1.0:
+            return self.unet(sample, timestep, class_labels=class_labels).sample
+        null = torch.full_like(class_labels, self.num_classes)
+        both = self.unet(torch.cat([sample, sample]), timestep, class_labels=torch.cat([class_labels, null])).sample
+        conditional, unconditional = both.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int | None = None,
+        *,
+        class_labels=None,
+        guidance_scale: float = 1.0,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        r"""Runs the reverse process.
+
+        Args:
+            batch_size: number of images; None means one per class label, or 1.
+            class_labels: for a class-conditional denoiser: an int or one per image.
+            guidance_scale: classifier-free guidance weight w (1: the conditional model alone).
+            num_inference_steps: denoising steps, at most (and by default) the scheduler's training steps.
+            generator: the same generator state gives the same images.
+            latents: x_T of shape (B, C, H, W) instead of fresh noise.
+            output_type: "pil", "np" (B, H, W, C) or "pt" (B, C, H, W), values in [0, 1].
+        """
+        labels, batch_size = self.prepare_class_labels(class_labels, batch_size)
+        if guidance_scale != 1.0 and labels is None:
+            raise ValueError(f"`guidance_scale` {guidance_scale} needs `class_labels` and a class-conditional denoiser "
+                             "trained with a null class")
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        num_inference_steps = num_train_timesteps if num_inference_steps is None else num_inference_steps
+        check_positive_int("num_inference_steps", num_inference_steps)
+        if num_inference_steps > num_train_timesteps:
+            raise ValueError(f"`num_inference_steps` must be at most the {num_train_timesteps} training steps, "
+                             f"got {num_inference_steps}")
+        sample = self.prepare_latents(batch_size, generator, latents)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        for timestep in self.progress_bar(self.scheduler.timesteps):
+            prediction = self.denoise(sample, timestep, labels, guidance_scale)
+            sample = self.scheduler.step(prediction, timestep, sample, generator=generator).prev_sample
+        return self.output(sample, output_type, return_dict)

@@ -1,0 +1,89 @@
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+
+from hfgen import AutoPipeline, DDPMPipeline
+
+
+def tiny_unet(num_class_embeds=None, sample_size=8):
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=sample_size, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                       num_class_embeds=num_class_embeds).eval()
+
+
+@pytest.fixture
+def pipe():
+    return DDPMPipeline(tiny_unet(), DDPMScheduler(num_train_timesteps=20))
+
+
+@pytest.fixture
+def conditional_pipe():
+    unet = tiny_unet(num_class_embeds=4)  # 3 classes + the null class 3
+    with torch.no_grad():
+        unet.class_embedding.weight.normal_()
+    return DDPMPipeline(unet, DDPMScheduler(num_train_timesteps=20))
+
+
+def sample(pipeline, **kwargs):
+    if "generator" not in kwargs:
+        kwargs["generator"] = torch.Generator().manual_seed(0)
+    return pipeline(output_type="np", **kwargs).images
+
+
+def test_determinism_shapes_and_round_trip(pipe, tmp_path):
+    images = sample(pipe, batch_size=2)
+    assert images.shape == (2, 8, 8, 1) and 0 <= images.min() and images.max() <= 1
+    np.testing.assert_array_equal(images, sample(pipe, batch_size=2))
+    assert not np.array_equal(images, sample(pipe, batch_size=2, generator=torch.manual_seed(1)))
+    pipe.save_pretrained(tmp_path)
+    loaded = DDPMPipeline.from_pretrained(tmp_path)
+    np.testing.assert_allclose(sample(loaded, batch_size=2), images, atol=1e-6)
+    assert isinstance(AutoPipeline.from_pretrained(tmp_path), DDPMPipeline)
+
+
+def test_interoperates_with_diffusers_ddpm_pipeline(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "hfgen")
+    theirs = diffusers.DDPMPipeline.from_pretrained(tmp_path / "hfgen")
+    np.testing.assert_allclose(theirs(batch_size=2, generator=torch.manual_seed(0), num_inference_steps=20,
+                                      output_type="np").images, sample(pipe, batch_size=2, num_inference_steps=20),
+                               atol=1e-5)
+    diffusers.DDPMPipeline(unet=pipe.unet, scheduler=pipe.scheduler).save_pretrained(tmp_path / "diffusers")
+    ours = DDPMPipeline.from_pretrained(tmp_path / "diffusers")
+    np.testing.assert_allclose(sample(ours, batch_size=2), sample(pipe, batch_size=2), atol=1e-6)
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DPMSolverMultistepScheduler])
+def test_any_diffusers_scheduler_plugs_in(pipe, scheduler_class):
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    images = sample(pipe, batch_size=2, num_inference_steps=5)
+    assert images.shape == (2, 8, 8, 1)
+    np.testing.assert_array_equal(images, sample(pipe, batch_size=2, num_inference_steps=5))
+
+
+def test_guidance_scale_one_is_the_conditional_model_and_guidance_changes_samples(conditional_pipe):
+    labels = [0, 2]
+    conditional = sample(conditional_pipe, class_labels=labels, num_inference_steps=5)
+    np.testing.assert_array_equal(sample(conditional_pipe, class_labels=labels, num_inference_steps=5,
+                                         guidance_scale=1.0), conditional)
+    guided = sample(conditional_pipe, class_labels=labels, num_inference_steps=5, guidance_scale=3.0)
+    assert not np.allclose(guided, conditional)
+    assert conditional_pipe.num_classes == 3
+
+
+def test_bad_inputs(pipe, conditional_pipe):
+    with pytest.raises(ValueError, match="`class_labels`.*unconditional"):
+        pipe(2, class_labels=[0, 1])
+    with pytest.raises(ValueError, match="`guidance_scale` 3.0 needs `class_labels`"):
+        pipe(2, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="`num_inference_steps` must be at most the 20 training steps"):
+        pipe(1, num_inference_steps=21)
+    with pytest.raises(ValueError, match="`num_inference_steps` must be a positive integer"):
+        pipe(1, num_inference_steps=0)
+    with pytest.raises(ValueError, match=r"`class_labels` must lie in \[0, 2\]"):
+        conditional_pipe(class_labels=[3])  # the null class is not a class to generate
+    with pytest.raises(ValueError, match=r"`latents` must have shape \(1, 1, 8, 8\)"):
+        pipe(1, latents=torch.zeros(1, 1, 16, 16))
