@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-TRAINERS = {"vae": "hfgen.training.train_vae", "gan": "hfgen.training.train_gan"}
+TRAINERS = {"vae": "hfgen.training.train_vae", "gan": "hfgen.training.train_gan", "ddpm": "hfgen.training.train_ddpm"}
 
 
 def sample(argv) -> str:

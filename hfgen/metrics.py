@@ -336,6 +336,7 @@ def evaluate_pipeline(
     batch_size: int = 250,
     num_importance_samples: int = 100,
     likelihood: bool = True,
+    pipeline_kwargs: dict | None = None,
 ) -> dict[str, float]:
     """Sample quality, and likelihood bounds where the family has them, of an hfgen pipeline against `dataset`.
 
@@ -348,6 +349,7 @@ def evaluate_pipeline(
     Args:
         feature_extractor: a module for `frechet_distance`, or a name or folder for `load_feature_extractor`
             (None: the default digit classifier).
+        pipeline_kwargs: more arguments for the pipeline's call, e.g. {"num_inference_steps": 50}.
     """
     check_positive_int("num_samples", num_samples)
     check_positive_int("batch_size", batch_size)
@@ -368,7 +370,8 @@ def evaluate_pipeline(
         seeds = sample_seeds[start:start + batch_size]
         generators = [torch.Generator(pipeline.device).manual_seed(s) for s in seeds]
         class_labels = labels[start:start + batch_size] if num_classes else None
-        fake_images.append(pipeline(len(seeds), class_labels=class_labels, generator=generators, output_type="pt").images)
+        fake_images.append(pipeline(len(seeds), class_labels=class_labels, generator=generators, output_type="pt",
+                                    **(pipeline_kwargs or {})).images)
     metrics = {"fd": frechet_distance(real_images, torch.cat(fake_images), feature_extractor, batch_size)}
     if likelihood and isinstance(model, VAEModel):
         loader = torch.utils.data.DataLoader(dataset, batch_size=LIKELIHOOD_BATCH_SIZE)

@@ -226,13 +226,18 @@ class Trainer:
         """Extra keyword arguments of `hfgen.metrics.evaluate_pipeline` for this family."""
         return {}
 
+    def pipeline_kwargs(self) -> dict:
+        """Extra arguments of the pipeline's call for sample grids and FD (e.g. fewer denoising steps)."""
+        return {}
+
     def evaluate(self, pipeline, num_samples: int, likelihood: bool = True) -> dict[str, float]:
         """Test-split metrics: FD of `num_samples` samples, and the family's likelihood bounds if it has them."""
         if self.feature_extractor is None:
             return {}
         return evaluate_pipeline(pipeline, self.test_dataset, min(num_samples, len(self.test_dataset)),
                                  self.feature_extractor, self.args.seed, self.args.eval_batch_size,
-                                 likelihood=likelihood, **self.evaluation_options())
+                                 likelihood=likelihood, pipeline_kwargs=self.pipeline_kwargs(),
+                                 **self.evaluation_options())
 
     def model_card_description(self) -> str:
         return ""
@@ -376,7 +381,7 @@ class Trainer:
         generator = torch.Generator(pipeline.device).manual_seed(self.args.seed)
         num_classes = pipeline.num_classes
         labels = [i % num_classes for i in range(num_images)] if num_classes else None
-        return pipeline(num_images, class_labels=labels, generator=generator).images
+        return pipeline(num_images, class_labels=labels, generator=generator, **self.pipeline_kwargs()).images
 
     def save_sample_grid(self, path: str) -> None:
         """Writes a grid of samples (and logs it to TensorBoard), on the main process."""

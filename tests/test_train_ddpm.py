@@ -1,0 +1,64 @@
+import json
+
+import pytest
+import torch
+from conftest import quick_training_args
+from diffusers import UNet2DModel
+
+from hfgen import AutoPipeline, DDPMPipeline
+from hfgen.diffusion import q_sample
+from hfgen.training.train_ddpm import main
+
+TINY = ["--block_out_channels", "8", "16", "--num_inference_steps", "5", "--eval_num_samples", "50",
+        "--num_train_timesteps", "100"]
+
+
+def denoising_error(unet, images, alphas_cumprod):
+    """The simple loss ||eps - eps_theta(x_t, t)||^2 on fixed noise and timesteps."""
+    generator = torch.Generator().manual_seed(0)
+    x0 = images * 2 - 1
+    noise = torch.randn(x0.shape, generator=generator)
+    timesteps = torch.randint(0, len(alphas_cumprod), (len(x0),), generator=generator)
+    with torch.no_grad():
+        prediction = unet(q_sample(x0, timesteps, noise, alphas_cumprod), timesteps).sample
+    return torch.mean((prediction - noise) ** 2).item()
+
+
+def test_training_lowers_the_denoising_error_and_writes_a_loadable_folder(tmp_path, mnist_test):
+    main(quick_training_args(tmp_path, *TINY, "--max_train_steps", "80"))
+    pipe = DDPMPipeline.from_pretrained(tmp_path)
+    assert isinstance(AutoPipeline.from_pretrained(tmp_path), DDPMPipeline)
+    torch.manual_seed(0)
+    untrained = UNet2DModel.from_config(pipe.unet.config).eval()
+    alphas_cumprod = pipe.scheduler.alphas_cumprod
+    trained_error = denoising_error(pipe.unet, mnist_test.images[:200], alphas_cumprod)
+    untrained_error = denoising_error(untrained, mnist_test.images[:200], alphas_cumprod)
+    assert trained_error < 0.5 * untrained_error, (trained_error, untrained_error)
+    assert "fd" in json.loads((tmp_path / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_saved_scheduler_predicts_what_the_model_was_trained_on(tmp_path, prediction_type):
+    main(quick_training_args(tmp_path, *TINY, "--max_train_steps", "2", "--prediction_type", prediction_type,
+                             "--snr_gamma", "5", "--feature_extractor", "none"))
+    assert DDPMPipeline.from_pretrained(tmp_path).scheduler.config.prediction_type == prediction_type
+
+
+def test_conditional_ddpm_reserves_a_null_class(tmp_path):
+    main(quick_training_args(tmp_path, *TINY, "--max_train_steps", "2", "--conditional", "--feature_extractor", "none"))
+    pipe = DDPMPipeline.from_pretrained(tmp_path)
+    assert pipe.unet.config.num_class_embeds == 11 and pipe.num_classes == 10
+    images = pipe(class_labels=[1, 7], guidance_scale=2.0, num_inference_steps=3, output_type="pt").images
+    assert images.shape == (2, 1, 28, 28)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--label_dropout", "1.5"], "`--label_dropout` must be in \\[0, 1\\)"),
+        (["--resolution", "29"], "`--resolution` 29 must be divisible by 2"),
+    ],
+)
+def test_bad_flags(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        main(quick_training_args(tmp_path, *TINY, *flags))

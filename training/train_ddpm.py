@@ -1,0 +1,106 @@
+"""Trains a DDPM (seed notes §5.1-5.5; MATHS.md) with a diffusers U-Net, unconditional or class-conditional.
+
+    accelerate launch -m hfgen.training.train_ddpm --output_dir hfgen-ddpm-mnist
+    hfgen train ddpm --output_dir hfgen-ddpm-mnist --conditional --label_dropout 0.1
+
+The denoiser regresses onto --prediction_type (noise eps, the clean image x0 = "sample", or v); the saved
+scheduler carries the same prediction_type, so training and sampling cannot disagree.
+"""
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.training_utils import compute_snr
+
+from hfgen.diffusion import PREDICTION_TYPES, training_target
+from hfgen.image_processing import from_unit_range
+from hfgen.pipelines import DDPMPipeline
+
+from .trainer import Trainer, training_parser
+
+
+def parse_args(argv=None):
+    parser = training_parser("Train a DDPM on images in [-1, 1].")
+    add = parser.add_argument
+    add("--block_out_channels", type=int, nargs="+", default=[32, 64, 64],
+        help="U-Net widths; the image size must be divisible by 2 ** (number of blocks - 1).")
+    add("--layers_per_block", type=int, default=1)
+    add("--num_train_timesteps", type=int, default=1000)
+    add("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
+    add("--prediction_type", default="epsilon", choices=PREDICTION_TYPES,
+        help="epsilon (noise), sample (x0, §5.2) or v_prediction.")
+    add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting with this gamma (5 is common).")
+    add("--label_dropout", type=float, default=0.1,
+        help="With --conditional: share of labels replaced by the null class, for classifier-free guidance.")
+    add("--num_inference_steps", type=int, default=50, help="Denoising steps for sample grids and FD.")
+    parser.set_defaults(learning_rate=1e-3, train_batch_size=64, num_epochs=5)
+    return parser.parse_args(argv)
+
+
+class DDPMTrainer(Trainer):
+    family = "ddpm"
+    ema_model_names = ("unet",)
+
+    def build_models(self):
+        args = self.args
+        if not 0 <= args.label_dropout < 1:
+            raise ValueError(f"`--label_dropout` must be in [0, 1), got {args.label_dropout}")
+        channels, size, _ = self.train_dataset.image_shape
+        downsample = 2 ** (len(args.block_out_channels) - 1)
+        if size % downsample:
+            raise ValueError(f"`--resolution` {size} must be divisible by {downsample} for "
+                             f"{len(args.block_out_channels)} U-Net blocks (`--block_out_channels`)")
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps,
+                                             beta_schedule=args.beta_schedule, prediction_type=args.prediction_type)
+        unet = UNet2DModel(
+            sample_size=size, in_channels=channels, out_channels=channels,
+            block_out_channels=tuple(args.block_out_channels), layers_per_block=args.layers_per_block,
+            down_block_types=("DownBlock2D",) * len(args.block_out_channels),
+            up_block_types=("UpBlock2D",) * len(args.block_out_channels),
+            norm_num_groups=min(8, args.block_out_channels[0]),
+            # hfgen's convention: ids 0..K-1 are the classes, K is the null class of classifier-free guidance
+            num_class_embeds=self.num_classes + 1 if self.num_classes else None,
+        )
+        return {"unet": unet}
+
+    def training_step(self, images, labels):
+        args, scheduler = self.args, self.noise_scheduler
+        x0 = from_unit_range(images, "symmetric")
+        noise = torch.randn_like(x0)
+        timesteps = torch.randint(0, args.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        x_t = scheduler.add_noise(x0, noise, timesteps)  # q(x_t | x0) in closed form
+        if labels is not None and args.label_dropout:
+            dropped = torch.rand(labels.shape, device=labels.device) < args.label_dropout
+            labels = torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+        prediction = self.models["unet"](x_t, timesteps, class_labels=labels).sample
+        target = training_target(x0, noise, timesteps, args.prediction_type, scheduler.alphas_cumprod.to(x0.device))
+        if args.snr_gamma is None:
+            loss = F.mse_loss(prediction.float(), target.float())
+        else:  # min-SNR-gamma weighting (Hang et al., 2023), per the prediction type
+            snr = compute_snr(scheduler, timesteps)
+            weights = torch.clamp(snr, max=args.snr_gamma)
+            weights = weights / snr if args.prediction_type == "epsilon" else (
+                weights / (snr + 1) if args.prediction_type == "v_prediction" else weights)
+            per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+            loss = (per_example * weights).mean()
+        self.optimize("unet", loss)
+        return {"loss": loss.detach()}
+
+    def pipeline_kwargs(self):
+        return {"num_inference_steps": self.args.num_inference_steps}
+
+    def build_pipeline(self):
+        return DDPMPipeline(self.sampling_model("unet"), DDPMScheduler.from_config(self.noise_scheduler.config))
+
+    def model_card_description(self):
+        kind = "class-conditional DDPM" if self.num_classes else "DDPM"
+        return (f"A {kind} (diffusers UNet2DModel, {self.args.prediction_type} prediction) trained with hfgen on "
+                f"`{self.args.dataset_name}`; FD with {self.args.num_inference_steps} denoising steps.")
+
+
+def main(argv=None) -> str:
+    return DDPMTrainer(parse_args(argv)).train()
+
+
+if __name__ == "__main__":
+    main()
