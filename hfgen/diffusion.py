@@ -104,3 +104,63 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     log_one_minus_cdf_minus = (1 - cdf_minus).clamp(min=1e-12).log()
     log_bin = (cdf_plus - cdf_minus).clamp(min=1e-12).log()
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_bin))
+
+
+@torch.no_grad()
+def variational_bound(
+    denoiser,
+    x0: torch.Tensor,
+    scheduler,
+    class_labels: torch.Tensor | None = None,
+    num_timesteps: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""The variational bound L = L_T + sum_{t>1} L_{t-1} + L_0 of §5.2 in bits per dimension: (B,).
+
+    L_T = KL(q(x_T|x0) || N(0, I)); L_{t-1} = KL(q(x_{t-1}|x_t, x0) || p(x_{t-1}|x_t)) with the reverse mean
+    mu~_t(x_t, x0_theta) and variance beta~_t (the scheduler's "fixed_small"); L_0 = -log p(x0|x_1) under the
+    discretised Gaussian decoder (variance clipped to beta~ of the next step, as Ho et al. do).
+
+    Args:
+        denoiser: (x_t, timesteps (B,), class_labels) -> the model's prediction, of the scheduler's prediction_type.
+        x0: (B, C, H, W) 8-bit images scaled to [-1, 1].
+        scheduler: a diffusers DDPMScheduler (betas, alphas_cumprod, config.prediction_type).
+        num_timesteps: None sums all T - 1 KL terms; an integer draws that many of them uniformly and rescales
+            their sum (an unbiased estimate at a fraction of the cost).
+    """
+    betas, alphas_cumprod = scheduler.betas.to(x0.device), scheduler.alphas_cumprod.to(x0.device)
+    prediction_type = scheduler.config.prediction_type
+    num_train_timesteps, batch = len(betas), x0.shape[0]
+
+    def per_example(values):
+        return values.flatten(1).sum(1)
+
+    def model_x0(x_t, timesteps):
+        return predict_x0(x_t, timesteps, denoiser(x_t, timesteps, class_labels), prediction_type, alphas_cumprod)
+
+    def noisy(timesteps):
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else "cpu")
+        return q_sample(x0, timesteps, noise.to(x0.device), alphas_cumprod)
+
+    alphabar_last = alphas_cumprod[-1]
+    prior = per_example(normal_kl(alphabar_last.sqrt() * x0, torch.log(1 - alphabar_last), torch.tensor(0.0),
+                                  torch.tensor(0.0)))
+    if num_timesteps is None:
+        steps = list(range(1, num_train_timesteps))
+    else:
+        if num_timesteps < 1:
+            raise ValueError(f"`num_timesteps` must be >= 1 when given, got {num_timesteps}")
+        steps = torch.randint(1, num_train_timesteps, (num_timesteps,), generator=generator).tolist()
+    kl_terms = torch.zeros(batch, device=x0.device)
+    for step in steps:
+        timesteps = torch.full((batch,), step, device=x0.device, dtype=torch.long)
+        x_t = noisy(timesteps)
+        true_mean, variance = posterior_mean_variance(x0, x_t, timesteps, betas, alphas_cumprod)
+        model_mean, _ = posterior_mean_variance(model_x0(x_t, timesteps), x_t, timesteps, betas, alphas_cumprod)
+        kl_terms += per_example(normal_kl(true_mean, variance.log(), model_mean, variance.log()))
+    kl_terms *= (num_train_timesteps - 1) / len(steps)
+    zeros = torch.zeros(batch, device=x0.device, dtype=torch.long)
+    x_1 = noisy(zeros)
+    _, next_variance = posterior_mean_variance(x0, x_1, zeros + 1, betas, alphas_cumprod)  # beta~ at t = 1
+    decoder_nll = -per_example(discretized_gaussian_log_likelihood(x0, model_x0(x_1, zeros), 0.5 * next_variance.log()))
+    return (prior + kl_terms + decoder_nll) / (x0[0].numel() * math.log(2))

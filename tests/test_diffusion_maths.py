@@ -1,5 +1,7 @@
 """hfgen.diffusion against the closed forms of MATHS.md and against diffusers' DDPMScheduler."""
 
+import math
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -85,3 +87,44 @@ def test_normal_kl_closed_form():
 def test_unknown_prediction_type():
     with pytest.raises(ValueError, match="`prediction_type` must be one of"):
         diffusion.predict_x0(torch.zeros(1, 1, 2, 2), torch.tensor([0]), torch.zeros(1, 1, 2, 2), "x0", ALPHAS_CUMPROD)
+
+
+def eight_bit_images(batch=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, 1, 4, 4), generator=generator).float() / 255 * 2 - 1
+
+
+def test_variational_bound_of_a_perfect_denoiser_is_the_prior_and_decoder_terms():
+    scheduler = DDPMScheduler(num_train_timesteps=50, prediction_type="sample")
+    x0 = eight_bit_images()
+    oracle = lambda x_t, t, y: x0  # noqa: E731  (predicts the true x0: every KL term L_{t-1} is 0)
+    bound = diffusion.variational_bound(oracle, x0, scheduler, generator=torch.Generator().manual_seed(0))
+    alphabar_last = scheduler.alphas_cumprod[-1]
+    prior = diffusion.normal_kl(alphabar_last.sqrt() * x0, torch.log(1 - alphabar_last), torch.tensor(0.0),
+                                torch.tensor(0.0)).flatten(1).sum(1)
+    # L_0: the decoder, centred on the true x0 with the variance beta~ of t = 1, scores the right 8-bit bin
+    ones = torch.ones(4, dtype=torch.long)
+    _, variance = diffusion.posterior_mean_variance(x0, x0, ones, scheduler.betas, scheduler.alphas_cumprod)
+    decoder = -diffusion.discretized_gaussian_log_likelihood(x0, x0, 0.5 * variance.log()).flatten(1).sum(1)
+    torch.testing.assert_close(bound, (prior + decoder) / (16 * math.log(2)), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", diffusion.PREDICTION_TYPES)
+def test_variational_bound_is_larger_for_a_worse_denoiser(prediction_type):
+    scheduler = DDPMScheduler(num_train_timesteps=30, prediction_type=prediction_type)
+    x0 = eight_bit_images()
+    alphas_cumprod = scheduler.alphas_cumprod
+
+    def oracle(x_t, t, y):  # the exact prediction of each type, recovered from x_t and the true x0
+        noise = diffusion.predict_epsilon(x_t, t, x0, "sample", alphas_cumprod)
+        return diffusion.training_target(x0, noise, t, prediction_type, alphas_cumprod)
+
+    def noisy_oracle(x_t, t, y):
+        return oracle(x_t, t, y) + 0.1
+
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    good = diffusion.variational_bound(oracle, x0, scheduler, generator=generator())
+    worse = diffusion.variational_bound(noisy_oracle, x0, scheduler, generator=generator())
+    assert torch.all(good < worse)
+    with pytest.raises(ValueError, match="`num_timesteps`"):
+        diffusion.variational_bound(oracle, x0, scheduler, num_timesteps=0)
