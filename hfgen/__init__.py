@@ -6,7 +6,7 @@ pipelines. Training code (hfgen.training) is imported only when used.
 
 __version__ = "0.1.0"
 
-from .models import DigitClassifier, Discriminator, Generator, VAEModel  # noqa: E402
+from .models import DigitClassifier, Discriminator, Generator, VAEModel, ViTDenoiser  # noqa: E402
 from .pipelines import AutoPipeline, ConditionalPipeline, DDPMPipeline, GANPipeline, GenerativePipeline, VAEPipeline  # noqa: E402
 
-__all__ = ["AutoPipeline", "ConditionalPipeline", "DDPMPipeline", "DigitClassifier", "Discriminator", "GANPipeline", "GenerativePipeline", "Generator", "VAEModel", "VAEPipeline", "__version__"]
+__all__ = ["AutoPipeline", "ConditionalPipeline", "DDPMPipeline", "DigitClassifier", "Discriminator", "GANPipeline", "GenerativePipeline", "Generator", "VAEModel", "VAEPipeline", "ViTDenoiser", "__version__"]

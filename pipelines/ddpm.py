@@ -3,13 +3,15 @@
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
+from hfgen.models import ViTDenoiser
 from hfgen.utils import check_positive_int
 
 from .pipeline_utils import GenerativePipeline
 
 
 class DDPMPipeline(GenerativePipeline):
-    r"""Samples x_T ~ N(0, I) and denoises it step by step with `unet` and `scheduler`.
+    r"""Samples x_T ~ N(0, I) and denoises it step by step with `unet` (a UNet2DModel or a ViTDenoiser) and
+    `scheduler`.
 
     Folders interoperate with `diffusers.DDPMPipeline` (an unconditional hfgen folder loads there, and a folder
     saved by diffusers loads here). Any diffusers scheduler plugs in, as diffusers users swap them:
@@ -27,7 +29,7 @@ class DDPMPipeline(GenerativePipeline):
         ```
     """
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+    def __init__(self, unet: UNet2DModel | ViTDenoiser, scheduler: SchedulerMixin):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 

@@ -87,3 +87,44 @@ def test_bad_inputs(pipe, conditional_pipe):
         conditional_pipe(class_labels=[3])  # the null class is not a class to generate
     with pytest.raises(ValueError, match=r"`latents` must have shape \(1, 1, 8, 8\)"):
         pipe(1, latents=torch.zeros(1, 1, 16, 16))
+
+
+def test_vit_denoiser_plugs_into_the_pipeline_conditional_or_not(tmp_path):
+    from hfgen import ViTDenoiser
+
+    torch.manual_seed(0)
+    for num_class_embeds, labels in ((None, None), (4, [0, 2])):
+        vit = ViTDenoiser(sample_size=8, patch_size=2, hidden_size=16, num_layers=1, num_heads=2,
+                          num_class_embeds=num_class_embeds).eval()
+        with torch.no_grad():
+            for parameter in vit.parameters():  # leave the zero initialisation so that the output moves
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        pipe = DDPMPipeline(vit, DDPMScheduler(num_train_timesteps=10))
+        images = sample(pipe, batch_size=2, class_labels=labels)
+        assert images.shape == (2, 8, 8, 1)
+        pipe.save_pretrained(tmp_path / str(num_class_embeds))
+        np.testing.assert_allclose(sample(DDPMPipeline.from_pretrained(tmp_path / str(num_class_embeds)), batch_size=2,
+                                          class_labels=labels), images, atol=1e-6)
+    with pytest.raises(ValueError, match="`sample_size` 8 must be divisible by `patch_size` 3"):
+        ViTDenoiser(sample_size=8, patch_size=3)
+    with pytest.raises(ValueError, match="`class_labels` must be given exactly when"):
+        vit(torch.zeros(1, 1, 8, 8), 0)
+
+
+def test_vit_patches_come_back_to_their_pixels():
+    """With identity patch embedding and read-out (blocks start as the identity), the output is the input."""
+    from hfgen import ViTDenoiser
+
+    p, channels = 2, 3
+    vit = ViTDenoiser(sample_size=8, in_channels=channels, out_channels=channels, patch_size=p, hidden_size=12,
+                      num_layers=1, num_heads=2).eval()
+    with torch.no_grad():
+        vit.patchify.weight.copy_(torch.eye(12).reshape(12, channels, p, p))  # token d = pixel (c, i, j) of the patch
+        vit.patchify.bias.zero_()
+        vit.position.zero_()
+        # read-out order is (i, j, c): map each token entry (c, i, j) there
+        order = torch.arange(12).reshape(channels, p, p).permute(1, 2, 0).reshape(-1)
+        vit.unpatchify.weight.copy_(torch.eye(12)[order])
+    vit.final_norm = torch.nn.Identity()
+    x = torch.randn(2, channels, 8, 8)
+    torch.testing.assert_close(vit(x, 0).sample, x)

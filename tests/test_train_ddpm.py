@@ -5,7 +5,7 @@ import torch
 from conftest import quick_training_args
 from diffusers import UNet2DModel
 
-from hfgen import AutoPipeline, DDPMPipeline
+from hfgen import AutoPipeline, DDPMPipeline, ViTDenoiser
 from hfgen.diffusion import q_sample, variational_bound
 from hfgen.training.train_ddpm import main
 
@@ -43,6 +43,22 @@ def test_training_lowers_the_denoising_error_and_writes_a_loadable_folder(tmp_pa
 
     assert bound(pipe.unet) < bound(untrained)
     assert "fd" in json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_vit_denoiser_trains_and_round_trips(tmp_path, mnist_test):
+    vit = ["--denoiser", "vit", "--vit_hidden_size", "32", "--vit_layers", "2", "--patch_size", "4"]
+    main(quick_training_args(tmp_path, *TINY, *vit, "--max_train_steps", "60", "--train_batch_size", "128",
+                             "--feature_extractor", "none"))
+    pipe = AutoPipeline.from_pretrained(tmp_path)
+    assert isinstance(pipe.unet, ViTDenoiser)
+    torch.manual_seed(0)
+    untrained = ViTDenoiser.from_config(pipe.unet.config).eval()
+    trained_error = denoising_error(pipe.unet, mnist_test.images[:200], pipe.scheduler.alphas_cumprod)
+    untrained_error = denoising_error(untrained, mnist_test.images[:200], pipe.scheduler.alphas_cumprod)
+    assert trained_error < 0.7 * untrained_error, (trained_error, untrained_error)
+    images = pipe(2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
+    assert torch.equal(images, DDPMPipeline.from_pretrained(tmp_path)(2, num_inference_steps=3,
+                                                                       generator=torch.manual_seed(0), output_type="pt").images)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])

@@ -1,4 +1,4 @@
-"""Trains a DDPM (seed notes §5.1-5.5; MATHS.md) with a diffusers U-Net, unconditional or class-conditional.
+"""Trains a DDPM (seed notes §5.1-5.6; MATHS.md) with a U-Net or ViT denoiser, unconditional or class-conditional.
 
     accelerate launch -m hfgen.training.train_ddpm --output_dir hfgen-ddpm-mnist
     hfgen train ddpm --output_dir hfgen-ddpm-mnist --conditional --label_dropout 0.1
@@ -14,6 +14,7 @@ from diffusers.training_utils import compute_snr
 
 from hfgen.diffusion import PREDICTION_TYPES, training_target
 from hfgen.image_processing import from_unit_range
+from hfgen.models import ViTDenoiser
 from hfgen.pipelines import DDPMPipeline
 
 from .trainer import Trainer, training_parser
@@ -22,9 +23,14 @@ from .trainer import Trainer, training_parser
 def parse_args(argv=None):
     parser = training_parser("Train a DDPM on images in [-1, 1].")
     add = parser.add_argument
+    add("--denoiser", default="unet", choices=["unet", "vit"], help="diffusers' UNet2DModel or hfgen's ViTDenoiser.")
     add("--block_out_channels", type=int, nargs="+", default=[32, 64, 64],
         help="U-Net widths; the image size must be divisible by 2 ** (number of blocks - 1).")
     add("--layers_per_block", type=int, default=1)
+    add("--patch_size", type=int, default=4, help="ViT: pixels per patch side.")
+    add("--vit_hidden_size", type=int, default=128)
+    add("--vit_layers", type=int, default=4)
+    add("--vit_heads", type=int, default=4)
     add("--num_train_timesteps", type=int, default=1000)
     add("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
     add("--prediction_type", default="epsilon", choices=PREDICTION_TYPES,
@@ -46,20 +52,26 @@ class DDPMTrainer(Trainer):
         if not 0 <= args.label_dropout < 1:
             raise ValueError(f"`--label_dropout` must be in [0, 1), got {args.label_dropout}")
         channels, size, _ = self.train_dataset.image_shape
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps,
+                                             beta_schedule=args.beta_schedule, prediction_type=args.prediction_type)
+        # hfgen's convention: ids 0..K-1 are the classes, K is the null class of classifier-free guidance
+        num_class_embeds = self.num_classes + 1 if self.num_classes else None
+        if args.denoiser == "vit":
+            unet = ViTDenoiser(sample_size=size, in_channels=channels, out_channels=channels,
+                               patch_size=args.patch_size, hidden_size=args.vit_hidden_size,
+                               num_layers=args.vit_layers, num_heads=args.vit_heads, num_class_embeds=num_class_embeds)
+            return {"unet": unet}
         downsample = 2 ** (len(args.block_out_channels) - 1)
         if size % downsample:
             raise ValueError(f"`--resolution` {size} must be divisible by {downsample} for "
                              f"{len(args.block_out_channels)} U-Net blocks (`--block_out_channels`)")
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps,
-                                             beta_schedule=args.beta_schedule, prediction_type=args.prediction_type)
         unet = UNet2DModel(
             sample_size=size, in_channels=channels, out_channels=channels,
             block_out_channels=tuple(args.block_out_channels), layers_per_block=args.layers_per_block,
             down_block_types=("DownBlock2D",) * len(args.block_out_channels),
             up_block_types=("UpBlock2D",) * len(args.block_out_channels),
             norm_num_groups=min(8, args.block_out_channels[0]),
-            # hfgen's convention: ids 0..K-1 are the classes, K is the null class of classifier-free guidance
-            num_class_embeds=self.num_classes + 1 if self.num_classes else None,
+            num_class_embeds=num_class_embeds,
         )
         return {"unet": unet}
 
@@ -94,7 +106,8 @@ class DDPMTrainer(Trainer):
 
     def model_card_description(self):
         kind = "class-conditional DDPM" if self.num_classes else "DDPM"
-        return (f"A {kind} (diffusers UNet2DModel, {self.args.prediction_type} prediction) trained with hfgen on "
+        denoiser = "hfgen ViTDenoiser" if self.args.denoiser == "vit" else "diffusers UNet2DModel"
+        return (f"A {kind} ({denoiser}, {self.args.prediction_type} prediction) trained with hfgen on "
                 f"`{self.args.dataset_name}`; FD with {self.args.num_inference_steps} denoising steps.")
 
 

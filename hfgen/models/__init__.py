@@ -10,10 +10,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from .classifier import ClassifierOutput, DigitClassifier
 from .gan import Discriminator, DiscriminatorOutput, Generator, GeneratorOutput
 from .vae import VAEDecoderOutput, VAEEncoderOutput, VAEModel, VAEOutput
+from .vit import ViTDenoiser
 
 RECORDED_MODULE = __name__  # "hfgen.models"
 
-for _model_class in (VAEModel, DigitClassifier, Generator, Discriminator):
+for _model_class in (VAEModel, DigitClassifier, Generator, Discriminator, ViTDenoiser):
     _model_class.__module__ = RECORDED_MODULE
 
-__all__ = ["ModelMixin", "ClassifierOutput", "DigitClassifier", "Discriminator", "DiscriminatorOutput", "Generator", "GeneratorOutput", "VAEModel", "VAEOutput", "VAEEncoderOutput", "VAEDecoderOutput"]
+__all__ = ["ModelMixin", "ClassifierOutput", "DigitClassifier", "Discriminator", "DiscriminatorOutput", "Generator", "GeneratorOutput", "VAEModel", "VAEOutput", "VAEEncoderOutput", "VAEDecoderOutput", "ViTDenoiser"]
