@@ -43,8 +43,8 @@ def sample(argv) -> str:
 def evaluate(argv) -> dict[str, float]:
     parser = argparse.ArgumentParser(
         prog="hfgen evaluate",
-        description="Fréchet distance between a pipeline's samples and a dataset split (plus a VAE's likelihood "
-                    "bounds); prints the metrics as JSON.")
+        description="Fréchet distance between a pipeline's samples and a dataset split, plus the likelihood bound "
+                    "of a VAE or a diffusion model; prints the metrics as JSON.")
     parser.add_argument("pretrained", help="A pipeline folder or a Hub repo id.")
     parser.add_argument("--dataset_name", default="hfgen:mnist", help="hfgen:mnist, hfgen:digits or a Hub dataset.")
     parser.add_argument("--train_data_dir", default=None, help="A local image folder, used instead of --dataset_name.")
@@ -56,6 +56,9 @@ def evaluate(argv) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--num_importance_samples", type=int, default=100, help="K of a VAE's IWAE bound.")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="Denoising steps of a diffusion pipeline.")
+    parser.add_argument("--vlb_num_images", type=int, default=100, help="Images of a diffusion model's bound.")
+    parser.add_argument("--vlb_num_timesteps", type=int, default=None, help="Sampled terms of that bound (all: None).")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--write_card", action="store_true",
                         help="Merge the metrics into the folder's README.md model card and metrics.json.")
@@ -76,8 +79,10 @@ def evaluate(argv) -> dict[str, float]:
         print(f"training the default feature extractor {DEFAULT_FEATURE_EXTRACTOR} (once; it is cached in "
               f"{default_classifier_dir()})", file=sys.stderr)
     feature_extractor = load_feature_extractor(args.feature_extractor).to(args.device)
+    pipeline_kwargs = {} if args.num_inference_steps is None else {"num_inference_steps": args.num_inference_steps}
     metrics = evaluate_pipeline(pipeline, dataset, args.num_samples, feature_extractor, args.seed, args.batch_size,
-                                args.num_importance_samples)
+                                args.num_importance_samples, pipeline_kwargs=pipeline_kwargs,
+                                vlb_num_images=args.vlb_num_images, vlb_num_timesteps=args.vlb_num_timesteps)
     print(json.dumps(metrics, indent=2))
     if args.write_card:
         dataset_name = args.train_data_dir or args.dataset_name

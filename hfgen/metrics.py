@@ -337,6 +337,8 @@ def evaluate_pipeline(
     num_importance_samples: int = 100,
     likelihood: bool = True,
     pipeline_kwargs: dict | None = None,
+    vlb_num_images: int = 100,
+    vlb_num_timesteps: int | None = None,
 ) -> dict[str, float]:
     """Sample quality, and likelihood bounds where the family has them, of an hfgen pipeline against `dataset`.
 
@@ -350,6 +352,8 @@ def evaluate_pipeline(
         feature_extractor: a module for `frechet_distance`, or a name or folder for `load_feature_extractor`
             (None: the default digit classifier).
         pipeline_kwargs: more arguments for the pipeline's call, e.g. {"num_inference_steps": 50}.
+        vlb_num_images, vlb_num_timesteps: for a diffusion pipeline, the variational bound in bits/dim
+            ("test_bits_per_dim") on that many of the real images, with all T terms or a sampled estimate.
     """
     check_positive_int("num_samples", num_samples)
     check_positive_int("batch_size", batch_size)
@@ -376,4 +380,29 @@ def evaluate_pipeline(
     if likelihood and isinstance(model, VAEModel):
         loader = torch.utils.data.DataLoader(dataset, batch_size=LIKELIHOOD_BATCH_SIZE)
         metrics.update(evaluate_vae(model.eval(), loader, num_importance_samples, seed))
+    if likelihood and hasattr(pipeline, "scheduler") and hasattr(pipeline.scheduler, "alphas_cumprod"):
+        metrics["test_bits_per_dim"] = diffusion_bits_per_dim(pipeline, real_images[:vlb_num_images], labels, seed,
+                                                              vlb_num_timesteps)
     return metrics
+
+
+@torch.no_grad()
+def diffusion_bits_per_dim(pipeline, images: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0,
+                           num_timesteps: int | None = None, batch_size: int = LIKELIHOOD_BATCH_SIZE) -> float:
+    """The variational bound of a diffusion pipeline (`hfgen.diffusion.variational_bound`) on 8-bit images in
+    [0, 1], (N, C, H, W), averaged: bits per dimension. `num_timesteps` None sums all T terms."""
+    from .diffusion import variational_bound
+
+    denoiser = pipeline.generative_model.eval()
+    conditional = pipeline.num_classes > 0
+
+    def predict(x_t, timesteps, class_labels):
+        return denoiser(x_t, timesteps, class_labels=class_labels).sample
+
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for start in range(0, len(images), batch_size):
+        x0 = images[start:start + batch_size].to(pipeline.device, denoiser.dtype) * 2 - 1
+        batch_labels = labels[start:start + batch_size].to(pipeline.device) if conditional else None
+        total += variational_bound(predict, x0, pipeline.scheduler, batch_labels, num_timesteps, generator).sum().item()
+    return total / len(images)

@@ -10,7 +10,7 @@ from hfgen.diffusion import q_sample, variational_bound
 from hfgen.training.train_ddpm import main
 
 TINY = ["--block_out_channels", "8", "16", "--num_inference_steps", "5", "--eval_num_samples", "50",
-        "--num_train_timesteps", "100"]
+        "--num_train_timesteps", "100", "--eval_vlb_num_images", "8"]
 
 
 def denoising_error(unet, images, alphas_cumprod):
@@ -42,7 +42,8 @@ def test_training_lowers_the_denoising_error_and_writes_a_loadable_folder(tmp_pa
         return variational_bound(denoiser, x0, pipe.scheduler, generator=torch.Generator().manual_seed(0)).mean()
 
     assert bound(pipe.unet) < bound(untrained)
-    assert "fd" in json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) == {"fd", "test_bits_per_dim"} and 0 < metrics["test_bits_per_dim"] < 16
 
 
 def test_vit_denoiser_trains_and_round_trips(tmp_path, mnist_test):

@@ -39,6 +39,9 @@ def parse_args(argv=None):
     add("--label_dropout", type=float, default=0.1,
         help="With --conditional: share of labels replaced by the null class, for classifier-free guidance.")
     add("--num_inference_steps", type=int, default=50, help="Denoising steps for sample grids and FD.")
+    add("--eval_vlb_num_images", type=int, default=100, help="Test images of the variational bound (bits/dim).")
+    add("--eval_vlb_num_timesteps", type=int, default=None,
+        help="Sampled KL terms of the bound (default: all T, exact but T denoiser calls per image).")
     parser.set_defaults(learning_rate=1e-3, train_batch_size=64, num_epochs=5)
     return parser.parse_args(argv)
 
@@ -100,6 +103,9 @@ class DDPMTrainer(Trainer):
 
     def pipeline_kwargs(self):
         return {"num_inference_steps": self.args.num_inference_steps}
+
+    def evaluation_options(self):
+        return {"vlb_num_images": self.args.eval_vlb_num_images, "vlb_num_timesteps": self.args.eval_vlb_num_timesteps}
 
     def build_pipeline(self):
         return DDPMPipeline(self.sampling_model("unet"), DDPMScheduler.from_config(self.noise_scheduler.config))
