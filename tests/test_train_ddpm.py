@@ -7,6 +7,7 @@ from diffusers import UNet2DModel
 
 from hfgen import AutoPipeline, DDPMPipeline, ViTDenoiser
 from hfgen.diffusion import q_sample, variational_bound
+from hfgen.metrics import evaluate_pipeline
 from hfgen.training.train_ddpm import main
 
 TINY = ["--block_out_channels", "8", "16", "--num_inference_steps", "5", "--eval_num_samples", "50",
@@ -25,7 +26,9 @@ def denoising_error(unet, images, alphas_cumprod):
 
 
 def test_training_lowers_the_denoising_error_and_writes_a_loadable_folder(tmp_path, mnist_test):
-    main(quick_training_args(tmp_path, *TINY, "--max_train_steps", "80"))
+    # a little wider and longer than TINY, and 20 denoising steps, so that samples and FD move too (~40 s)
+    main(quick_training_args(tmp_path, *TINY, "--max_train_steps", "150", "--block_out_channels", "16", "32",
+                             "--num_inference_steps", "20", "--eval_num_samples", "100"))
     pipe = DDPMPipeline.from_pretrained(tmp_path)
     assert isinstance(AutoPipeline.from_pretrained(tmp_path), DDPMPipeline)
     torch.manual_seed(0)
@@ -44,6 +47,9 @@ def test_training_lowers_the_denoising_error_and_writes_a_loadable_folder(tmp_pa
     assert bound(pipe.unet) < bound(untrained)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics) == {"fd", "test_bits_per_dim"} and 0 < metrics["test_bits_per_dim"] < 16
+    untrained_fd = evaluate_pipeline(DDPMPipeline(untrained, pipe.scheduler), mnist_test, num_samples=100,
+                                     pipeline_kwargs={"num_inference_steps": 20}, likelihood=False)["fd"]
+    assert metrics["fd"] < 0.8 * untrained_fd, (metrics["fd"], untrained_fd)
 
 
 def test_vit_denoiser_trains_and_round_trips(tmp_path, mnist_test):
@@ -60,6 +66,36 @@ def test_vit_denoiser_trains_and_round_trips(tmp_path, mnist_test):
     images = pipe(2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
     assert torch.equal(images, DDPMPipeline.from_pretrained(tmp_path)(2, num_inference_steps=3,
                                                                        generator=torch.manual_seed(0), output_type="pt").images)
+
+
+def test_resume_continues_bit_identically_with_ema(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from hfgen.training.train_ddpm import DDPMTrainer
+
+    flags = [*TINY, "--max_train_steps", "10", "--checkpointing_steps", "4", "--use_ema", "--feature_extractor", "none",
+             "--conditional", "--train_batch_size", "32"]
+    main(quick_training_args(tmp_path / "full", *flags))
+
+    class Interrupted(Exception):
+        pass
+
+    original, calls = DDPMTrainer.training_step, {"count": 0}
+
+    def step(self, images, labels):
+        calls["count"] += 1
+        if calls["count"] > 6:
+            raise Interrupted
+        return original(self, images, labels)
+
+    monkeypatch.setattr(DDPMTrainer, "training_step", step)
+    with pytest.raises(Interrupted):
+        main(quick_training_args(tmp_path / "cut", *flags))
+    monkeypatch.undo()
+    main(quick_training_args(tmp_path / "cut", *flags, "--resume_from_checkpoint", "latest"))
+    full = load_file(tmp_path / "full" / "unet" / "diffusion_pytorch_model.safetensors")
+    resumed = load_file(tmp_path / "cut" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(full[name], resumed[name]) for name in full)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
