@@ -25,6 +25,23 @@ def quick_training_args(output_dir, *extra) -> list[str]:
             "--num_validation_images", "16", "--eval_num_samples", "200", *map(str, extra)]
 
 
+class Interrupted(Exception):
+    """Stands for a training process killed mid-run."""
+
+
+def interrupt_after(monkeypatch, trainer_class, num_batches: int) -> None:
+    """Makes `trainer_class` raise `Interrupted` at its (num_batches + 1)-th training step; monkeypatch.undo() ends it."""
+    original, calls = trainer_class.training_step, {"count": 0}
+
+    def step(self, images, labels):
+        calls["count"] += 1
+        if calls["count"] > num_batches:
+            raise Interrupted
+        return original(self, images, labels)
+
+    monkeypatch.setattr(trainer_class, "training_step", step)
+
+
 def quick_vae_args(output_dir, *extra) -> list[str]:
     return quick_training_args(output_dir, "--eval_importance_samples", "10", *extra)
 

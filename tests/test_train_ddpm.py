@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import quick_training_args
+from conftest import Interrupted, interrupt_after, quick_training_args
 from diffusers import UNet2DModel
 
 from hfgen import AutoPipeline, DDPMPipeline, ViTDenoiser
@@ -77,18 +77,7 @@ def test_resume_continues_bit_identically_with_ema(tmp_path, monkeypatch):
              "--conditional", "--train_batch_size", "32"]
     main(quick_training_args(tmp_path / "full", *flags))
 
-    class Interrupted(Exception):
-        pass
-
-    original, calls = DDPMTrainer.training_step, {"count": 0}
-
-    def step(self, images, labels):
-        calls["count"] += 1
-        if calls["count"] > 6:
-            raise Interrupted
-        return original(self, images, labels)
-
-    monkeypatch.setattr(DDPMTrainer, "training_step", step)
+    interrupt_after(monkeypatch, DDPMTrainer, 6)
     with pytest.raises(Interrupted):
         main(quick_training_args(tmp_path / "cut", *flags))
     monkeypatch.undo()

@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from conftest import quick_training_args
+from conftest import Interrupted, interrupt_after, quick_training_args
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
@@ -81,18 +81,7 @@ def test_resume_continues_the_adversarial_run_bit_identically(tmp_path, monkeypa
              "--d_steps", "2"]
     main(quick_training_args(tmp_path / "full", *flags))
 
-    class Interrupted(Exception):
-        pass
-
-    original, calls = GANTrainer.training_step, {"count": 0}
-
-    def step(self, images, labels):
-        calls["count"] += 1
-        if calls["count"] > 7:
-            raise Interrupted
-        return original(self, images, labels)
-
-    monkeypatch.setattr(GANTrainer, "training_step", step)
+    interrupt_after(monkeypatch, GANTrainer, 7)
     with pytest.raises(Interrupted):
         main(quick_training_args(tmp_path / "cut", *flags))
     monkeypatch.undo()

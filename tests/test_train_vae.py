@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from conftest import quick_vae_args
+from conftest import Interrupted, interrupt_after, quick_vae_args
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
@@ -46,30 +46,13 @@ def test_cvae_generates_the_requested_classes(trained_cvae_dir, digit_classifier
     assert (digit_classifier(images) == shifted).float().mean().item() > 0.8
 
 
-def crash_after(monkeypatch, num_batches):
-    class Interrupted(Exception):
-        pass
-
-    original = VAETrainer.training_step
-    calls = {"count": 0}
-
-    def step(self, images, labels):
-        calls["count"] += 1
-        if calls["count"] > num_batches:
-            raise Interrupted
-        return original(self, images, labels)
-
-    monkeypatch.setattr(VAETrainer, "training_step", step)
-    return Interrupted
-
-
 def test_resume_after_an_interruption_continues_from_the_saved_step_bit_identically(tmp_path, monkeypatch):
     flags = ["--max_train_steps", "45", "--checkpointing_steps", "20", "--train_batch_size", "200",
              "--hidden_dims", "64", "--eval_importance_samples", "2"]
     main(quick_vae_args(tmp_path / "full", *flags))
 
-    interrupted = crash_after(monkeypatch, 30)
-    with pytest.raises(interrupted):
+    interrupt_after(monkeypatch, VAETrainer, 30)
+    with pytest.raises(Interrupted):
         main(quick_vae_args(tmp_path / "cut", *flags))
     checkpoints = tmp_path / "cut" / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["checkpoint-20"]
