@@ -28,6 +28,19 @@ def check(name, condition, detail=""):
     return bool(condition)
 
 
+def check_sampling_devices(name: str, folder: str) -> list[bool]:
+    """The folder samples the same images on CPU and GPU for one CPU generator, and takes a CUDA generator."""
+    pipe = AutoPipeline.from_pretrained(folder)
+    labels = list(range(10)) if isinstance(pipe, ConditionalPipeline) else None
+    on_cpu = pipe(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
+    on_gpu = pipe.to("cuda")(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
+    cuda_generator = pipe(4, class_labels=labels and labels[:4], generator=torch.Generator("cuda").manual_seed(0),
+                          output_type="np").images
+    return [check(f"sample {name} cuda == cpu", torch.allclose(on_cpu, on_gpu, atol=1e-3),
+                  f"max diff {(on_cpu - on_gpu).abs().max().item():.2e}"),
+            check(f"sample {name} with a cuda generator", cuda_generator.shape == (4, 28, 28, 1))]
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
@@ -50,15 +63,7 @@ def main() -> int:
             results.append(check(f"train {name}", metrics["test_negative_elbo"] < 200,
                                  f"{seconds:.1f}s, test -ELBO {metrics['test_negative_elbo']:.1f}, "
                                  f"IWAE NLL {metrics['test_iwae_nll']:.1f}"))
-            pipe = AutoPipeline.from_pretrained(out)
-            labels = list(range(10)) if isinstance(pipe, ConditionalPipeline) else None
-            on_cpu = pipe(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
-            on_gpu = pipe.to("cuda")(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
-            results.append(check(f"sample {name} cuda == cpu", torch.allclose(on_cpu, on_gpu, atol=1e-3),
-                                 f"max diff {(on_cpu - on_gpu).abs().max().item():.2e}"))
-            cuda_generator = pipe(4, class_labels=labels and labels[:4], generator=torch.Generator("cuda").manual_seed(0),
-                                  output_type="np").images
-            results.append(check(f"sample {name} with a cuda generator", cuda_generator.shape == (4, 28, 28, 1)))
+            results += check_sampling_devices(name, out)
         gan_runs = {
             "gan-fp16-ema-r1": ["--mixed_precision", "fp16", "--use_ema", "--r1_gamma", "1"],
             "cgan-bf16-sn-hinge": ["--mixed_precision", "bf16", "--conditional", "--spectral_norm", "--loss", "hinge"],
@@ -71,12 +76,7 @@ def main() -> int:
             seconds = time.perf_counter() - start
             fd = json.load(open(f"{out}/metrics.json"))["fd"]
             results.append(check(f"train {name}", fd < 600, f"{seconds:.1f}s, FD {fd:.1f}"))
-            pipe = AutoPipeline.from_pretrained(out)
-            labels = list(range(10)) if isinstance(pipe, ConditionalPipeline) else None
-            on_cpu = pipe(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
-            on_gpu = pipe.to("cuda")(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
-            results.append(check(f"sample {name} cuda == cpu", torch.allclose(on_cpu, on_gpu, atol=1e-3),
-                                 f"max diff {(on_cpu - on_gpu).abs().max().item():.2e}"))
+            results += check_sampling_devices(name, out)
         # resume on the GPU
         out = f"{root}/resume"
         flags = ["--output_dir", out, "--max_train_steps", "60", "--checkpointing_steps", "30", "--logger", "none",
