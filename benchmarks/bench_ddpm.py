@@ -43,7 +43,6 @@ With 2 threads on 2 cores a process busy on one core makes each step several tim
 for each other); `--threads 1` is steadier on a shared machine. Progress goes to stderr, the table to stdout.
 """
 
-import argparse
 import math
 import os
 import statistics
@@ -57,6 +56,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import (
+    benchmark_parser,
     BENCHMARKS_MD, check_positive, environment_lines, finish, load_average, markers, run_alternately,
 )
 from hfgen import DDPMPipeline
@@ -77,14 +77,11 @@ SAMPLERS = (  # label, scheduler class, extra config, steps
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__.split("\n\n")[0], rounds=1)
     parser.add_argument("--train_steps", type=int, default=124,
                         help="Steps per training run, rounded up to whole epochs of 62 (at least 2 epochs).")
-    parser.add_argument("--rounds", type=int, default=1, help="Timed runs of each trainer (alternating).")
     parser.add_argument("--fd_samples", type=int, default=200, help="Generated digits per FD (DDIM, DPM-Solver++).")
     parser.add_argument("--ddpm_budget_s", type=int, default=90, help="Seconds for the DDPM-1000 FD; sets its N.")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for everything.")
-    parser.add_argument("--write", action="store_true", help=f"Write the results into {os.path.basename(BENCHMARKS_MD)}.")
     return parser.parse_args()
 
 

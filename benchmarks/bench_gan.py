@@ -35,7 +35,6 @@ a process busy on one of them makes single epochs of either trainer up to ~10x s
 other): compare the per-run medians and fastest epochs, or rerun on a quiet machine; `--threads 1` is steadier.
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (
+    benchmark_parser,
     BENCHMARKS_MD, TARGET_RATIO, TIMING_HEADER, check_positive, environment_lines, finish, load_average, markers,
     mean_sd, ratio_sentence, run_alternately, timing_cells, timing_summary,
 )
@@ -61,14 +61,11 @@ FD_SEED = 0  # the same sampling seed for every generator evaluated
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--base_channels", type=int, default=32, help="Width of the DCGAN nets (trainer's flag).")
     parser.add_argument("--seeds", type=int, default=1, help="Train seeds 0 .. N-1 with each trainer.")
-    parser.add_argument("--rounds", type=int, default=2, help="Timed runs of each trainer per seed.")
     parser.add_argument("--fd_samples", type=int, default=1000, help="Generated digits per FD.")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both trainers.")
-    parser.add_argument("--write", action="store_true", help=f"Write the results into {os.path.basename(BENCHMARKS_MD)}.")
     return parser.parse_args()
 
 

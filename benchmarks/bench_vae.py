@@ -27,7 +27,6 @@ evaluated; the other rounds add timings.
 The trainer's progress bar and logs go to stderr; the results table goes to stdout.
 """
 
-import argparse
 import os
 import time
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import (
+    benchmark_parser,
     BENCHMARKS_MD, TARGET_RATIO, TIMING_HEADER, check_positive, environment_lines, finish, load_average, markers,
     mean_sd, ratio_sentence, run_alternately, timing_cells, timing_summary,
 )
@@ -52,13 +52,10 @@ EVAL_BATCH_SIZE = 250
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=1, help="Train seeds 0 .. N-1 with each trainer.")
-    parser.add_argument("--rounds", type=int, default=2, help="Timed runs of each trainer per seed.")
     parser.add_argument("--iwae_samples", type=int, default=1000, help="K of the IWAE bound on the test split.")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both trainers.")
-    parser.add_argument("--write", action="store_true", help=f"Write the results into {os.path.basename(BENCHMARKS_MD)}.")
     return parser.parse_args()
 
 

@@ -12,6 +12,7 @@ in the benchmark ("plain"), alternately, and writes one marked section of BENCHM
   - `write_section`: replaces the text between `<!-- key:start -->` and `<!-- key:end -->` (or appends it).
 """
 
+import argparse
 import datetime
 import os
 import platform
@@ -26,6 +27,15 @@ import torch
 BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
 TARGET_RATIO = 1.10
 TRAINERS = ("plain", "hfgen")
+
+
+def benchmark_parser(description: str, rounds: int = 2) -> argparse.ArgumentParser:
+    """The flags every benchmark shares: --rounds, --threads, --write; each script adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=rounds, help="Timed runs of each trainer (alternating).")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for everything.")
+    parser.add_argument("--write", action="store_true", help=f"Write the results into {os.path.basename(BENCHMARKS_MD)}.")
+    return parser
 
 
 def check_positive(args, names) -> None:
