@@ -339,6 +339,7 @@ def evaluate_pipeline(
     pipeline_kwargs: dict | None = None,
     vlb_num_images: int = 100,
     vlb_num_timesteps: int | None = None,
+    fd: bool = True,
 ) -> dict[str, float]:
     """Sample quality, and likelihood bounds where the family has them, of an hfgen pipeline against `dataset`.
 
@@ -353,13 +354,14 @@ def evaluate_pipeline(
             (None: the default digit classifier).
         pipeline_kwargs: more arguments for the pipeline's call, e.g. {"num_inference_steps": 50}.
         vlb_num_images, vlb_num_timesteps: for a diffusion pipeline, the variational bound in bits/dim
-            ("test_bits_per_dim") on that many of the real images, with all T terms or a sampled estimate.
+            ("test_bits_per_dim") on that many of the real images (0: none), with all T terms or a sampled estimate.
+        fd: False skips sampling and the FD: likelihood bounds only.
     """
     check_positive_int("num_samples", num_samples)
     check_positive_int("batch_size", batch_size)
     if num_samples > len(dataset):
         raise ValueError(f"`num_samples` ({num_samples}) exceeds the {len(dataset)} images of `dataset`")
-    if not isinstance(feature_extractor, nn.Module):
+    if fd and not isinstance(feature_extractor, nn.Module):
         feature_extractor = load_feature_extractor(feature_extractor or DEFAULT_FEATURE_EXTRACTOR)
     model = pipeline.generative_model
     num_classes = pipeline.num_classes
@@ -369,19 +371,21 @@ def evaluate_pipeline(
     generator = torch.Generator().manual_seed(seed)
     real_images, labels = dataset[torch.randperm(len(dataset), generator=generator)[:num_samples]]
     sample_seeds = torch.randint(2**62, (num_samples,), generator=generator).tolist()
-    fake_images = []
-    for start in range(0, num_samples, batch_size):
-        seeds = sample_seeds[start:start + batch_size]
-        generators = [torch.Generator(pipeline.device).manual_seed(s) for s in seeds]
-        class_labels = labels[start:start + batch_size] if num_classes else None
-        fake_images.append(pipeline(len(seeds), class_labels=class_labels, generator=generators, output_type="pt",
-                                    **(pipeline_kwargs or {})).images)
-    metrics = {"fd": frechet_distance(real_images, torch.cat(fake_images), feature_extractor, batch_size)}
+    metrics = {}
+    if fd:
+        fake_images = []
+        for start in range(0, num_samples, batch_size):
+            seeds = sample_seeds[start:start + batch_size]
+            generators = [torch.Generator(pipeline.device).manual_seed(s) for s in seeds]
+            class_labels = labels[start:start + batch_size] if num_classes else None
+            fake_images.append(pipeline(len(seeds), class_labels=class_labels, generator=generators, output_type="pt",
+                                        **(pipeline_kwargs or {})).images)
+        metrics["fd"] = frechet_distance(real_images, torch.cat(fake_images), feature_extractor, batch_size)
     if likelihood and isinstance(model, VAEModel):
         loader = torch.utils.data.DataLoader(dataset, batch_size=LIKELIHOOD_BATCH_SIZE)
         metrics.update(evaluate_vae(model.eval(), loader, num_importance_samples, seed))
-    if likelihood and hasattr(pipeline, "scheduler") and hasattr(pipeline.scheduler, "alphas_cumprod"):
-        metrics["test_bits_per_dim"] = diffusion_bits_per_dim(pipeline, real_images[:vlb_num_images], labels, seed,
+    if likelihood and vlb_num_images and hasattr(pipeline, "scheduler") and hasattr(pipeline.scheduler, "alphas_cumprod"):
+        metrics["test_bits_per_dim"] = diffusion_bits_per_dim(pipeline, real_images[:vlb_num_images], labels[:vlb_num_images], seed,
                                                               vlb_num_timesteps)
     return metrics
 

@@ -87,6 +87,32 @@ def test_resume_continues_bit_identically_with_ema(tmp_path, monkeypatch):
     assert all(torch.equal(full[name], resumed[name]) for name in full)
 
 
+def test_larger_guidance_scale_raises_the_accuracy_on_requested_classes(tmp_path):
+    """Classifier-free guidance on the 8x8 digits (cheap enough for CI): ~13 s of training, then 200 samples per scale."""
+    from sklearn.linear_model import LogisticRegression
+
+    from hfgen.data import load_image_dataset
+
+    main(quick_training_args(tmp_path, "--dataset_name", "hfgen:digits", "--resolution", "8", "--conditional",
+                             "--label_dropout", "0.2", "--block_out_channels", "16", "32", "--num_train_timesteps", "100",
+                             "--max_train_steps", "150", "--train_batch_size", "128", "--feature_extractor", "none",
+                             "--eval_vlb_num_images", "0"))
+    train = load_image_dataset("hfgen:digits", "train", resolution=8)
+    classifier = LogisticRegression(max_iter=500).fit(train.images.flatten(1).numpy(), train.labels.numpy())
+    pipe = DDPMPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.arange(10).repeat(20)
+
+    def accuracy(guidance_scale):
+        images = pipe(class_labels=labels.tolist(), guidance_scale=guidance_scale, num_inference_steps=20,
+                      generator=torch.manual_seed(0), output_type="pt").images
+        return (classifier.predict(images.flatten(1).numpy()) == labels.numpy()).mean()
+
+    unconditional, conditional, guided = accuracy(0.0), accuracy(1.0), accuracy(3.0)  # seen: ~0.1, ~0.7, ~0.99
+    assert unconditional < 0.3 < conditional
+    assert guided > conditional + 0.1, (unconditional, conditional, guided)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_saved_scheduler_predicts_what_the_model_was_trained_on(tmp_path, prediction_type):
     main(quick_training_args(tmp_path, *TINY, "--max_train_steps", "2", "--prediction_type", prediction_type,
@@ -100,6 +126,8 @@ def test_conditional_ddpm_reserves_a_null_class(tmp_path):
     assert pipe.unet.config.num_class_embeds == 11 and pipe.num_classes == 10
     images = pipe(class_labels=[1, 7], guidance_scale=2.0, num_inference_steps=3, output_type="pt").images
     assert images.shape == (2, 1, 28, 28)
+    # without FD features the bound is still evaluated, with the labels of its own images
+    assert set(json.loads((tmp_path / "metrics.json").read_text())) == {"test_bits_per_dim"}
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,6 @@
     hfgen train vae --output_dir hfgen-cvae-mnist --conditional
 """
 
-import torch
-
-from hfgen.metrics import LIKELIHOOD_BATCH_SIZE, evaluate_vae
 from hfgen.models import VAEModel
 from hfgen.models.vae import ARCHITECTURES, KL_ESTIMATORS, LIKELIHOODS
 from hfgen.pipelines import ConditionalPipeline, VAEPipeline
@@ -70,14 +67,6 @@ class VAETrainer(Trainer):
 
     def evaluation_options(self):
         return {"num_importance_samples": self.args.eval_importance_samples}
-
-    def evaluate(self, pipeline, num_samples, likelihood=True):
-        metrics = super().evaluate(pipeline, num_samples, likelihood)
-        if likelihood and "test_iwae_nll" not in metrics:  # no FD for these images: the bounds alone
-            loader = torch.utils.data.DataLoader(self.test_dataset, batch_size=LIKELIHOOD_BATCH_SIZE)
-            metrics.update(evaluate_vae(pipeline.generative_model.eval(), loader, self.args.eval_importance_samples,
-                                        seed=self.args.seed))
-        return metrics
 
     def model_card_description(self):
         kind = "conditional VAE" if self.args.conditional else "VAE"

@@ -232,12 +232,10 @@ class Trainer:
 
     def evaluate(self, pipeline, num_samples: int, likelihood: bool = True) -> dict[str, float]:
         """Test-split metrics: FD of `num_samples` samples, and the family's likelihood bounds if it has them."""
-        if self.feature_extractor is None:
-            return {}
         return evaluate_pipeline(pipeline, self.test_dataset, min(num_samples, len(self.test_dataset)),
                                  self.feature_extractor, self.args.seed, self.args.eval_batch_size,
                                  likelihood=likelihood, pipeline_kwargs=self.pipeline_kwargs(),
-                                 **self.evaluation_options())
+                                 fd=self.feature_extractor is not None, **self.evaluation_options())
 
     def model_card_description(self) -> str:
         return ""
