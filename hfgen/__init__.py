@@ -7,6 +7,8 @@ pipelines. Training code (hfgen.training) is imported only when used.
 __version__ = "0.1.0"
 
 from .models import DigitClassifier, Discriminator, Generator, VAEModel, ViTDenoiser  # noqa: E402
-from .pipelines import AutoPipeline, ConditionalPipeline, DDPMPipeline, GANPipeline, GenerativePipeline, VAEPipeline  # noqa: E402
+from .pipelines import (  # noqa: E402
+    AutoPipeline, ConditionalPipeline, DDPMPipeline, GANPipeline, GenerativePipeline, LatentDiffusionPipeline, VAEPipeline)
 
-__all__ = ["AutoPipeline", "ConditionalPipeline", "DDPMPipeline", "DigitClassifier", "Discriminator", "GANPipeline", "GenerativePipeline", "Generator", "VAEModel", "VAEPipeline", "ViTDenoiser", "__version__"]
+__all__ = ["AutoPipeline", "ConditionalPipeline", "DDPMPipeline", "DigitClassifier", "Discriminator", "GANPipeline", "GenerativePipeline", "Generator",
+           "LatentDiffusionPipeline", "VAEModel", "VAEPipeline", "ViTDenoiser", "__version__"]

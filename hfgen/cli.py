@@ -9,7 +9,8 @@ import json
 import os
 import sys
 
-TRAINERS = {"vae": "hfgen.training.train_vae", "gan": "hfgen.training.train_gan", "ddpm": "hfgen.training.train_ddpm"}
+TRAINERS = {"vae": "hfgen.training.train_vae", "gan": "hfgen.training.train_gan", "ddpm": "hfgen.training.train_ddpm",
+            "ldm": "hfgen.training.train_ldm"}
 
 
 def sample(argv) -> str:

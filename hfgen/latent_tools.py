@@ -1,6 +1,9 @@
-"""Walks through a latent space (seed notes §2.5): interpolation and traversal of one dimension."""
+"""Working in a VAE's latent space: walks (seed notes §2.5: interpolation, traversal of one dimension), and
+encoding a dataset with the latent scaling factor of latent diffusion (§5.7)."""
 
 import torch
+
+from .distributions import DiagonalGaussian
 
 INTERPOLATIONS = ("linear", "spherical")
 
@@ -36,3 +39,21 @@ def traverse(latent: torch.Tensor, dim: int, values: torch.Tensor) -> torch.Tens
     points = latent.repeat(len(values), 1)
     points[:, dim] = values
     return points
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, batch_size: int = 500) -> DiagonalGaussian:
+    """The posteriors q(z|x) of images (N, C, H, W) in [0, 1] under an unconditional `VAEModel`: mean and
+    logvar of shape (N, *latent_shape), on the VAE's device."""
+    parameter = next(vae.parameters())
+    posteriors = [vae.encode(images[start:start + batch_size].to(parameter.device, parameter.dtype)).latent_dist
+                  for start in range(0, len(images), batch_size)]
+    return DiagonalGaussian(torch.cat([q.mean for q in posteriors]), torch.cat([q.logvar for q in posteriors]))
+
+
+def latent_scaling_factor(posterior: DiagonalGaussian) -> float:
+    """1 / std of z ~ q(z|x) over a dataset's posteriors (N, *latent_shape), all latent dims pooled, so that the
+    scaled latents z * factor have unit variance. By the law of total variance,
+    Var z = Var(mean) + E[sigma^2], computed exactly instead of from samples."""
+    mean, var = posterior.mean.double(), posterior.var.double()
+    return float(1 / torch.sqrt(mean.var(unbiased=False) + var.mean()))

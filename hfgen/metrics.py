@@ -163,7 +163,7 @@ class ClassifierFeatures(nn.Module):
         super().__init__()
         self.classifier = classifier.eval()
         self.num_features = classifier.config.feature_dim
-        self.image_shape = classifier.image_shape  # the only input shape it accepts
+        self.in_channels = classifier.config.in_channels  # square images of any size (resized to the classifier's)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(images).features
@@ -173,7 +173,7 @@ class InceptionFeatures(nn.Module):
     """torchmetrics' FID Inception-v3 pool features: (B, 1 or 3, H, W) in [0, 1] -> (B, 2048); grey is repeated to RGB."""
 
     num_features = 2048
-    image_shape = None  # any size: the network resizes to 299 x 299 itself
+    in_channels = None  # 1 or 3, any size: the network resizes to 299 x 299 itself
 
     def __init__(self):
         super().__init__()
@@ -279,12 +279,12 @@ def load_feature_extractor(name_or_path: str = DEFAULT_FEATURE_EXTRACTOR, cache_
 
 
 def _check_unit_images(name: str, images, feature_extractor: nn.Module) -> None:
-    expected = getattr(feature_extractor, "image_shape", None)
-    shape = "(N, {}, {}, {})".format(*expected) if expected else "(N, C, H, W)"
+    channels = getattr(feature_extractor, "in_channels", None)
+    shape = f"(N, {channels}, S, S)" if channels else "(N, C, H, W)"
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
         got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
         raise TypeError(f"`{name}` must be a float tensor {shape} in [0, 1], got {got}")
-    if images.dim() != 4 or (expected is not None and tuple(images.shape[1:]) != tuple(expected)):
+    if images.dim() != 4 or (channels is not None and (images.shape[1] != channels or images.shape[2] != images.shape[3])):
         raise ValueError(f"`{name}` must have shape {shape} for this feature extractor, got {tuple(images.shape)}")
     if images.shape[0] < 2:
         raise ValueError(f"`{name}` must hold at least 2 images (FD compares covariances), got {images.shape[0]}")
@@ -384,7 +384,7 @@ def evaluate_pipeline(
     if likelihood and isinstance(model, VAEModel):
         loader = torch.utils.data.DataLoader(dataset, batch_size=LIKELIHOOD_BATCH_SIZE)
         metrics.update(evaluate_vae(model.eval(), loader, num_importance_samples, seed))
-    if likelihood and vlb_num_images and hasattr(pipeline, "scheduler") and hasattr(pipeline.scheduler, "alphas_cumprod"):
+    if likelihood and vlb_num_images and pipeline.denoises_pixels:
         metrics["test_bits_per_dim"] = diffusion_bits_per_dim(pipeline, real_images[:vlb_num_images], labels[:vlb_num_images], seed,
                                                               vlb_num_timesteps)
     return metrics

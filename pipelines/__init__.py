@@ -4,9 +4,12 @@ from .auto import AutoPipeline
 from .conditional import ConditionalPipeline
 from .ddpm import DDPMPipeline
 from .gan import GANPipeline
+from .latent_diffusion import LatentDiffusionPipeline
 from .pipeline_utils import GenerativePipeline
 from .vae import VAEPipeline
 
-PIPELINES = {pipeline.__name__: pipeline for pipeline in (VAEPipeline, GANPipeline, ConditionalPipeline, DDPMPipeline)}
+PIPELINES = {pipeline.__name__: pipeline for pipeline in (
+    VAEPipeline, GANPipeline, ConditionalPipeline, DDPMPipeline, LatentDiffusionPipeline)}
 
-__all__ = ["AutoPipeline", "ConditionalPipeline", "DDPMPipeline", "GANPipeline", "GenerativePipeline", "VAEPipeline", "PIPELINES"]
+__all__ = ["AutoPipeline", "ConditionalPipeline", "DDPMPipeline", "GANPipeline", "GenerativePipeline", "LatentDiffusionPipeline",
+           "VAEPipeline", "PIPELINES"]

@@ -53,6 +53,11 @@ class DDPMPipeline(GenerativePipeline):
         return (self.unet.config.in_channels, height, width)
 
     data_range = "symmetric"  # images in [-1, 1]
+    denoises_pixels = True  # the reverse process ends at the image itself: its variational bound is a likelihood
+
+    def to_images(self, sample: torch.Tensor) -> torch.Tensor:
+        """The reverse process's final sample x_0 -> images (here the sample itself, in [-1, 1])."""
+        return sample
 
     def denoise(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None, guidance_scale: float):
         """The model's prediction at one step; with guidance: eps(x, null) + w (eps(x, y) - eps(x, null))."""
@@ -104,4 +109,4 @@ class DDPMPipeline(GenerativePipeline):
         for timestep in self.progress_bar(self.scheduler.timesteps):
             prediction = self.denoise(sample, timestep, labels, guidance_scale)
             sample = self.scheduler.step(prediction, timestep, sample, generator=generator).prev_sample
-        return self.output(sample, output_type, return_dict)
+        return self.output(self.to_images(sample), output_type, return_dict)

@@ -39,6 +39,9 @@ class GenerativePipeline(DiffusionPipeline):
     not (diffusion) overrides those properties and `__call__`, and reuses the helpers.
     """
 
+    # True for diffusion in pixel space, whose variational bound gives bits/dim (hfgen.metrics.evaluate_pipeline)
+    denoises_pixels = False
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Loads a local folder or a Hub repo id (`revision`, `token`, `cache_dir` go to the download)."""

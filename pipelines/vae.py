@@ -38,7 +38,7 @@ class VAEPipeline(GenerativePipeline):
 
     @torch.no_grad()
     def encode(self, images, class_labels=None) -> torch.Tensor:
-        """Images (PIL, numpy or tensor in [0, 1]) -> posterior means, (B, latent_dim)."""
+        """Images (PIL, numpy or tensor in [0, 1]) -> posterior means, (B, *latent_shape)."""
         return self._encode(self._images(images), class_labels)
 
     def _encode(self, images: torch.Tensor, class_labels) -> torch.Tensor:
@@ -71,7 +71,7 @@ class VAEPipeline(GenerativePipeline):
     ):
         """Decodes `num_steps` points on the path between the codes of two images ("linear" or "spherical")."""
         start, end = self._encode_one(image_a, "image_a", class_labels), self._encode_one(image_b, "image_b", class_labels)
-        latents = latent_tools.interpolate(start, end, num_steps, method)
+        latents = latent_tools.interpolate(start, end, num_steps, method).view(num_steps, *self.latent_shape)
         labels, _ = self.prepare_class_labels(class_labels, num_steps)
         return self.output(self.vae.decode(latents, labels).sample, output_type, return_dict)
 
@@ -85,11 +85,13 @@ class VAEPipeline(GenerativePipeline):
         output_type: str = "pil",
         return_dict: bool = True,
     ):
-        """Decodes the code of `image` (or z = 0) with latent dimension `dim` swept over `values`."""
+        """Decodes the code of `image` (or z = 0) with latent coordinate `dim` (of the flattened latent) swept
+        over `values`."""
         if image is None:
-            start = torch.zeros(1, self.vae.config.latent_dim, device=self.device, dtype=self.vae.dtype)
+            start = torch.zeros(1, *self.latent_shape, device=self.device, dtype=self.vae.dtype)
         else:
             start = self._encode_one(image, "image", class_labels)
         latents = latent_tools.traverse(start, dim, values)
+        latents = latents.view(len(latents), *self.latent_shape)
         labels, _ = self.prepare_class_labels(class_labels, latents.shape[0])
         return self.output(self.vae.decode(latents, labels).sample, output_type, return_dict)

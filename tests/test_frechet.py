@@ -181,8 +181,12 @@ def test_digit_classifier_outputs_and_input_checks():
     output = classifier(torch.rand(3, 1, 28, 28))
     assert output.logits.shape == (3, 10) and output.features.shape == (3, 32) and (output.features >= 0).all()
     assert ClassifierOutput(**dict(output)).features is output.features  # accelerate rebuilds outputs from dicts
-    with pytest.raises(ValueError, match=r"`sample` must have shape \(B, 1, 28, 28\)"):
-        classifier(torch.rand(3, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"`sample` must have shape \(B, 1, 32, 32\)"):
+        classifier(torch.rand(3, 3, 32, 32))
+    # other sizes are resized to the classifier's 28 px first, as FID resizes to Inception's 299
+    resized = torch.nn.functional.interpolate(torch.rand(3, 1, 28, 28), size=32, mode="bilinear")
+    small = torch.nn.functional.interpolate(resized, size=28, mode="bilinear", antialias=True)
+    assert torch.equal(classifier(resized).features, classifier(small).features)
     with pytest.raises(ValueError, match="sample_size"):
         DigitClassifier(sample_size=2)
 
@@ -207,8 +211,10 @@ def test_unknown_feature_extractors_are_refused(tmp_path):
 @pytest.mark.parametrize(
     "real, fake, error, match",
     [
-        (torch.rand(8, 1, 32, 32), torch.rand(8, 1, 28, 28), ValueError,
-         r"`real_images` must have shape \(N, 1, 28, 28\)"),
+        (torch.rand(8, 3, 28, 28), torch.rand(8, 1, 28, 28), ValueError,
+         r"`real_images` must have shape \(N, 1, S, S\)"),
+        (torch.rand(8, 1, 32, 28), torch.rand(8, 1, 28, 28), ValueError, r"`real_images` must have shape \(N, 1, S, S\)"),
+        (torch.rand(8, 1, 32, 32), torch.rand(8, 1, 28, 28), ValueError, "must have the same image shape"),
         (torch.rand(8, 28, 28), torch.rand(8, 1, 28, 28), ValueError, "`real_images` must have shape"),
         (torch.rand(8, 1, 28, 28), torch.rand(8, 1, 28, 28) * 255, ValueError,
          r"`fake_images` must hold values in \[0, 1\]"),

@@ -20,8 +20,9 @@ from hfgen.pipelines import DDPMPipeline
 from .trainer import Trainer, training_parser
 
 
-def parse_args(argv=None):
-    parser = training_parser("Train a DDPM on images in [-1, 1].")
+def diffusion_parser(description: str):
+    """The DDPM flags (also latent diffusion's second stage)."""
+    parser = training_parser(description)
     add = parser.add_argument
     add("--denoiser", default="unet", choices=["unet", "vit"], help="diffusers' UNet2DModel or hfgen's ViTDenoiser.")
     add("--block_out_channels", type=int, nargs="+", default=[32, 64, 64],
@@ -43,7 +44,11 @@ def parse_args(argv=None):
     add("--eval_vlb_num_timesteps", type=int, default=None,
         help="Sampled KL terms of the bound (default: all T, exact but T denoiser calls per image).")
     parser.set_defaults(learning_rate=1e-3, train_batch_size=64, num_epochs=5)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return diffusion_parser("Train a DDPM on images in [-1, 1].").parse_args(argv)
 
 
 class DDPMTrainer(Trainer):
@@ -54,7 +59,7 @@ class DDPMTrainer(Trainer):
         args = self.args
         if not 0 <= args.label_dropout < 1:
             raise ValueError(f"`--label_dropout` must be in [0, 1), got {args.label_dropout}")
-        channels, size, _ = self.train_dataset.image_shape
+        channels, size, _ = self.sample_shape()
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps,
                                              beta_schedule=args.beta_schedule, prediction_type=args.prediction_type)
         # hfgen's convention: ids 0..K-1 are the classes, K is the null class of classifier-free guidance
@@ -66,7 +71,7 @@ class DDPMTrainer(Trainer):
             return {"unet": unet}
         downsample = 2 ** (len(args.block_out_channels) - 1)
         if size % downsample:
-            raise ValueError(f"`--resolution` {size} must be divisible by {downsample} for "
+            raise ValueError(f"{self.size_name} {size} must be divisible by {downsample} for "
                              f"{len(args.block_out_channels)} U-Net blocks (`--block_out_channels`)")
         unet = UNet2DModel(
             sample_size=size, in_channels=channels, out_channels=channels,
@@ -78,9 +83,19 @@ class DDPMTrainer(Trainer):
         )
         return {"unet": unet}
 
+    size_name = "`--resolution`"  # what sets the denoiser's input size, for error messages
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the denoiser denoises: the images."""
+        return self.train_dataset.image_shape
+
+    def clean_sample(self, batch: torch.Tensor) -> torch.Tensor:
+        """A training batch -> x0 for the forward process: images in [0, 1] mapped to [-1, 1]."""
+        return from_unit_range(batch, "symmetric")
+
     def training_step(self, images, labels):
         args, scheduler = self.args, self.noise_scheduler
-        x0 = from_unit_range(images, "symmetric")
+        x0 = self.clean_sample(images)
         noise = torch.randn_like(x0)
         timesteps = torch.randint(0, args.num_train_timesteps, (x0.shape[0],), device=x0.device)
         x_t = scheduler.add_noise(x0, noise, timesteps)  # q(x_t | x0) in closed form

@@ -17,6 +17,9 @@ def parse_args(argv=None):
     add("--architecture", default="mlp", choices=ARCHITECTURES)
     add("--hidden_dims", type=int, nargs="+", default=[400], help="Encoder widths (mlp) or channels (conv).")
     add("--latent_dim", type=int, default=20)
+    add("--latent_channels", type=int, default=0,
+        help="conv: a spatial latent of this many channels at 1 / 2 ** len(hidden_dims) of the image size "
+             "(latent diffusion's first stage); 0: a vector of --latent_dim.")
     add("--likelihood", default="bernoulli", choices=LIKELIHOODS)
     add("--decoder_std", type=float, default=0.1, help="Gaussian decoder std (fixed, or initial if learned).")
     add("--learn_decoder_std", action="store_true")
@@ -47,6 +50,7 @@ class VAETrainer(Trainer):
             learn_decoder_std=args.learn_decoder_std,
             num_classes=self.num_classes,
             id2label=self.id2label,
+            latent_channels=args.latent_channels,
         )
         return {"vae": vae}
 

@@ -83,8 +83,8 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     add("--num_validation_images", type=int, default=64)
     add("--logging_steps", type=int, default=10)
     add("--feature_extractor", default="auto",
-        help='Features of the Fréchet distance (FD): "auto" (hfgen\'s digit classifier for 1x28x28 images, else no '
-             'FD), "none", "hfgen:digit-classifier", a saved DigitClassifier folder, or "inception".')
+        help='Features of the Fréchet distance (FD): "auto" (hfgen\'s digit classifier for 1-channel images of at '
+             'least 28 px, resized to 28; else no FD), "none", "hfgen:digit-classifier", a saved DigitClassifier folder, or "inception".')
     add("--eval_num_samples", type=int, default=1000, help="Samples for the final FD on the test split.")
     add("--eval_fd_steps", type=int, default=0, help="Also log a cheap FD every N steps (0: only at the end).")
     add("--eval_fd_num_samples", type=int, default=200, help="Samples for the periodic FD.")
@@ -166,7 +166,7 @@ class Trainer:
         self.models = self.build_models()
         self.optimizers = self.build_optimizers()
         train_dataloader = training_dataloader(
-            self.train_dataset, args.train_batch_size, args.seed, args.dataloader_num_workers
+            self.training_data(), args.train_batch_size, args.seed, args.dataloader_num_workers
         )
         if len(train_dataloader) == 0:
             raise ValueError(f"`--train_batch_size` {args.train_batch_size} exceeds the {len(self.train_dataset)} training images")
@@ -222,6 +222,11 @@ class Trainer:
         """The pipeline to save, from the unwrapped models."""
         raise NotImplementedError
 
+    def training_data(self):
+        """The `ImageDataset` the training batches come from (after `build_models`): the training images, or
+        what a family derives from them once (latent diffusion: the images' latents)."""
+        return self.train_dataset
+
     def evaluation_options(self) -> dict:
         """Extra keyword arguments of `hfgen.metrics.evaluate_pipeline` for this family."""
         return {}
@@ -263,9 +268,11 @@ class Trainer:
         if choice == "none":
             return None
         if choice == "auto":
-            if self.train_dataset.image_shape != (1, 28, 28):
-                logger.warning("no FD: the default feature extractor takes 1x28x28 digits, these images are %s; "
-                               "pass --feature_extractor", "x".join(map(str, self.train_dataset.image_shape)))
+            channels, size, _ = self.train_dataset.image_shape
+            if channels != 1 or size < 28:
+                logger.warning("no FD: the default feature extractor takes 1-channel digits of at least 28 px, "
+                               "these images are %s; pass --feature_extractor",
+                               "x".join(map(str, self.train_dataset.image_shape)))
                 return None
             choice = DEFAULT_FEATURE_EXTRACTOR
         with self.accelerator.main_process_first():  # the main process trains and caches the default once

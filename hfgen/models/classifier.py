@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
@@ -23,7 +24,8 @@ class ClassifierOutput(BaseOutput):
 class DigitClassifier(ModelMixin, ConfigMixin):
     r"""Conv blocks (3x3 conv, ReLU, 2x2 max-pool), then a linear to `feature_dim`, ReLU and a linear head.
 
-    Images are (B, in_channels, sample_size, sample_size) in [0, 1].
+    Images are (B, in_channels, sample_size, sample_size) in [0, 1]; square images of another size are resized
+    to sample_size first (bilinear, antialiased), as Inception-based FID resizes every image to 299.
 
     Args:
         sample_size: image height and width (at least 2 ** len(block_out_channels)).
@@ -71,8 +73,11 @@ class DigitClassifier(ModelMixin, ConfigMixin):
         return (self.config.in_channels, self.config.sample_size, self.config.sample_size)
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True):
-        """sample: (B, C, H, W) in [0, 1] -> logits (B, num_classes) and features (B, feature_dim)."""
-        check_images("sample", sample, *self.image_shape[:2])
+        """sample: (B, C, H, W) in [0, 1], H = W -> logits (B, num_classes) and features (B, feature_dim)."""
+        size = sample.shape[-1] if isinstance(sample, torch.Tensor) else self.config.sample_size
+        check_images("sample", sample, self.config.in_channels, size)
+        if size != self.config.sample_size:
+            sample = F.interpolate(sample, size=self.config.sample_size, mode="bilinear", antialias=True)
         features = self.feature_layer(self.conv_blocks(sample))
         logits = self.head(features)
         return ClassifierOutput(logits=logits, features=features) if return_dict else (logits, features)

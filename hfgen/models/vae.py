@@ -24,7 +24,7 @@ KL_ESTIMATORS = ("analytic", "monte_carlo")
 
 @dataclass
 class VAEEncoderOutput(BaseOutput):
-    """latent_dist: the posterior q(z|x[, y]) with mean and logvar of shape (B, latent_dim)."""
+    """latent_dist: the posterior q(z|x[, y]) with mean and logvar of shape (B, *latent_shape)."""
 
     latent_dist: DiagonalGaussian
 
@@ -40,7 +40,7 @@ class VAEDecoderOutput(BaseOutput):
 class VAEOutput(BaseOutput):
     """The ELBO terms of a forward pass, each per example: (B,).
 
-    sample: (B, C, H, W) decoded mean of the first posterior sample; latents: (K, B, latent_dim).
+    sample: (B, C, H, W) decoded mean of the first posterior sample; latents: (K, B, *latent_shape).
     elbo = log_likelihood - kl, with log_likelihood = E_q[log p(x|z)] averaged over the K samples.
     """
 
@@ -70,9 +70,11 @@ class VAEModel(ModelMixin, ConfigMixin):
     Args:
         sample_size: image height and width.
         in_channels: image channels.
-        latent_dim: dimension of z.
+        latent_dim: dimension of z (a vector latent; ignored when `latent_channels` is set).
         architecture: "mlp" (flattened pixels) or "conv" (stride-2 convolutions, one per hidden dim; the
             image size must be divisible by 2 ** len(hidden_dims)).
+        latent_channels: conv only: a spatial latent z of shape (latent_channels, S, S), S = sample_size /
+            2 ** len(hidden_dims), as latent diffusion's first stage uses (seed notes §5.7); 0: a vector latent.
         hidden_dims: hidden widths (mlp) or channels (conv) of the encoder; the decoder mirrors them.
         likelihood: decoder p(x|z): "bernoulli" (outputs logits) or "gaussian" (outputs a mean).
         decoder_std: standard deviation of the gaussian decoder (fixed, or the initial value when learned).
@@ -95,6 +97,7 @@ class VAEModel(ModelMixin, ConfigMixin):
         learn_decoder_std: bool = False,
         num_classes: int = 0,
         id2label: dict | None = None,
+        latent_channels: int = 0,
     ):
         super().__init__()
         check_positive_int("sample_size", sample_size)
@@ -112,6 +115,10 @@ class VAEModel(ModelMixin, ConfigMixin):
             raise ValueError(f"`num_classes` must be an integer >= 0, got {num_classes!r}")
         if id2label is not None and len(id2label) != num_classes:
             raise ValueError(f"`id2label` must name all {num_classes} classes, got {len(id2label)} names")
+        if isinstance(latent_channels, bool) or not isinstance(latent_channels, int) or latent_channels < 0:
+            raise ValueError(f"`latent_channels` must be an integer >= 0, got {latent_channels!r}")
+        if latent_channels and architecture != "conv":
+            raise ValueError(f'`latent_channels` (a spatial latent) needs architecture="conv", got {architecture!r}')
 
         hidden = list(hidden_dims)
         if architecture == "mlp":
@@ -130,10 +137,15 @@ class VAEModel(ModelMixin, ConfigMixin):
             convs = []
             for c_in, c_out in zip(channels[:-1], channels[1:]):
                 convs += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.ReLU()]
-            self.encoder_convs = nn.Sequential(*convs, nn.Flatten())
-            num_features = hidden[-1] * self.feature_size**2
-            self.encoder = nn.Linear(num_features + num_classes, 2 * latent_dim)
-            self.decoder_input = nn.Sequential(nn.Linear(latent_dim + num_classes, num_features), nn.ReLU())
+            self.encoder_convs = nn.Sequential(*convs)
+            if latent_channels:  # 3x3 convs to and from the spatial latent; labels enter as one-hot planes
+                self.encoder = nn.Conv2d(hidden[-1] + num_classes, 2 * latent_channels, 3, padding=1)
+                self.decoder_input = nn.Sequential(
+                    nn.Conv2d(latent_channels + num_classes, hidden[-1], 3, padding=1), nn.ReLU())
+            else:
+                num_features = hidden[-1] * self.feature_size**2
+                self.encoder = nn.Linear(num_features + num_classes, 2 * latent_dim)
+                self.decoder_input = nn.Sequential(nn.Linear(latent_dim + num_classes, num_features), nn.ReLU())
             deconvs = []
             for i, (c_in, c_out) in enumerate(zip(channels[::-1][:-1], channels[::-1][1:])):
                 deconvs.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
@@ -154,13 +166,19 @@ class VAEModel(ModelMixin, ConfigMixin):
         return (self.config.in_channels, self.config.sample_size, self.config.sample_size)
 
     @property
-    def latent_shape(self) -> tuple[int]:
+    def latent_shape(self) -> tuple[int, ...]:
+        """(latent_dim,), or (latent_channels, S, S) for a spatial latent."""
+        if self.config.latent_channels:
+            return (self.config.latent_channels, self.feature_size, self.feature_size)
         return (self.config.latent_dim,)
 
     def _with_labels(self, features: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """Appends one-hot labels to (B, F) features, or as constant planes to (B, F, S, S) feature maps."""
         if class_labels is None:
             return features
         one_hot = F.one_hot(class_labels, self.config.num_classes).to(features.dtype)
+        if features.dim() == 4:
+            one_hot = one_hot[:, :, None, None].expand(-1, -1, *features.shape[2:])
         return torch.cat([features, one_hot], dim=1)
 
     def encode(self, sample: torch.Tensor, class_labels: torch.Tensor | None = None, return_dict: bool = True):
@@ -171,12 +189,13 @@ class VAEModel(ModelMixin, ConfigMixin):
             features = sample.flatten(1)
         else:
             features = self.encoder_convs(sample)
+            features = features if self.config.latent_channels else features.flatten(1)
         mean, logvar = self.encoder(self._with_labels(features, class_labels)).chunk(2, dim=1)
         posterior = DiagonalGaussian(mean, logvar)
         return VAEEncoderOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def decoder_output(self, latents: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """latents: (B, latent_dim) -> (B, C, H, W) logits (bernoulli) or mean (gaussian). Labels are trusted."""
+        """latents: (B, *latent_shape) -> (B, C, H, W) logits (bernoulli) or mean (gaussian). Labels are trusted."""
         hidden = self._with_labels(latents, class_labels)
         if self.config.architecture == "mlp":
             return self.decoder(hidden).view(-1, *self.image_shape)
@@ -184,9 +203,10 @@ class VAEModel(ModelMixin, ConfigMixin):
         return self.decoder(self.decoder_input(hidden).view(-1, self.config.hidden_dims[-1], size, size))
 
     def decode(self, latents: torch.Tensor, class_labels: torch.Tensor | None = None, return_dict: bool = True):
-        """latents: (B, latent_dim) -> the decoder's mean (gaussian) or probabilities (bernoulli), (B, C, H, W)."""
-        if latents.dim() != 2 or latents.shape[1] != self.config.latent_dim:
-            raise ValueError(f"`latents` must have shape (B, {self.config.latent_dim}), got {tuple(latents.shape)}")
+        """latents: (B, *latent_shape) -> the decoder's mean (gaussian) or probabilities (bernoulli), (B, C, H, W)."""
+        if latents.dim() != 1 + len(self.latent_shape) or tuple(latents.shape[1:]) != self.latent_shape:
+            shape = ", ".join(map(str, self.latent_shape))
+            raise ValueError(f"`latents` must have shape (B, {shape}), got {tuple(latents.shape)}")
         class_labels = check_class_labels(class_labels, self.config.num_classes, latents.shape[0], latents.device)
         output = self.decoder_output(latents, class_labels)
         if self.config.likelihood == "bernoulli":
@@ -223,7 +243,7 @@ class VAEModel(ModelMixin, ConfigMixin):
         labels = check_class_labels(class_labels, self.config.num_classes, sample.shape[0], sample.device)
         posterior = self.encode(sample, labels).latent_dist
         batch = sample.shape[0]
-        latents = posterior.sample(generator, num_samples)  # (K, B, D)
+        latents = posterior.sample(generator, num_samples)  # (K, B, *latent_shape)
         flat_labels = None if labels is None else labels.repeat(num_samples)
         decoded = self.decoder_output(latents.flatten(0, 1), flat_labels).unflatten(0, (num_samples, batch))
         log_likelihood = self.log_likelihood(sample, decoded).mean(0)  # 1/K sum_k log p(x|z_k)
