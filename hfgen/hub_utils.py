@@ -6,8 +6,9 @@ import re
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, get_token, upload_folder
 
-# Training by-products that stay local when a pipeline folder is pushed.
-PUSH_IGNORE_PATTERNS = ["checkpoints/*", "logs/*", "samples/*", "*.incomplete/*"]
+# Training by-products that stay local when a pipeline folder is pushed (a latent diffusion folder already
+# holds its first stage as vae/).
+PUSH_IGNORE_PATTERNS = ["checkpoints/*", "logs/*", "samples/*", "*.incomplete/*", "first_stage/*"]
 SAMPLE_GRID = "samples.png"
 METRICS_FILE = "metrics.json"
 METRICS_TABLE_HEADER = "| metric | value |\n| --- | --- |\n"

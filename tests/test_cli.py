@@ -50,3 +50,16 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```(?:bash|sh)\n(.*?)\n```", readme, flags=re.S)
     assert len(commands) >= 2, "the README opens with two commands"
     assert commands[1].strip() in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_readme_training_command_parses():
+    import importlib
+    import shlex
+
+    from hfgen.cli import TRAINERS
+
+    lines = re.findall(r"^(?:.*&& )?hfgen train (\w+) (.*?)(?:\s+#.*)?$", (ROOT / "README.md").read_text(), flags=re.M)
+    assert {family for family, _ in lines} == set(TRAINERS), "the README shows a command for every family"
+    for family, flags in lines:
+        args = importlib.import_module(TRAINERS[family]).parse_args(shlex.split(flags))
+        assert args.output_dir
