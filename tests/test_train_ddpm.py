@@ -113,6 +113,16 @@ def test_larger_guidance_scale_raises_the_accuracy_on_requested_classes(tmp_path
     assert guided > conditional + 0.1, (unconditional, conditional, guided)
 
 
+def test_bf16_accumulation_warmup_and_ema_run_together(tmp_path):
+    main(quick_training_args(tmp_path, *TINY, "--max_train_steps", "3", "--mixed_precision", "bf16",
+                             "--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
+                             "--use_ema", "--conditional", "--feature_extractor", "none"))
+    pipe = DDPMPipeline.from_pretrained(tmp_path)
+    assert pipe.unet.dtype == torch.float32  # saved in full precision
+    assert "- `global_step`: `3`" in (tmp_path / "README.md").read_text()  # 3 optimizer steps of 2 batches each
+    assert 0 < json.loads((tmp_path / "metrics.json").read_text())["test_bits_per_dim"] < 16
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_saved_scheduler_predicts_what_the_model_was_trained_on(tmp_path, prediction_type):
     main(quick_training_args(tmp_path, *TINY, "--max_train_steps", "2", "--prediction_type", prediction_type,
