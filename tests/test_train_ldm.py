@@ -2,14 +2,14 @@ import json
 
 import pytest
 import torch
-from conftest import quick_training_args
+from conftest import Interrupted, interrupt_after, quick_training_args
 from diffusers import UNet2DModel
 
 from hfgen import AutoPipeline, LatentDiffusionPipeline, VAEModel, VAEPipeline
 from hfgen.data import load_image_dataset
 from hfgen.latent_tools import encode_images
 from hfgen.metrics import evaluate_pipeline
-from hfgen.training.train_ldm import main, reconstruction_mse
+from hfgen.training.train_ldm import LDMTrainer, main, reconstruction_mse
 
 # a small first stage (4x8x8 latents of 32 px digits) and a small denoiser, 20 denoising steps for FD
 TINY = ["--vae_num_epochs", "4", "--block_out_channels", "32", "64", "--learning_rate", "2e-3",
@@ -74,6 +74,22 @@ def test_vae_path_reuses_a_trained_first_stage(trained_ldm_dir, tmp_path):
     reference = LatentDiffusionPipeline.from_pretrained(trained_ldm_dir)
     assert pipe.config.scaling_factor == reference.config.scaling_factor and pipe.num_classes == 10
     assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), reference.vae.state_dict().values()))
+
+
+def test_resume_continues_bit_identically(trained_ldm_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    flags = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "3", "--feature_extractor", "none",
+             "--vae_path", trained_ldm_dir / "first_stage", "--train_batch_size", "32"]
+    main(quick_training_args(tmp_path / "full", *flags))
+    interrupt_after(monkeypatch, LDMTrainer, 4)
+    with pytest.raises(Interrupted):
+        main(quick_training_args(tmp_path / "cut", *flags))
+    monkeypatch.undo()
+    main(quick_training_args(tmp_path / "cut", *flags, "--resume_from_checkpoint", "latest"))
+    full = load_file(tmp_path / "full" / "unet" / "diffusion_pytorch_model.safetensors")
+    resumed = load_file(tmp_path / "cut" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(full[name], resumed[name]) for name in full)
 
 
 def test_first_stages_that_cannot_serve_are_clear_errors(trained_vae_dir, trained_ldm_dir, tmp_path):
