@@ -42,6 +42,23 @@ def interrupt_after(monkeypatch, trainer_class, num_batches: int) -> None:
     monkeypatch.setattr(trainer_class, "training_step", step)
 
 
+def interrupt_then_resume(monkeypatch, main, trainer_class, args: list[str], num_batches: int) -> None:
+    """Runs `main(args)` until it dies at its (num_batches + 1)-th step, then again with --resume_from_checkpoint."""
+    interrupt_after(monkeypatch, trainer_class, num_batches)
+    with pytest.raises(Interrupted):
+        main(args)
+    monkeypatch.undo()
+    main([*args, "--resume_from_checkpoint", "latest"])
+
+
+def same_weights(folder_a, folder_b, component: str) -> bool:
+    """Whether two pipeline folders hold bit-identical weights for `component`."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(os.path.join(folder, component, "diffusion_pytorch_model.safetensors")) for folder in (folder_a, folder_b))
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 def quick_vae_args(output_dir, *extra) -> list[str]:
     return quick_training_args(output_dir, "--eval_importance_samples", "10", *extra)
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import Interrupted, interrupt_after, quick_training_args
+from conftest import interrupt_then_resume, quick_training_args, same_weights
 from diffusers import UNet2DModel
 
 from hfgen import AutoPipeline, DDPMPipeline, ViTDenoiser
@@ -69,22 +69,13 @@ def test_vit_denoiser_trains_and_round_trips(tmp_path, mnist_test):
 
 
 def test_resume_continues_bit_identically_with_ema(tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
     from hfgen.training.train_ddpm import DDPMTrainer
 
     flags = [*TINY, "--max_train_steps", "10", "--checkpointing_steps", "4", "--use_ema", "--feature_extractor", "none",
              "--conditional", "--train_batch_size", "32"]
     main(quick_training_args(tmp_path / "full", *flags))
-
-    interrupt_after(monkeypatch, DDPMTrainer, 6)
-    with pytest.raises(Interrupted):
-        main(quick_training_args(tmp_path / "cut", *flags))
-    monkeypatch.undo()
-    main(quick_training_args(tmp_path / "cut", *flags, "--resume_from_checkpoint", "latest"))
-    full = load_file(tmp_path / "full" / "unet" / "diffusion_pytorch_model.safetensors")
-    resumed = load_file(tmp_path / "cut" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(full[name], resumed[name]) for name in full)
+    interrupt_then_resume(monkeypatch, main, DDPMTrainer, quick_training_args(tmp_path / "cut", *flags), 6)
+    assert same_weights(tmp_path / "full", tmp_path / "cut", "unet")
 
 
 def test_larger_guidance_scale_raises_the_accuracy_on_requested_classes(tmp_path):

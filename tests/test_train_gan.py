@@ -3,9 +3,8 @@ import os
 
 import pytest
 import torch
-from conftest import Interrupted, interrupt_after, quick_training_args
+from conftest import Interrupted, interrupt_after, quick_training_args, same_weights
 from huggingface_hub import ModelCard
-from safetensors.torch import load_file
 
 from hfgen import AutoPipeline, ConditionalPipeline, Discriminator, GANPipeline, Generator
 from hfgen.metrics import evaluate_pipeline
@@ -88,9 +87,7 @@ def test_resume_continues_the_adversarial_run_bit_identically(tmp_path, monkeypa
     assert os.listdir(tmp_path / "cut" / "checkpoints") == ["checkpoint-5"]
     main(quick_training_args(tmp_path / "cut", *flags, "--resume_from_checkpoint", "latest"))
     for component in ("generator", "discriminator"):
-        full = load_file(tmp_path / "full" / component / "diffusion_pytorch_model.safetensors")
-        resumed = load_file(tmp_path / "cut" / component / "diffusion_pytorch_model.safetensors")
-        assert all(torch.equal(full[name], resumed[name]) for name in full), component
+        assert same_weights(tmp_path / "full", tmp_path / "cut", component), component
 
 
 @pytest.mark.parametrize(

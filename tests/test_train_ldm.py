@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import Interrupted, interrupt_after, quick_training_args
+from conftest import interrupt_then_resume, quick_training_args, same_weights
 from diffusers import UNet2DModel
 
 from hfgen import AutoPipeline, LatentDiffusionPipeline, VAEModel, VAEPipeline
@@ -77,19 +77,11 @@ def test_vae_path_reuses_a_trained_first_stage(trained_ldm_dir, tmp_path):
 
 
 def test_resume_continues_bit_identically(trained_ldm_dir, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
     flags = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "3", "--feature_extractor", "none",
              "--vae_path", trained_ldm_dir / "first_stage", "--train_batch_size", "32"]
     main(quick_training_args(tmp_path / "full", *flags))
-    interrupt_after(monkeypatch, LDMTrainer, 4)
-    with pytest.raises(Interrupted):
-        main(quick_training_args(tmp_path / "cut", *flags))
-    monkeypatch.undo()
-    main(quick_training_args(tmp_path / "cut", *flags, "--resume_from_checkpoint", "latest"))
-    full = load_file(tmp_path / "full" / "unet" / "diffusion_pytorch_model.safetensors")
-    resumed = load_file(tmp_path / "cut" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(full[name], resumed[name]) for name in full)
+    interrupt_then_resume(monkeypatch, main, LDMTrainer, quick_training_args(tmp_path / "cut", *flags), 4)
+    assert same_weights(tmp_path / "full", tmp_path / "cut", "unet")
 
 
 def test_first_stages_that_cannot_serve_are_clear_errors(trained_vae_dir, trained_ldm_dir, tmp_path):
