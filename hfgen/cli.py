@@ -73,7 +73,7 @@ def evaluate(argv) -> dict[str, float]:
     from hfgen.metrics import DEFAULT_FEATURE_EXTRACTOR, default_classifier_dir, evaluate_pipeline, load_feature_extractor
 
     pipeline = AutoPipeline.from_pretrained(args.pretrained).to(args.device)
-    dataset = load_image_dataset(args.dataset_name, args.split, pipeline.generative_model.config.sample_size,
+    dataset = load_image_dataset(args.dataset_name, args.split, pipeline.sample_size,
                                  args.train_data_dir)
     if args.feature_extractor == DEFAULT_FEATURE_EXTRACTOR and not os.path.isdir(default_classifier_dir()):
         # stderr: stdout carries only the JSON

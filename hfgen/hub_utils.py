@@ -47,13 +47,15 @@ def write_model_card(
     description: str,
     pipeline_class: str,
     tags: list[str],
-    dataset_name: str,
-    metrics: dict[str, float],
     model_config: dict,
-    training_config: dict,
+    dataset_name: str | None = None,
+    metrics: dict[str, float] | None = None,
+    training_config: dict | None = None,
     task_type: str = "unconditional-image-generation",
 ) -> ModelCard:
-    """Writes folder/README.md: metadata (library, tags, metrics as model-index), usage, config, sample grid."""
+    """Writes folder/README.md: metadata (library, tags, test metrics of `dataset_name` as model-index), usage,
+    config, training config and sample grid; sections without content are left out."""
+    metrics = metrics or {}
     eval_results = _eval_results(metrics, dataset_name, "test", task_type)
     card_data = ModelCardData(
         library_name="hfgen",
@@ -62,9 +64,11 @@ def write_model_card(
         model_name=title,
         eval_results=eval_results or None,
     )
-    rows = _metric_rows(metrics)
     config_lines = "\n".join(f"- `{key}`: `{value}`" for key, value in model_config.items() if not key.startswith("_"))
-    training_lines = "\n".join(f"- `{key}`: `{value}`" for key, value in training_config.items())
+    evaluation = (f"{_evaluation_heading(dataset_name, 'test')}\n\n{METRICS_TABLE_HEADER}{_metric_rows(metrics)}\n\n"
+                  if metrics else "")
+    training = "## Training\n\n" + "\n".join(f"- `{key}`: `{value}`" for key, value in training_config.items()) + "\n" \
+        if training_config else ""
     grid = f"![samples]({SAMPLE_GRID})\n\n" if os.path.isfile(os.path.join(folder, SAMPLE_GRID)) else ""
     content = f"""---
 {card_data.to_yaml()}
@@ -84,18 +88,11 @@ pipe = {pipeline_class}.from_pretrained("path/or/repo-id")
 images = pipe(16, generator=torch.manual_seed(0)).images
 ```
 
-{_evaluation_heading(dataset_name, "test")}
-
-{METRICS_TABLE_HEADER}{rows}
-
-## Model configuration
+{evaluation}## Model configuration
 
 {config_lines}
 
-## Training
-
-{training_lines}
-"""
+{training}"""
     card = ModelCard(content)
     card.save(os.path.join(folder, "README.md"))
     return card
@@ -153,14 +150,20 @@ def update_model_card_metrics(
     return card
 
 
+def push_token(token: str | None = None) -> str:
+    """`token`, or the one the user logged in with: refused before any request when there is none."""
+    token = token or get_token()
+    if not token:
+        raise ValueError("pushing needs a Hub token: run `hf auth login`, set HF_TOKEN, or pass `token` (`--hub_token`)")
+    return token
+
+
 def push_folder(folder: str, repo_id: str, token: str | None = None, private: bool | None = None,
                 commit_message: str = "Upload hfgen pipeline") -> str:
     """Uploads a saved pipeline folder (without checkpoints and logs) to `repo_id`; returns the commit URL."""
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise ValueError(f"{folder!r} holds no model_index.json: only a complete saved pipeline can be pushed")
-    token = token or get_token()
-    if not token:
-        raise ValueError("pushing needs a Hub token: run `hf auth login`, set HF_TOKEN, or pass `token` (`--hub_token`)")
+    token = push_token(token)
     repo = create_repo(repo_id, token=token, private=private, exist_ok=True)
     commit = upload_folder(
         repo_id=repo.repo_id,

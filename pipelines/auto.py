@@ -18,5 +18,7 @@ class AutoPipeline:
         with open(os.path.join(path, "model_index.json"), encoding="utf-8") as file:
             class_name = json.load(file).get("_class_name")
         if class_name not in PIPELINES:
-            raise ValueError(f"{path!r} holds a {class_name!r} pipeline; hfgen pipelines are {sorted(PIPELINES)}")
+            # the name the caller gave: for a Hub repo id, `path` is a snapshot deep in the cache
+            found = f"a {class_name!r} pipeline" if class_name else "no `_class_name` in its model_index.json"
+            raise ValueError(f"{str(pretrained_model_name_or_path)!r} holds {found}; hfgen pipelines are {sorted(PIPELINES)}")
         return PIPELINES[class_name].from_pretrained(path, **kwargs)

@@ -33,6 +33,12 @@ class ConditionalPipeline(GenerativePipeline):
     def generative_model(self):
         return self.model
 
+    @property
+    def family(self) -> str:
+        from hfgen.models import VAEModel
+
+        return "vae" if isinstance(self.model, VAEModel) else "gan"
+
     def __call__(self, batch_size: int | None = None, *, class_labels=None, **kwargs):
         if class_labels is None:
             raise ValueError(f"`class_labels` are required: the model generates {self.model.config.num_classes} classes")

@@ -29,6 +29,8 @@ class DDPMPipeline(GenerativePipeline):
         ```
     """
 
+    family = "ddpm"
+
     def __init__(self, unet: UNet2DModel | ViTDenoiser, scheduler: SchedulerMixin):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)

@@ -24,6 +24,8 @@ class GANPipeline(GenerativePipeline):
         discriminator: optional; saved with the pipeline so adversarial training can resume from it.
     """
 
+    family = "gan"
+
     _optional_components = ["discriminator"]
 
     def __init__(self, generator: Generator, discriminator: Discriminator | None = None):

@@ -28,6 +28,8 @@ class LatentDiffusionPipeline(DDPMPipeline):
         ```
     """
 
+    family = "ldm"
+
     denoises_pixels = False
 
     def __init__(self, vae: VAEModel, unet: UNet2DModel | ViTDenoiser, scheduler: SchedulerMixin,
@@ -50,6 +52,10 @@ class LatentDiffusionPipeline(DDPMPipeline):
     @property
     def data_range(self) -> str:
         return self.vae.data_range
+
+    @property
+    def sample_size(self) -> int:
+        return self.vae.config.sample_size
 
     def to_images(self, sample: torch.Tensor) -> torch.Tensor:
         """Scaled latents z_0 (B, *latent_shape) -> the VAE decoder's mean images (B, C, H, W)."""

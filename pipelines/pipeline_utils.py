@@ -1,12 +1,14 @@
 """The base of every hfgen pipeline: loading, class labels, prior noise and output conversion."""
 
 import os
+import tempfile
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import snapshot_download
+from huggingface_hub import file_exists, snapshot_download
 
+from hfgen.hub_utils import push_folder, push_token, write_model_card
 from hfgen.image_processing import postprocess
 from hfgen.utils import check_class_labels, check_positive_int
 
@@ -41,6 +43,7 @@ class GenerativePipeline(DiffusionPipeline):
 
     # True for diffusion in pixel space, whose variational bound gives bits/dim (hfgen.metrics.evaluate_pipeline)
     denoises_pixels = False
+    family = ""  # "vae", "gan", "ddpm" or "ldm": the model card's tag
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -52,6 +55,22 @@ class GenerativePipeline(DiffusionPipeline):
     @property
     def generative_model(self):
         raise NotImplementedError
+
+    def push_to_hub(self, repo_id: str, commit_message: str = "Upload hfgen pipeline", private: bool | None = None,
+                    token: str | None = None, **save_kwargs) -> str:
+        """Saves the pipeline and uploads it to `repo_id`; returns the commit URL.
+
+        A repo without a model card gets an hfgen one (library hfgen, the family's tag, usage, config); a card
+        already there is kept, as it holds what only training knew (metrics, training config).
+        """
+        token = push_token(token)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **save_kwargs)
+            if not file_exists(repo_id, "README.md", token=token):
+                write_model_card(folder, title=repo_id.split("/")[-1], description=f"An hfgen {self.family} pipeline.",
+                                 pipeline_class=type(self).__name__, tags=[self.family],
+                                 model_config=dict(self.generative_model.config))
+            return push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message)
 
     # What the sampling skeleton needs to know; by default the generative model's, pipelines may override.
     @property
@@ -69,6 +88,11 @@ class GenerativePipeline(DiffusionPipeline):
     @property
     def data_range(self) -> str:
         return self.generative_model.data_range
+
+    @property
+    def sample_size(self) -> int:
+        """Height and width of the images the pipeline generates."""
+        return self.generative_model.config.sample_size
 
     def prepare_class_labels(self, class_labels, batch_size: int | None) -> tuple[torch.Tensor | None, int]:
         """Ints, names from the model's `id2label`, or a tensor -> ((B,) long tensor or None, B).

@@ -24,6 +24,8 @@ class VAEPipeline(GenerativePipeline):
         vae: the `VAEModel` (a CVAE also works: pass `class_labels` to every call).
     """
 
+    family = "vae"
+
     def __init__(self, vae: VAEModel):
         super().__init__()
         self.register_modules(vae=vae)

@@ -1,5 +1,7 @@
-"""Hub round trips for the VAE family against the loopback Hub in tests/hub_server.py (no network)."""
+"""Hub round trips for every family against the loopback Hub in tests/hub_server.py (no network)."""
 
+import importlib
+import json
 import os
 
 import numpy as np
@@ -102,32 +104,88 @@ def test_push_without_token_is_refused_before_any_request(hub_server, tmp_path, 
     folder = saved_folder(tmp_path / "pipe")
     with pytest.raises(ValueError, match="pushing needs a Hub token"):
         push_folder(folder, "user/tiny-vae")
+    with pytest.raises(ValueError, match="pushing needs a Hub token"):
+        tiny_pipeline().push_to_hub("user/tiny-vae")
     assert hub_server.requests == []
 
 
 def test_the_hub_itself_refuses_a_push_without_token(hub_server, tmp_path, monkeypatch):
     """What a push that bypasses hfgen's check meets: the Hub's 401."""
+    from huggingface_hub import create_repo
+
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(HfHubHTTPError) as info:
-        tiny_pipeline().push_to_hub("user/tiny-vae")
+        create_repo("user/tiny-vae")
     assert info.value.response.status_code == 401
     assert hub_server.repos.get("user/tiny-vae") is None
 
 
-def test_trainer_push_to_hub_uploads_a_loadable_pipeline(hub_server, tmp_path):
-    from conftest import quick_vae_args
+# family -> (training module, pipeline class, tag on the card, flags for a tiny run of a few steps)
+FAMILIES = {
+    "vae": ("train_vae", hfgen.VAEPipeline, "vae", ["--hidden_dims", "16", "--latent_dim", "4",
+                                                     "--eval_importance_samples", "1"]),
+    "cvae": ("train_vae", hfgen.ConditionalPipeline, "vae", ["--hidden_dims", "16", "--latent_dim", "4",
+                                                             "--eval_importance_samples", "1", "--conditional"]),
+    "gan": ("train_gan", hfgen.GANPipeline, "gan", ["--base_channels", "8", "--latent_dim", "8"]),
+    "cgan": ("train_gan", hfgen.ConditionalPipeline, "gan", ["--base_channels", "8", "--latent_dim", "8",
+                                                             "--conditional"]),
+    "ddpm": ("train_ddpm", hfgen.DDPMPipeline, "ddpm", ["--block_out_channels", "8", "16", "--num_inference_steps", "2",
+                                                        "--num_train_timesteps", "20", "--eval_vlb_num_images", "4"]),
+    "cddpm": ("train_ddpm", hfgen.DDPMPipeline, "ddpm", ["--block_out_channels", "8", "16", "--num_inference_steps", "2",
+                                                         "--num_train_timesteps", "20", "--eval_vlb_num_images", "4",
+                                                         "--conditional"]),
+    "ldm": ("train_ldm", hfgen.LatentDiffusionPipeline, "ldm", ["--vae_num_epochs", "1", "--vae_hidden_dims", "8", "16",
+                                                               "--block_out_channels", "8", "16", "--num_inference_steps",
+                                                               "2", "--num_train_timesteps", "20"]),
+}
 
-    from hfgen.training.train_vae import main
 
+def family_sample(pipe) -> np.ndarray:
+    """Two images from a fixed generator, from a pipeline of any family."""
+    kwargs = {"num_inference_steps": 2} if isinstance(pipe, hfgen.DDPMPipeline) else {}
+    labels = [3, 7] if pipe.num_classes else None
+    return pipe(2, class_labels=labels, generator=torch.manual_seed(0), output_type="np", **kwargs).images
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trained_folder_round_trips_through_the_hub(hub_server, tmp_path, family):
+    """A trainer run pushes; the class and AutoPipeline download what it saved; a loaded pipeline pushes again."""
+    from conftest import quick_training_args
+
+    module, pipeline_class, tag, flags = FAMILIES[family]
+    main = importlib.import_module(f"hfgen.training.{module}").main
     output_dir = tmp_path / "out"
-    main(quick_vae_args(output_dir, "--max_train_steps", "4", "--hidden_dims", "16", "--checkpointing_steps", "2",
-                             "--eval_importance_samples", "1", "--push_to_hub", "--hub_model_id", "user/trained-vae"))
-    files = set(hub_server.files("user/trained-vae"))
-    assert {"model_index.json", "README.md", "samples.png", "metrics.json", "vae/config.json"} <= files
-    assert not any(path.startswith(("checkpoints/", "logs/")) for path in files)
-    local, remote = hfgen.VAEPipeline.from_pretrained(output_dir), hfgen.VAEPipeline.from_pretrained("user/trained-vae")
-    np.testing.assert_array_equal(sample(remote), sample(local))
-    assert ModelCard.load("user/trained-vae").data.eval_results[0].dataset_name == "hfgen:mnist"
+    repo_id = f"user/{family}"
+    main(quick_training_args(output_dir, *flags, "--max_train_steps", "2", "--train_batch_size", "32",
+                             "--eval_num_samples", "20", "--checkpointing_steps", "1",
+                             "--push_to_hub", "--hub_model_id", repo_id))
+
+    files = set(hub_server.files(repo_id))
+    assert {"model_index.json", "README.md", "samples.png", "metrics.json"} <= files
+    assert not any(path.startswith(("checkpoints/", "logs/", "samples/", "first_stage/")) for path in files)
+    local = pipeline_class.from_pretrained(output_dir)
+    assert all(any(path.startswith(f"{name}/") for path in files) for name, part in local.components.items() if part)
+    expected = family_sample(local)
+    for loaded in (pipeline_class.from_pretrained(repo_id), hfgen.AutoPipeline.from_pretrained(repo_id)):
+        assert type(loaded) is pipeline_class
+        np.testing.assert_allclose(family_sample(loaded), expected, rtol=0, atol=1e-6)
+
+    card = ModelCard.load(repo_id)
+    assert card.data.library_name == "hfgen" and {"hfgen", tag} <= set(card.data.tags)
+    assert f"{pipeline_class.__name__}.from_pretrained" in card.text
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert "fd" in metrics  # every family is evaluated here, so its metrics must reach the card
+    assert {result.metric_type: result.metric_value for result in card.data.eval_results} == \
+        {name: round(value, 4) for name, value in metrics.items()}
+    assert {(result.dataset_name, result.dataset_split) for result in card.data.eval_results} == {("hfgen:mnist", "test")}
+
+    local.push_to_hub(f"{repo_id}-2")  # a new repo: the pipeline writes an hfgen card itself
+    np.testing.assert_allclose(family_sample(pipeline_class.from_pretrained(f"{repo_id}-2")), expected, rtol=0, atol=1e-6)
+    new_card = ModelCard.load(f"{repo_id}-2")
+    assert new_card.data.library_name == "hfgen" and {"hfgen", tag} <= set(new_card.data.tags)
+    local.push_to_hub(repo_id)  # an existing repo keeps the card training wrote, metrics included
+    assert ModelCard.load(repo_id).data.eval_results == card.data.eval_results
+    assert hub_server.unknown_requests == []
 
 
 def test_push_with_a_wrong_token_is_refused(hub_server, tmp_path):
@@ -190,3 +248,14 @@ def test_server_lists_trees_deletes_files_and_rejects_unknown_routes(hub_server)
     response = get_session().get(f"{hub_server.url}/api/whoami-v2")
     assert response.status_code == 404 and "no route" in response.json()["error"]
     assert hub_server.unknown_requests == [("GET", "/api/whoami-v2")]
+
+
+@pytest.mark.parametrize("model_index, message", [
+    ({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"},
+     "'user/not-hfgen' holds a 'StableDiffusionPipeline' pipeline; hfgen pipelines are \\['ConditionalPipeline'"),
+    ({"_diffusers_version": "0.42.1"}, "'user/not-hfgen' holds no `_class_name` in its model_index.json"),
+])
+def test_auto_pipeline_names_a_hub_repo_that_holds_no_hfgen_pipeline(hub_server, model_index, message):
+    hub_server.create_repo("user/not-hfgen", {"model_index.json": json.dumps(model_index).encode()})
+    with pytest.raises(ValueError, match=message):
+        hfgen.AutoPipeline.from_pretrained("user/not-hfgen")

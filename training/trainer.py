@@ -151,6 +151,9 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
             # Seeded sampling + set_epoch make a resumed run see the same batches as an uninterrupted one.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # One lr-schedule step per optimizer step, whatever the number of processes: a checkpoint's schedule
+            # position then means the same to any number of processes resuming it.
+            step_scheduler_with_optimizer=False,
         )
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         set_seed(args.seed)
@@ -170,7 +173,7 @@ class Trainer:
         )
         if len(train_dataloader) == 0:
             raise ValueError(f"`--train_batch_size` {args.train_batch_size} exceeds the {len(self.train_dataset)} training images")
-        # Each process sees 1/num_processes of the batches; the lr schedule is stepped once per process.
+        # Each process sees 1/num_processes of the batches.
         num_processes = self.accelerator.num_processes
         batches_per_process = math.ceil(len(train_dataloader) / num_processes)
         steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
@@ -179,8 +182,8 @@ class Trainer:
             name: get_scheduler(
                 args.lr_scheduler,
                 optimizer=optimizer,
-                num_warmup_steps=args.lr_warmup_steps * num_processes,
-                num_training_steps=self.max_train_steps * num_processes,
+                num_warmup_steps=args.lr_warmup_steps,
+                num_training_steps=self.max_train_steps,
             )
             for name, optimizer in self.optimizers.items()
         }
@@ -202,6 +205,9 @@ class Trainer:
                 ema.to(self.accelerator.device)
                 self.accelerator.register_for_checkpointing(ema)  # saved and resumed with the checkpoints
                 self.ema_models[name] = ema
+        # Models were initialised alike on every process; from here each process draws its own noise (latents,
+        # timesteps, dropped labels), as the batches differ too. One process keeps the plain seed.
+        set_seed(args.seed, device_specific=True)
         self.steps_per_epoch = math.ceil(len(self.train_dataloader) / args.gradient_accumulation_steps)
         self.num_epochs = math.ceil(self.max_train_steps / self.steps_per_epoch)
         self.global_step = 0
@@ -421,7 +427,10 @@ class Trainer:
         args = self.args
         pipeline = self.build_pipeline()
         pipeline.save_pretrained(args.output_dir)
-        self.save_sample_grid(os.path.join(args.output_dir, SAMPLE_GRID))
+        self.save_sample_grid(os.path.join(args.output_dir, SAMPLE_GRID))  # leaves the models in train mode
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()  # evaluated as it is loaded: batch norm on its running statistics
         metrics = self.evaluate(pipeline, args.eval_num_samples)
         logger.info("test metrics: %s", metrics)
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as file:
