@@ -1,4 +1,5 @@
-"""A short check of hfgen on a CUDA GPU: VAE and GAN training with mixed precision, sampling, evaluation.
+"""A short check of hfgen on a CUDA GPU: VAE, GAN, DDPM and latent diffusion training with mixed precision,
+sampling, evaluation.
 
     python benchmarks/device_check.py            # prints one line per check, exits non-zero on failure
 
@@ -18,8 +19,10 @@ import time
 
 import torch
 
-from hfgen import AutoPipeline, ConditionalPipeline, VAEPipeline
+from hfgen import AutoPipeline, VAEPipeline
+from hfgen.training.train_ddpm import main as train_ddpm
 from hfgen.training.train_gan import main as train_gan
+from hfgen.training.train_ldm import main as train_ldm
 from hfgen.training.train_vae import main as train_vae
 
 
@@ -31,14 +34,15 @@ def check(name, condition, detail=""):
 def check_sampling_devices(name: str, folder: str) -> list[bool]:
     """The folder samples the same images on CPU and GPU for one CPU generator, and takes a CUDA generator."""
     pipe = AutoPipeline.from_pretrained(folder)
-    labels = list(range(10)) if isinstance(pipe, ConditionalPipeline) else None
-    on_cpu = pipe(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
-    on_gpu = pipe.to("cuda")(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
+    labels = list(range(10)) if pipe.num_classes else None
+    kwargs = {"num_inference_steps": 50} if hasattr(pipe, "scheduler") else {}
+    on_cpu = pipe(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt", **kwargs).images
+    on_gpu = pipe.to("cuda")(10, class_labels=labels, generator=torch.manual_seed(0), output_type="pt", **kwargs).images
     cuda_generator = pipe(4, class_labels=labels and labels[:4], generator=torch.Generator("cuda").manual_seed(0),
-                          output_type="np").images
+                          output_type="np", **kwargs).images
     return [check(f"sample {name} cuda == cpu", torch.allclose(on_cpu, on_gpu, atol=1e-3),
                   f"max diff {(on_cpu - on_gpu).abs().max().item():.2e}"),
-            check(f"sample {name} with a cuda generator", cuda_generator.shape == (4, 28, 28, 1))]
+            check(f"sample {name} with a cuda generator", cuda_generator.shape == (4, pipe.sample_size, pipe.sample_size, 1))]
 
 
 def main() -> int:
@@ -76,6 +80,19 @@ def main() -> int:
             seconds = time.perf_counter() - start
             fd = json.load(open(f"{out}/metrics.json"))["fd"]
             results.append(check(f"train {name}", fd < 600, f"{seconds:.1f}s, FD {fd:.1f}"))
+            results += check_sampling_devices(name, out)
+        diffusion_runs = {  # FD and the sampling checks with 50 steps of the saved DDPMScheduler
+            "cddpm-bf16-ema": (train_ddpm, ["--mixed_precision", "bf16", "--conditional", "--use_ema", "--num_epochs", "3"]),
+            "ldm-fp16": (train_ldm, ["--mixed_precision", "fp16", "--vae_num_epochs", "5", "--num_epochs", "3"]),
+        }
+        for name, (train, flags) in diffusion_runs.items():
+            out = f"{root}/{name}"
+            start = time.perf_counter()
+            train(["--output_dir", out, "--logger", "none", "--save_images_epochs", "0", "--checkpointing_steps", "500",
+                   "--eval_num_samples", "500", *flags])
+            seconds = time.perf_counter() - start
+            metrics = json.load(open(f"{out}/metrics.json"))
+            results.append(check(f"train {name}", metrics["fd"] < 700, f"{seconds:.1f}s, metrics {metrics}"))
             results += check_sampling_devices(name, out)
         # resume on the GPU
         out = f"{root}/resume"
