@@ -5,7 +5,7 @@ import torch
 from conftest import interrupt_then_resume, quick_training_args, same_weights
 from diffusers import UNet2DModel
 
-from hfgen import AutoPipeline, LatentDiffusionPipeline, VAEModel, VAEPipeline
+from hfgen import AutoPipeline, GANPipeline, Generator, LatentDiffusionPipeline, VAEModel, VAEPipeline
 from hfgen.data import load_image_dataset
 from hfgen.latent_tools import encode_images
 from hfgen.metrics import evaluate_pipeline
@@ -89,3 +89,6 @@ def test_first_stages_that_cannot_serve_are_clear_errors(trained_vae_dir, traine
         main(quick_training_args(tmp_path, *TINY, "--vae_path", trained_vae_dir, "--resolution", "28"))
     with pytest.raises(ValueError, match=r"takes \(1, 32, 32\) images but the data are \(1, 28, 28\)"):
         main(quick_training_args(tmp_path, *TINY, "--vae_path", trained_ldm_dir / "first_stage", "--resolution", "28"))
+    GANPipeline(Generator(latent_dim=4, base_channels=8)).save_pretrained(tmp_path / "gan")
+    with pytest.raises(ValueError, match="holds a GANPipeline without a VAE first stage"):
+        main(quick_training_args(tmp_path, *TINY, "--vae_path", tmp_path / "gan"))

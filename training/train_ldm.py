@@ -21,7 +21,6 @@ from hfgen.latent_tools import encode_images, latent_scaling_factor
 from hfgen.models import VAEModel
 from hfgen.models.vae import LIKELIHOODS
 from hfgen.pipelines import AutoPipeline, LatentDiffusionPipeline
-from hfgen.pipelines.pipeline_utils import resolve_pretrained_path
 
 from . import train_vae
 from .train_ddpm import DDPMTrainer, diffusion_parser
@@ -64,10 +63,11 @@ def first_stage_args(args) -> list[str]:
 
 
 def load_first_stage(path: str) -> VAEModel:
-    """A VAE pipeline folder or repo id (its `vae`), or a saved VAEModel folder -> the VAEModel."""
+    """A pipeline folder or repo id with a `vae` (a VAE or latent diffusion pipeline), or a saved VAEModel folder
+    -> the VAEModel."""
     if os.path.isfile(os.path.join(path, "config.json")):
         return VAEModel.from_pretrained(path)
-    pipeline = AutoPipeline.from_pretrained(resolve_pretrained_path(path))
+    pipeline = AutoPipeline.from_pretrained(path)
     if not isinstance(getattr(pipeline, "vae", None), VAEModel):
         raise ValueError(f"`--vae_path` {path!r} holds a {type(pipeline).__name__} without a VAE first stage")
     return pipeline.vae
