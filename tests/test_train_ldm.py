@@ -32,6 +32,7 @@ def test_digits_32px():
 def test_one_command_trains_both_stages_into_loadable_folders(trained_ldm_dir):
     pipe = AutoPipeline.from_pretrained(trained_ldm_dir)
     assert isinstance(pipe, LatentDiffusionPipeline) and pipe.vae.latent_shape == (4, 8, 8)
+    assert pipe.scheduler.config.clip_sample is False  # latents are not in [-1, 1]
     first_stage = VAEPipeline.from_pretrained(trained_ldm_dir / "first_stage")
     assert all(torch.equal(a, b) for a, b in zip(first_stage.vae.state_dict().values(), pipe.vae.state_dict().values()))
     card = (trained_ldm_dir / "README.md").read_text()

@@ -15,6 +15,7 @@ the pipeline's config). Every DDPM flag applies to the second stage.
 import os
 
 import torch
+from diffusers import DDPMScheduler
 
 from hfgen.data import ImageDataset
 from hfgen.latent_tools import encode_images, latent_scaling_factor
@@ -94,7 +95,10 @@ class LDMTrainer(DDPMTrainer):
         # the batches carry each image's posterior (mean and logvar, stacked on the channel axis) and its label
         moments = torch.cat([posterior.mean, posterior.logvar], dim=1).cpu()
         self.latent_dataset = ImageDataset(moments, self.train_dataset.labels, self.train_dataset.id2label)
-        return super().build_models()
+        models = super().build_models()
+        # scaled latents have unit variance, not the [-1, 1] range of images: the sampler must not clip z0 to it
+        self.noise_scheduler = DDPMScheduler.from_config(self.noise_scheduler.config, clip_sample=False)
+        return models
 
     def sample_shape(self):
         return tuple(self.vae.latent_shape)
