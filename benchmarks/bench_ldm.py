@@ -479,13 +479,13 @@ def main():
         *[fd_row(f"latent diffusion ({clip_label(name)}), {args.inference_steps} steps", "z0 / scaling_factor", name)
           for name in ("ldm_noclip", "ldm_clip")],
         fd_row(f"pixel DDPM, {args.inference_steps} steps", "–", "ddpm"),
-        fd_row("reference: VAE decoder on exact aggregated-posterior samples", "z ~ q(z|x_n), N random training digits",
+        fd_row("reference: VAE decoder on exact aggregated-posterior samples", "z ~ q(z\\|x_n), N random training digits",
                "exact_q"),
         fd_row("reference: real training digits", "–", "real"),
     ]
     labels = {
-        "held-out": "held-out: z ~ q(z|x), one per test digit",
-        "leave-one-out": "leave-one-out: z ~ q(z|x_n), N training digits, own component left out",
+        "held-out": "held-out: z ~ q(z\\|x), one per test digit",
+        "leave-one-out": "leave-one-out: z ~ q(z\\|x_n), N training digits, own component left out",
         "prior": "prior z ~ N(0, I) (the VAE's samples above)",
         "ldm_noclip": f"latent diffusion z0 / scaling_factor ({clip_label('ldm_noclip')})",
         "ldm_clip": f"latent diffusion z0 / scaling_factor ({clip_label('ldm_clip')})",
