@@ -84,7 +84,8 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     add("--logging_steps", type=int, default=10)
     add("--feature_extractor", default="auto",
         help='Features of the Fréchet distance (FD): "auto" (hfgen\'s digit classifier for 1-channel images of at '
-             'least 28 px, resized to 28; else no FD), "none", "hfgen:digit-classifier", a saved DigitClassifier folder, or "inception".')
+             'least 28 px, resized to 28; else no FD), "none", "hfgen:digit-classifier", a saved DigitClassifier '
+             'folder, or "inception".')
     add("--eval_num_samples", type=int, default=1000, help="Samples for the final FD on the test split.")
     add("--eval_fd_steps", type=int, default=0, help="Also log a cheap FD every N steps (0: only at the end).")
     add("--eval_fd_num_samples", type=int, default=200, help="Samples for the periodic FD.")
