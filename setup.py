@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     # pipelines/ and training/ live at the top of the repository but install inside hfgen,
     # so nothing but `hfgen` lands in site-packages.
-    packages=["hfgen", "hfgen.models", "hfgen.pipelines", "hfgen.training"],
+    packages=["hfgen", "hfgen.data", "hfgen.models", "hfgen.pipelines", "hfgen.training"],
     package_dir={"hfgen": "hfgen", "hfgen.pipelines": "pipelines", "hfgen.training": "training"},
     install_requires=[
         "torch>=2.1,<3",

@@ -154,7 +154,7 @@ def train_all(args, root):
     ldm_args = train_ldm.parse_args(common_flags(args, os.path.join(root, "ldm")) + ["--vae_num_epochs", str(args.vae_epochs)])
     ldm_args.vae_path = os.path.join(ldm_args.output_dir, train_ldm.FIRST_STAGE)
     stages = (
-        ("vae", lambda: train_vae.main(train_ldm.first_stage_args(ldm_args))),
+        ("vae", lambda: train_ldm.train_first_stage(ldm_args)),
         ("ldm", lambda: TimedLDMTrainer(ldm_args)),
         ("ddpm", lambda: TimedDDPMTrainer(train_ddpm.parse_args(common_flags(args, os.path.join(root, "ddpm"))))),
     )

@@ -52,11 +52,12 @@ def write_model_card(
     metrics: dict[str, float] | None = None,
     training_config: dict | None = None,
     task_type: str = "unconditional-image-generation",
+    split: str = "test",
 ) -> ModelCard:
-    """Writes folder/README.md: metadata (library, tags, test metrics of `dataset_name` as model-index), usage,
-    config, training config and sample grid; sections without content are left out."""
+    """Writes folder/README.md: metadata (library, tags, metrics on the `split` split of `dataset_name` as
+    model-index), usage, config, training config and sample grid; sections without content are left out."""
     metrics = metrics or {}
-    eval_results = _eval_results(metrics, dataset_name, "test", task_type)
+    eval_results = _eval_results(metrics, dataset_name, split, task_type)
     card_data = ModelCardData(
         library_name="hfgen",
         pipeline_tag=task_type,
@@ -65,7 +66,7 @@ def write_model_card(
         eval_results=eval_results or None,
     )
     config_lines = "\n".join(f"- `{key}`: `{value}`" for key, value in model_config.items() if not key.startswith("_"))
-    evaluation = (f"{_evaluation_heading(dataset_name, 'test')}\n\n{METRICS_TABLE_HEADER}{_metric_rows(metrics)}\n\n"
+    evaluation = (f"{_evaluation_heading(dataset_name, split)}\n\n{METRICS_TABLE_HEADER}{_metric_rows(metrics)}\n\n"
                   if metrics else "")
     training = "## Training\n\n" + "\n".join(f"- `{key}`: `{value}`" for key, value in training_config.items()) + "\n" \
         if training_config else ""

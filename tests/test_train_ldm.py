@@ -48,9 +48,9 @@ def test_scaled_training_latents_have_unit_variance(trained_ldm_dir):
 
 def test_trained_first_stage_reconstructs_test_digits(trained_ldm_dir, test_digits_32px):
     pipe = LatentDiffusionPipeline.from_pretrained(trained_ldm_dir)
-    error = reconstruction_mse(pipe.vae, test_digits_32px.images)
+    error = reconstruction_mse(pipe.vae, test_digits_32px)
     torch.manual_seed(0)
-    untrained_error = reconstruction_mse(VAEModel.from_config(pipe.vae.config), test_digits_32px.images)
+    untrained_error = reconstruction_mse(VAEModel.from_config(pipe.vae.config), test_digits_32px)
     assert error < 0.03 and error < 0.3 * untrained_error, (error, untrained_error)  # seen: ~0.012 vs ~0.18
     metrics = json.loads((trained_ldm_dir / "metrics.json").read_text())
     assert metrics["first_stage_reconstruction_mse"] == pytest.approx(error, rel=1e-4)

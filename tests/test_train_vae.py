@@ -143,7 +143,7 @@ def test_bad_flags_are_clear_errors(tmp_path, flags, message):
 def test_conditional_needs_labels(tmp_path):
     from hfgen.data import ImageDataset
 
-    trainer_cls = type("Unlabelled", (VAETrainer,), {"load_split": lambda self, split: ImageDataset(
+    trainer_cls = type("Unlabelled", (VAETrainer,), {"load_split": lambda self, split, augment=False: ImageDataset(
         torch.rand(10, 1, 28, 28), torch.zeros(10, dtype=torch.long), None)})
     with pytest.raises(ValueError, match="`--conditional` needs a labelled dataset"):
         trainer_cls(parse_args(quick_vae_args(tmp_path, "--conditional", "--train_batch_size", "5")))

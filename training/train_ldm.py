@@ -10,23 +10,38 @@ S = resolution / 2 ** len(--vae_hidden_dims); 4x8x8 for the default 32 px digits
 `train_ddpm.py`'s trainer on latents: the training images are encoded once, their posteriors q(z|x) cached,
 and every batch draws z ~ q(z|x), scaled by the factor that gives the training latents unit variance (stored in
 the pipeline's config). Every DDPM flag applies to the second stage.
+
+The posteriors are encoded once, in chunks, into a memory-mapped cache on disk (`hfgen.latent_cache`, under
+--latent_cache_dir), which later runs with the same first stage and data reuse. Images are center-cropped, since
+a random crop cannot be cached; with --random_flip the mirror images' posteriors are cached too.
 """
 
+import argparse
 import os
 
 import torch
 from diffusers import DDPMScheduler
 
-from hfgen.data import ImageDataset
-from hfgen.latent_tools import encode_images, latent_scaling_factor
+from hfgen.data import image_batches
+from hfgen.latent_cache import LatentDataset, encode_to_cache
+from hfgen.metrics import hfgen_cache_dir
 from hfgen.models import VAEModel
 from hfgen.models.vae import LIKELIHOODS
 from hfgen.pipelines import AutoPipeline, LatentDiffusionPipeline
 
 from . import train_vae
 from .train_ddpm import DDPMTrainer, diffusion_parser
+from .trainer import training_parser
 
 FIRST_STAGE = "first_stage"
+# Shared flags that configure the second stage only; every other shared flag (data, seed, precision, logging,
+# evaluation, checkpointing, ...) reaches the first stage too, so that a new shared flag cannot be lost on the way.
+SECOND_STAGE_ONLY = frozenset({
+    "output_dir", "num_epochs", "max_train_steps", "learning_rate", "conditional", "train_batch_size",
+    "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
+    "max_grad_norm", "use_ema", "ema_max_decay", "ema_inv_gamma", "ema_power", "resume_from_checkpoint",
+    "eval_fd_steps", "eval_fd_num_samples", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo",
+})
 
 
 def parse_args(argv=None):
@@ -40,27 +55,31 @@ def parse_args(argv=None):
     add("--vae_num_epochs", type=int, default=20, help="First stage: epochs.")
     add("--vae_learning_rate", type=float, default=2e-3, help="First stage: learning rate.")
     add("--vae_likelihood", default="bernoulli", choices=LIKELIHOODS, help="First stage: decoder.")
-    parser.set_defaults(resolution=32, block_out_channels=[64, 128])
+    add("--latent_cache_dir", default=None,
+        help="Where the training latents are cached on disk (default: $HFGEN_CACHE/latents), reused by later runs.")
+    # Latents are encoded once per image: a random crop cannot be cached, so images are always center-cropped.
+    # Flips are cached both ways (--random_flip).
+    parser.set_defaults(resolution=32, block_out_channels=[64, 128], center_crop=True)
     return parser.parse_args(argv)
 
 
-def first_stage_args(args) -> list[str]:
-    """`train_vae.py` flags for the first stage: the data, seed, precision and evaluation of this run."""
-    argv = ["--output_dir", os.path.join(args.output_dir, FIRST_STAGE), "--architecture", "conv",
-            "--hidden_dims", *map(str, args.vae_hidden_dims), "--latent_channels", str(args.vae_latent_channels),
-            "--likelihood", args.vae_likelihood, "--num_epochs", str(args.vae_num_epochs),
-            "--learning_rate", str(args.vae_learning_rate), "--dataset_name", str(args.dataset_name),
-            "--resolution", str(args.resolution), "--seed", str(args.seed), "--mixed_precision", args.mixed_precision,
-            "--logger", args.logger, "--feature_extractor", args.feature_extractor,
-            "--eval_num_samples", str(args.eval_num_samples), "--num_validation_images", str(args.num_validation_images),
-            "--save_images_epochs", str(args.save_images_epochs), "--checkpointing_steps", str(args.checkpointing_steps)]
-    if args.train_data_dir:
-        argv += ["--train_data_dir", args.train_data_dir]
-    if args.num_channels:
-        argv += ["--num_channels", str(args.num_channels)]
-    if args.resume_from_checkpoint:  # an interrupted first stage continues too
-        argv += ["--resume_from_checkpoint", "latest"]
-    return argv
+def first_stage_args(args) -> argparse.Namespace:
+    """`train_vae.py`'s arguments for the first stage: every shared flag of this run except SECOND_STAGE_ONLY,
+    and the --vae_* flags."""
+    vae_args = train_vae.parse_args(["--output_dir", os.path.join(args.output_dir, FIRST_STAGE)])
+    shared = {action.dest for action in training_parser("")._actions if action.dest != "help"}
+    for name in shared - SECOND_STAGE_ONLY:
+        setattr(vae_args, name, getattr(args, name))
+    vae_args.architecture, vae_args.hidden_dims = "conv", args.vae_hidden_dims
+    vae_args.latent_channels, vae_args.likelihood = args.vae_latent_channels, args.vae_likelihood
+    vae_args.num_epochs, vae_args.learning_rate = args.vae_num_epochs, args.vae_learning_rate
+    vae_args.resume_from_checkpoint = "latest" if args.resume_from_checkpoint else None  # an interrupted first stage continues
+    return vae_args
+
+
+def train_first_stage(args) -> str:
+    """Trains the first stage into OUTPUT_DIR/first_stage; returns that folder."""
+    return train_vae.VAETrainer(first_stage_args(args)).train()
 
 
 def load_first_stage(path: str) -> VAEModel:
@@ -90,11 +109,17 @@ class LDMTrainer(DDPMTrainer):
         if self.vae.image_shape != self.train_dataset.image_shape:
             raise ValueError(f"the VAE at `--vae_path` takes {self.vae.image_shape} images but the data are "
                              f"{self.train_dataset.image_shape}: set --resolution / --num_channels to match")
-        posterior = encode_images(self.vae, self.train_dataset.images)  # cached: encoded once for all epochs
-        self.scaling_factor = latent_scaling_factor(posterior)
-        # the batches carry each image's posterior (mean and logvar, stacked on the channel axis) and its label
-        moments = torch.cat([posterior.mean, posterior.logvar], dim=1).cpu()
-        self.latent_dataset = ImageDataset(moments, self.train_dataset.labels, self.train_dataset.id2label)
+        if self.args.streaming:
+            raise ValueError("latent diffusion encodes every training image once into a cache: `--streaming` is not "
+                             "supported (use `--max_train_samples` to train on part of a large dataset)")
+        cache_dir = self.args.latent_cache_dir or os.path.join(hfgen_cache_dir(), "latents")
+        unaugmented = self.load_split("train")
+        with self.accelerator.main_process_first():  # the main process encodes; the others then find the cache
+            folder = encode_to_cache(self.vae, unaugmented, cache_dir, flips=self.args.random_flip,
+                                     batch_size=self.args.eval_batch_size, num_workers=self.args.dataloader_num_workers,
+                                     show_progress=self.accelerator.is_local_main_process)
+        self.latent_dataset = LatentDataset(folder, unaugmented.labels, unaugmented.id2label, seed=self.args.seed)
+        self.scaling_factor = self.latent_dataset.scaling_factor
         models = super().build_models()
         # scaled latents have unit variance, not the [-1, 1] range of images: the sampler must not clip z0 to it
         self.noise_scheduler = DDPMScheduler.from_config(self.noise_scheduler.config, clip_sample=False)
@@ -107,9 +132,8 @@ class LDMTrainer(DDPMTrainer):
         return self.latent_dataset
 
     def clean_sample(self, batch):
-        """Posterior moments (B, 2C, S, S) -> z0 = scaling_factor * z, z ~ q(z|x) by reparameterization."""
-        mean, logvar = batch.chunk(2, dim=1)
-        return self.scaling_factor * (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
+        """Posterior moments (B, 2C, S, S) -> z0 = scaling_factor * z, z ~ q(z|x)."""
+        return self.scaling_factor * self.latent_dataset.posterior(batch).sample()
 
     def build_pipeline(self):
         pipeline = super().build_pipeline()
@@ -118,7 +142,7 @@ class LDMTrainer(DDPMTrainer):
     def evaluate(self, pipeline, num_samples, likelihood=True):
         metrics = super().evaluate(pipeline, num_samples, likelihood)
         if likelihood:  # the final evaluation also reports how well the first stage reconstructs
-            metrics["first_stage_reconstruction_mse"] = reconstruction_mse(self.vae, self.test_dataset.images)
+            metrics["first_stage_reconstruction_mse"] = reconstruction_mse(self.vae, self.test_dataset)
         return metrics
 
     def model_card_description(self):
@@ -131,14 +155,16 @@ class LDMTrainer(DDPMTrainer):
 
 
 @torch.no_grad()
-def reconstruction_mse(vae: VAEModel, images: torch.Tensor, batch_size: int = 500) -> float:
-    """Mean squared error per pixel of x against decode(E[q(z|x)]) for images (N, C, H, W) in [0, 1]."""
-    posterior = encode_images(vae, images, batch_size)
-    total = 0.0
-    for start in range(0, len(images), batch_size):
-        decoded = vae.decode(posterior.mean[start:start + batch_size]).sample
-        total += torch.sum((decoded.float().cpu() - images[start:start + batch_size]) ** 2).item()
-    return total / images.numel()
+def reconstruction_mse(vae: VAEModel, dataset, batch_size: int = 500) -> float:
+    """Mean squared error per pixel of x against decode(E[q(z|x)]) over the images of `dataset` (in [0, 1])."""
+    parameter = next(vae.parameters())
+    total, count = 0.0, 0
+    for images, _ in image_batches(dataset, len(dataset), batch_size=batch_size):
+        posterior = vae.encode(images.to(parameter.device, parameter.dtype)).latent_dist
+        decoded = vae.decode(posterior.mean).sample.float().cpu()
+        total += torch.sum((decoded - images) ** 2).item()
+        count += images.numel()
+    return total / count
 
 
 def main(argv=None) -> str:
@@ -146,7 +172,7 @@ def main(argv=None) -> str:
     if args.vae_path is None:
         args.vae_path = os.path.join(args.output_dir, FIRST_STAGE)
         if not os.path.isfile(os.path.join(args.vae_path, "model_index.json")):  # not trained yet (or interrupted)
-            train_vae.main(first_stage_args(args))
+            train_first_stage(args)
     return LDMTrainer(args).train()
 
 

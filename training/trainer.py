@@ -33,7 +33,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from hfgen.data import BUILTIN_DATASETS, load_image_dataset, training_dataloader
+from hfgen.data import BUILTIN_DATASETS, StreamingImageDataset, dataset_length, open_image_source, training_dataloader
 from hfgen.hub_utils import SAMPLE_GRID, push_folder, write_model_card
 from hfgen.image_processing import image_grid
 from hfgen.metrics import DEFAULT_FEATURE_EXTRACTOR, evaluate_pipeline, load_feature_extractor
@@ -52,10 +52,26 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--output_dir", required=True, help="Where the pipeline folder, checkpoints and logs are written.")
     add("--dataset_name", default="hfgen:mnist",
-        help=f"Built-in ({', '.join(BUILTIN_DATASETS)}: no network) or a `datasets` name on the Hub.")
+        help=f"Built-in ({', '.join(BUILTIN_DATASETS)}: no network), a `datasets` name on the Hub, a folder saved "
+             "with save_to_disk, or a folder of parquet files.")
+    add("--dataset_config_name", default=None, help="The dataset's configuration, if it has several.")
     add("--train_data_dir", default=None, help="A local image folder (class sub-folders or metadata.jsonl).")
-    add("--resolution", type=int, default=28, help="Images are resized to resolution x resolution.")
+    add("--image_column", default=None, help="Column of the images (default: the first image column).")
+    add("--caption_column", default=None, help="Column of the captions (kept with the data for text conditioning).")
+    add("--cache_dir", default=None, help="Where `datasets` caches downloaded datasets.")
+    add("--streaming", action="store_true",
+        help="Stream a dataset too large to download; each process reads its own shard. Needs --max_train_steps.")
+    add("--max_train_samples", type=int, default=None, help="Train on this many images of the train split at most.")
+    add("--validation_split", type=float, default=None,
+        help="Hold out this share of a source without a test split as its test split (for FD).")
+    add("--resolution", type=int, default=28,
+        help="The shorter side is resized to this, then a resolution x resolution crop is taken.")
+    add("--center_crop", action="store_true", help="Crop the center (default: a random crop, as diffusers' scripts).")
+    add("--random_flip", action="store_true", help="Flip training images horizontally with probability 1/2.")
+    add("--no_resize", action="store_true", help="Crop images as they are, without resizing the shorter side first.")
     add("--num_channels", type=int, default=None, help="1 or 3 for image folders; inferred when omitted.")
+    add("--skip_corrupt_images", action="store_true",
+        help="Skip image files that cannot be decoded (counted in the log) instead of stopping with an error.")
     add("--conditional", action="store_true", help="Condition the model on the dataset's class labels.")
     add("--train_batch_size", type=int, default=100, help="Batch size per process.")
     add("--eval_batch_size", type=int, default=250)
@@ -104,7 +120,7 @@ def check_training_args(args: argparse.Namespace) -> None:
                  "logging_steps", "num_epochs", "num_validation_images", "eval_num_samples", "eval_fd_num_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}")
-    for name in ("max_train_steps", "checkpoints_total_limit"):
+    for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be >= 1 when given, got {getattr(args, name)}")
     for name in ("lr_warmup_steps", "save_images_epochs", "dataloader_num_workers", "eval_fd_steps"):
@@ -112,6 +128,15 @@ def check_training_args(args: argparse.Namespace) -> None:
             raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.ema_max_decay < 1:
         raise ValueError(f"`--ema_max_decay` must be in [0, 1), got {args.ema_max_decay}")
+    if args.validation_split is not None and not 0 < args.validation_split < 1:
+        raise ValueError(f"`--validation_split` must be a fraction in (0, 1), got {args.validation_split}")
+    if args.streaming and args.max_train_steps is None:
+        raise ValueError("`--streaming` needs `--max_train_steps`: a streamed dataset has no length to count "
+                         "epochs (`--num_epochs`) from")
+    if args.streaming and args.validation_split is not None:
+        raise ValueError("`--validation_split` needs the dataset's length, which `--streaming` does not have")
+    if args.num_channels not in (None, 1, 3):
+        raise ValueError(f"`--num_channels` must be 1 or 3, got {args.num_channels}")
     if not args.learning_rate > 0:
         raise ValueError(f"`--learning_rate` must be > 0, got {args.learning_rate}")
     if args.push_to_hub and not args.hub_model_id:
@@ -139,17 +164,42 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         check_training_args(args)
         self.args = args
-        logging_dir = os.path.join(args.output_dir, "logs")
-        log_with = self._tracker(args.logger)
+        self.global_step = 0
+        self.checkpoint_dir = os.path.join(args.output_dir, "checkpoints")
+        self.start_time = time.time()
+        self.accelerator = self.build_accelerator()
+        self.load_data()
+        self.feature_extractor = self.load_feature_extractor()
+        self.models = self.build_models()
+        self.optimizers = self.build_optimizers()
+        self.train_dataloader = training_dataloader(
+            self.training_data(), args.train_batch_size, args.seed, args.dataloader_num_workers)
+        self.plan_steps()
+        self.lr_schedulers = {
+            name: get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                num_training_steps=self.max_train_steps)
+            for name, optimizer in self.optimizers.items()
+        }
+        self.prepare()
+        self.ema_models = self.build_ema_models()
+        # Models were initialised alike on every process; from here each process draws its own noise (latents,
+        # timesteps, dropped labels), as the batches differ too. One process keeps the plain seed.
+        set_seed(args.seed, device_specific=True)
+
+    # ----- set-up, in the order __init__ runs it ------------------------------------------------------------
+
+    def build_accelerator(self) -> Accelerator:
+        args = self.args
         # accelerate keeps one state per process; each Trainer (a second run in a notebook or a test, maybe with
         # another precision) starts from a fresh one. The process-level distributed set-up (PartialState) stays.
         AcceleratorState._reset_state()
         GradientState._reset_state()
-        self.accelerator = Accelerator(
+        accelerator = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=args.mixed_precision,
-            log_with=log_with,
-            project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+            log_with=self._tracker(args.logger),
+            project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                logging_dir=os.path.join(args.output_dir, "logs")),
             # Seeded sampling + set_epoch make a resumed run see the same batches as an uninterrupted one.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             # One lr-schedule step per optimizer step, whatever the number of processes: a checkpoint's schedule
@@ -158,61 +208,71 @@ class Trainer:
         )
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         set_seed(args.seed)
+        return accelerator
 
-        self.train_dataset = self.load_split("train")
-        self.test_dataset = self.load_split("test")
+    def load_data(self) -> None:
+        """The training split (augmented) and the split FD compares with (the test split, else the training
+        images), decoded lazily; what the family's models condition on."""
+        args = self.args
+        self.source = open_image_source(
+            args.dataset_name, args.train_data_dir, dataset_config_name=args.dataset_config_name,
+            image_column=args.image_column, caption_column=args.caption_column, streaming=args.streaming,
+            validation_split=args.validation_split, max_train_samples=args.max_train_samples, cache_dir=args.cache_dir,
+            process_index=self.accelerator.process_index, num_processes=self.accelerator.num_processes)
+        self.train_dataset = self.load_split("train", augment=True)
+        self.test_dataset = self.load_split(self.source.test_split)
         if args.conditional and self.train_dataset.num_classes < 2:
             raise ValueError("`--conditional` needs a labelled dataset with at least 2 classes")
         # what a family passes to its models: the classes under --conditional, none otherwise
         self.num_classes = self.train_dataset.num_classes if args.conditional else 0
         self.id2label = self.train_dataset.id2label if args.conditional else None
-        self.feature_extractor = self.load_feature_extractor()
-        self.models = self.build_models()
-        self.optimizers = self.build_optimizers()
-        train_dataloader = training_dataloader(
-            self.training_data(), args.train_batch_size, args.seed, args.dataloader_num_workers
-        )
-        if len(train_dataloader) == 0:
-            raise ValueError(f"`--train_batch_size` {args.train_batch_size} exceeds the {len(self.train_dataset)} training images")
-        # Each process sees 1/num_processes of the batches.
+
+    def plan_steps(self) -> None:
+        """max_train_steps, from the number of batches each process will see."""
+        args = self.args
+        self.steps_per_epoch = self.num_epochs = None  # known once the dataloader is prepared, unless streamed
+        if dataset_length(self.train_dataloader.dataset) is None:  # streamed: --max_train_steps is required
+            self.max_train_steps = args.max_train_steps
+            return
+        if len(self.train_dataloader) == 0:
+            raise ValueError(f"`--train_batch_size` {args.train_batch_size} exceeds the "
+                             f"{len(self.train_dataloader.dataset)} training images")
         num_processes = self.accelerator.num_processes
-        batches_per_process = math.ceil(len(train_dataloader) / num_processes)
-        steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
-        self.max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-        self.lr_schedulers = {
-            name: get_scheduler(
-                args.lr_scheduler,
-                optimizer=optimizer,
-                num_warmup_steps=args.lr_warmup_steps,
-                num_training_steps=self.max_train_steps,
-            )
-            for name, optimizer in self.optimizers.items()
-        }
-        names = list(self.models)
-        prepared = self.accelerator.prepare(
-            *self.models.values(), *self.optimizers.values(), *self.lr_schedulers.values(), train_dataloader
-        )
+        if len(self.train_dataloader) < num_processes:
+            raise ValueError(f"{len(self.train_dataloader)} batches of `--train_batch_size` {args.train_batch_size} "
+                             f"cannot feed {num_processes} processes: lower the batch size or the number of processes")
+        # each process sees 1/num_processes of the batches
+        batches_per_process = math.ceil(len(self.train_dataloader) / num_processes)
+        self.max_train_steps = args.max_train_steps or args.num_epochs * math.ceil(
+            batches_per_process / args.gradient_accumulation_steps)
+
+    def prepare(self) -> None:
+        """Models, optimizers, schedules and (unless streamed, where each process reads its own shard) the
+        dataloader through accelerate."""
+        names, optimizer_names = list(self.models), list(self.optimizers)
+        streamed = dataset_length(self.train_dataloader.dataset) is None
+        objects = [*self.models.values(), *self.optimizers.values(), *self.lr_schedulers.values()]
+        prepared = self.accelerator.prepare(*objects, *([] if streamed else [self.train_dataloader]))
         self.models = dict(zip(names, prepared[: len(names)]))
-        self.optimizers = dict(zip(self.optimizers, prepared[len(names): len(names) + len(self.optimizers)]))
-        self.lr_schedulers = dict(zip(self.lr_schedulers, prepared[len(names) + len(self.optimizers): -1]))
-        self.train_dataloader = prepared[-1]
-        self.ema_models = {}
-        if args.use_ema:
-            for name in self.ema_model_names:
-                model = self.unwrap(name)
-                ema = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
-                               inv_gamma=args.ema_inv_gamma, power=args.ema_power,
-                               model_cls=type(model), model_config=model.config)
-                ema.to(self.accelerator.device)
-                self.accelerator.register_for_checkpointing(ema)  # saved and resumed with the checkpoints
-                self.ema_models[name] = ema
-        # Models were initialised alike on every process; from here each process draws its own noise (latents,
-        # timesteps, dropped labels), as the batches differ too. One process keeps the plain seed.
-        set_seed(args.seed, device_specific=True)
-        self.steps_per_epoch = math.ceil(len(self.train_dataloader) / args.gradient_accumulation_steps)
-        self.num_epochs = math.ceil(self.max_train_steps / self.steps_per_epoch)
-        self.global_step = 0
-        self.checkpoint_dir = os.path.join(args.output_dir, "checkpoints")
+        self.optimizers = dict(zip(optimizer_names, prepared[len(names): len(names) + len(optimizer_names)]))
+        self.lr_schedulers = dict(zip(self.lr_schedulers, prepared[len(names) + len(optimizer_names): len(objects)]))
+        if not streamed:
+            self.train_dataloader = prepared[-1]
+            self.steps_per_epoch = math.ceil(len(self.train_dataloader) / self.args.gradient_accumulation_steps)
+            self.num_epochs = math.ceil(self.max_train_steps / self.steps_per_epoch)
+
+    def build_ema_models(self) -> dict:
+        """An EMA of each of `ema_model_names` under --use_ema, checkpointed with the run."""
+        args, ema_models = self.args, {}
+        for name in self.ema_model_names if args.use_ema else ():
+            model = self.unwrap(name)
+            ema = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
+                           inv_gamma=args.ema_inv_gamma, power=args.ema_power,
+                           model_cls=type(model), model_config=model.config)
+            ema.to(self.accelerator.device)
+            self.accelerator.register_for_checkpointing(ema)  # saved and resumed with the checkpoints
+            ema_models[name] = ema
+        return ema_models
 
     # ----- what a family supplies -------------------------------------------------------------------------
 
@@ -244,13 +304,21 @@ class Trainer:
 
     def evaluate(self, pipeline, num_samples: int, likelihood: bool = True) -> dict[str, float]:
         """Test-split metrics: FD of `num_samples` samples, and the family's likelihood bounds if it has them."""
-        return evaluate_pipeline(pipeline, self.test_dataset, min(num_samples, len(self.test_dataset)),
+        available = dataset_length(self.test_dataset)  # None: streamed, its first num_samples images
+        return evaluate_pipeline(pipeline, self.test_dataset, min(num_samples, available or num_samples),
                                  self.feature_extractor, self.args.seed, self.args.eval_batch_size,
                                  likelihood=likelihood, pipeline_kwargs=self.pipeline_kwargs(),
                                  fd=self.feature_extractor is not None, **self.evaluation_options())
 
     def model_card_description(self) -> str:
         return ""
+
+    def evaluation_note(self) -> str:
+        """Which images the metrics compare with, for the card."""
+        if self.source.test_split == "train":
+            return ("The source has no test split, so FD compares samples with training images (pass "
+                    "`--validation_split` to hold some out).")
+        return f"FD compares samples with the {self.source.test_split} split."
 
     def build_optimizers(self) -> dict:
         """One AdamW per model by default; families with other needs override."""
@@ -265,9 +333,12 @@ class Trainer:
 
     # ----- helpers for families --------------------------------------------------------------------------
 
-    def load_split(self, split: str):
+    def load_split(self, split: str, augment: bool = False):
+        """A split of the source with this run's transform; `augment`: random crops and flips, seeded per sample."""
         args = self.args
-        return load_image_dataset(args.dataset_name, split, args.resolution, args.train_data_dir, args.num_channels)
+        return self.source.dataset(split, args.resolution, args.num_channels, resize=not args.no_resize,
+                                   center_crop=args.center_crop, random_flip=args.random_flip, augment=augment,
+                                   seed=args.seed, skip_corrupt_images=args.skip_corrupt_images)
 
     def load_feature_extractor(self):
         """The FD features for --feature_extractor, or None (with a warning under "auto") when none fits the data."""
@@ -333,51 +404,20 @@ class Trainer:
             config = {k: str(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()
                       if v is not None and k != "hub_token"}
             accelerator.init_trackers(self.family, config=config)
-        first_epoch, skip_batches = self.resume()
+        epoch, skip_batches = self.resume()
+        num_images = dataset_length(self.train_dataset)
         logger.info(
-            "%s: %d training images, %d processes, %d steps of %d images",
-            self.family, len(self.train_dataset), accelerator.num_processes, self.max_train_steps,
-            args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+            "%s: %s training images, %d processes, %d steps of %d images",
+            self.family, "streamed" if num_images is None else num_images, accelerator.num_processes,
+            self.max_train_steps, args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         )
-        progress = tqdm(total=self.max_train_steps, initial=self.global_step, desc="steps",
-                        disable=not accelerator.is_local_main_process)
-        models = list(self.models.values())
+        self.progress = tqdm(total=self.max_train_steps, initial=self.global_step, desc="steps",
+                             disable=not accelerator.is_local_main_process)
         self.epoch_seconds = []  # wall time of each epoch's training steps (sample grids excluded)
-        for epoch in range(first_epoch, self.num_epochs):
-            epoch_start = time.perf_counter()
-            for model in models:
-                model.train()
-            self.train_dataloader.set_epoch(epoch)
-            batches = self.train_dataloader
-            if epoch == first_epoch and skip_batches:
-                batches = accelerator.skip_first_batches(self.train_dataloader, skip_batches)
-            for images, labels in batches:
-                labels = labels if args.conditional else None
-                with accelerator.accumulate(*models):
-                    logs = self.training_step(images, labels)
-                if not accelerator.sync_gradients:
-                    continue
-                self.global_step += 1
-                progress.update(1)
-                for name, ema in self.ema_models.items():
-                    ema.step(self.models[name].parameters())
-                if self.global_step % args.logging_steps == 0:
-                    values = {name: float(value) for name, value in logs.items()}
-                    values["lr"] = next(iter(self.lr_schedulers.values())).get_last_lr()[0]
-                    progress.set_postfix(**{k: f"{v:.4g}" for k, v in values.items()})
-                    if accelerator.log_with:
-                        accelerator.log(values, step=self.global_step)
-                if args.eval_fd_steps and self.global_step % args.eval_fd_steps == 0:
-                    self.log_fd()
-                if self.global_step % args.checkpointing_steps == 0:
-                    self.save_checkpoint()
-                if self.global_step >= self.max_train_steps:
-                    break
-            self.epoch_seconds.append(time.perf_counter() - epoch_start)
-            if accelerator.log_with:
-                accelerator.log({"epoch_seconds": self.epoch_seconds[-1]}, step=self.global_step)
-            if args.save_images_epochs and ((epoch + 1) % args.save_images_epochs == 0 or epoch == self.num_epochs - 1):
-                self.save_sample_grid(os.path.join(args.output_dir, "samples", f"step-{self.global_step:06d}.png"))
+        while self.global_step < self.max_train_steps:
+            self.train_epoch(epoch, skip_batches)
+            epoch, skip_batches = epoch + 1, 0
+        progress = self.progress
         progress.close()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -385,6 +425,70 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return args.output_dir
+
+    def epoch_batches(self, epoch: int, skip_batches: int):
+        """This epoch's batches (its augmentation and order), after the first `skip_batches` when resuming."""
+        loader = self.train_dataloader
+        dataset = loader.dataset
+        dataset.set_epoch(epoch)  # the per-sample augmentation
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)  # the order of a prepared loader
+        if isinstance(dataset, StreamingImageDataset):  # skipped before decoding, in each worker
+            dataset.skip_batches(skip_batches, self.args.train_batch_size)
+            batches = iter(loader)  # the workers start now, with this skip
+            dataset.skip_batches(0, self.args.train_batch_size)
+            return batches
+        return self.accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+
+    def train_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Training steps over one pass of the data, until the pass ends or the run reaches max_train_steps."""
+        args, accelerator = self.args, self.accelerator
+        epoch_start = time.perf_counter()
+        models = list(self.models.values())
+        for model in models:
+            model.train()
+        self.epoch, self.batches_into_epoch = epoch, skip_batches
+        num_skipped_images = num_batches = 0
+        for images, labels in self.epoch_batches(epoch, skip_batches):
+            # the stop check comes before the step: a run resumed at its end trains nothing more
+            if self.global_step >= self.max_train_steps:
+                break
+            if self.global_step == 0 and self.batches_into_epoch == 0:
+                logger.info("first training step %.1f s after the start", time.time() - self.start_time)
+            self.batches_into_epoch += 1
+            num_batches += 1
+            num_skipped_images += args.train_batch_size - len(images)
+            images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+            labels = labels if args.conditional else None
+            with accelerator.accumulate(*models):
+                logs = self.training_step(images, labels)
+            if not accelerator.sync_gradients:
+                continue
+            self.global_step += 1
+            self.progress.update(1)
+            for name, ema in self.ema_models.items():
+                ema.step(self.models[name].parameters())
+            if self.global_step % args.logging_steps == 0:
+                values = {name: float(value) for name, value in logs.items()}
+                values["lr"] = next(iter(self.lr_schedulers.values())).get_last_lr()[0]
+                self.progress.set_postfix(**{k: f"{v:.4g}" for k, v in values.items()})
+                if accelerator.log_with:
+                    accelerator.log(values, step=self.global_step)
+            if args.eval_fd_steps and self.global_step % args.eval_fd_steps == 0:
+                self.log_fd()
+            if self.global_step % args.checkpointing_steps == 0:
+                self.save_checkpoint()
+        if num_batches == 0 and skip_batches == 0 and self.global_step < self.max_train_steps:
+            raise ValueError(f"the training data gave no full batch of `--train_batch_size` {args.train_batch_size} "
+                             f"on process {accelerator.process_index}")
+        if num_skipped_images:
+            logger.warning("epoch %d: skipped %d corrupt images", epoch, num_skipped_images)
+        self.epoch_seconds.append(time.perf_counter() - epoch_start)
+        if accelerator.log_with:
+            accelerator.log({"epoch_seconds": self.epoch_seconds[-1]}, step=self.global_step)
+        if args.save_images_epochs and ((epoch + 1) % args.save_images_epochs == 0
+                                        or self.global_step >= self.max_train_steps):
+            self.save_sample_grid(os.path.join(args.output_dir, "samples", f"step-{self.global_step:06d}.png"))
 
     # ----- samples and output ---------------------------------------------------------------------------------
 
@@ -444,7 +548,7 @@ class Trainer:
         write_model_card(
             args.output_dir,
             title=f"hfgen {self.family} on {dataset}",
-            description=self.model_card_description(),
+            description=f"{self.model_card_description()} {self.evaluation_note()}".strip(),
             pipeline_class=type(pipeline).__name__,
             tags=[self.family],
             dataset_name=dataset,
@@ -452,6 +556,7 @@ class Trainer:
             model_config=dict(model.config),
             training_config=training_config,
             task_type=self.pipeline_task,
+            split=self.source.test_split,
         )
         if args.push_to_hub:
             url = push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo or None)
@@ -472,10 +577,14 @@ class Trainer:
             os.makedirs(partial)
         accelerator.wait_for_everyone()
         accelerator.save_state(partial)
+        # where each process is in its data: a streamed run resumes from there (its processes' passes may differ)
+        position = torch.tensor([[self.epoch, self.batches_into_epoch]], device=accelerator.device)
+        data_positions = accelerator.gather(position).tolist()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             with open(os.path.join(partial, TRAINER_STATE), "w") as file:
-                json.dump({"global_step": self.global_step, "family": self.family}, file)
+                json.dump({"global_step": self.global_step, "family": self.family,
+                           "data_positions": data_positions}, file)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             limit = self.args.checkpoints_total_limit
@@ -513,6 +622,13 @@ class Trainer:
             raise ValueError(f"`--resume_from_checkpoint` {path!r} was written by a {state.get('family')!r} trainer, not {self.family!r}")
         self.global_step = int(state["global_step"])
         logger.info("resumed from %s at step %d", path, self.global_step)
+        if self.steps_per_epoch is None:  # streamed: each process continues its own pass of the data
+            positions = state.get("data_positions") or []
+            if len(positions) != self.accelerator.num_processes:
+                raise ValueError(f"`--resume_from_checkpoint` {path!r} was written by {len(positions)} processes: a "
+                                 f"streamed run resumes with as many, not {self.accelerator.num_processes}")
+            epoch, batches = positions[self.accelerator.process_index]
+            return int(epoch), int(batches)
         first_epoch = self.global_step // self.steps_per_epoch
         skip = (self.global_step % self.steps_per_epoch) * self.args.gradient_accumulation_steps
         return first_epoch, skip

@@ -1,0 +1,224 @@
+"""The datasets that training and evaluation read: every item is (image (C, H, W) float in [0, 1], label long).
+
+- `ImageDataset`: images held in memory (the bundled digits, tests); batches are whole-tensor indexing.
+- `ImageFileDataset`: rows of an Arrow-backed `datasets.Dataset` (memory-mapped for Hub and saved datasets),
+  each image decoded and transformed only when a batch asks for it, in the DataLoader's workers.
+- `StreamingImageDataset`: the same over a streamed `datasets.IterableDataset`, this process's shard only.
+
+All three have `image_shape`, `num_classes`, `id2label`, `fingerprint` (identifies the images and their
+evaluation transform, for caches) and `set_epoch(epoch)` (the epoch's random augmentation).
+"""
+
+import hashlib
+import itertools
+import logging
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from .transforms import CorruptImageError, ImageTransform, decode_image, image_name, sample_generator
+
+logger = logging.getLogger(__name__)
+
+
+class _Augmented:
+    """What the training datasets share: the augmentation seed and epoch, and the class names."""
+
+    seed: int = 0
+    epoch: int = 0
+    augment: bool = False
+    id2label: dict[str, str] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.id2label) if self.id2label else 0
+
+
+class ImageDataset(_Augmented, Dataset):
+    """Images in memory. images: (N, C, H, W) float in [0, 1]; labels: (N,) long; id2label: {"0": name, ...} or None.
+
+    `random_flip` with `augment`: the training loader flips each image with probability 1/2, drawn from
+    (seed, epoch, index). Indexing (`dataset[i]`, `dataset[indices]`) never augments.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, id2label: dict[str, str] | None = None,
+                 random_flip: bool = False, augment: bool = False, seed: int = 0, name: str | None = None):
+        if images.dim() != 4 or len(images) != len(labels):
+            raise ValueError(f"images must be (N, C, H, W) with one label each, got {tuple(images.shape)} and {len(labels)} labels")
+        self.images, self.labels, self.id2label = images, labels, id2label
+        self.random_flip, self.augment, self.seed = random_flip, augment, seed
+        self._fingerprint = name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:  # a hash of the pixels and labels
+            digest = hashlib.sha1(self.images.contiguous().numpy().tobytes())
+            digest.update(self.labels.numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+
+class _ImageRows(_Augmented):
+    """Decoding of `datasets` rows: {image_column: {"bytes", "path"}, label_column: int, ...} -> (image, label)."""
+
+    def __init__(self, rows, image_column: str, label_column: str | None, id2label: dict[str, str] | None,
+                 transform: ImageTransform, seed: int = 0, augment: bool = False, skip_corrupt_images: bool = False,
+                 caption_column: str | None = None, fingerprint: str = ""):
+        self.rows, self.image_column, self.label_column = rows, image_column, label_column
+        self.caption_column = caption_column  # kept with the rows for text conditioning
+        self.id2label, self.transform, self.seed, self.augment = id2label, transform, seed, augment
+        self.skip_corrupt_images = skip_corrupt_images
+        self.fingerprint = hashlib.sha1(f"{fingerprint}|{transform}".encode()).hexdigest()
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.transform.num_channels, self.transform.resolution, self.transform.resolution
+
+    def decode(self, row: dict, index: int, generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One row -> (image, label); None for a corrupt image under `skip_corrupt_images`."""
+        cell = row[self.image_column]
+        name = image_name(cell, f"row {index} of column {self.image_column!r}")
+        try:
+            image = self.transform(decode_image(cell, name), generator, name)
+        except CorruptImageError as error:
+            if not self.skip_corrupt_images:
+                raise CorruptImageError(f"{error} (pass --skip_corrupt_images to skip such files)") from error
+            logger.warning("skipped a corrupt image: %s", error)
+            return None
+        label = row[self.label_column] if self.label_column else 0
+        return image, torch.tensor(label, dtype=torch.long)
+
+
+class ImageFileDataset(_ImageRows, Dataset):
+    """Map-style: row `index` of an Arrow `datasets.Dataset`, decoded and transformed on access."""
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        generator = sample_generator(self.seed, self.epoch, index) if self.augment else None
+        return self.decode(self.rows[int(index)], index, generator)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """(N,) long: read from the label column alone, no image is decoded."""
+        if not self.label_column:
+            return torch.zeros(len(self), dtype=torch.long)
+        return torch.as_tensor(self.rows.with_format("numpy")[self.label_column], dtype=torch.long)
+
+
+class StreamingImageDataset(_ImageRows, IterableDataset):
+    """Iterable: a streamed `datasets.IterableDataset` (already split to this process), decoded as it streams.
+
+    `skip_batches(n, batch_size)` makes the next pass start after its first n batches without decoding them
+    (resume); with DataLoader workers, batch i comes from worker i mod num_workers, as torch interleaves them.
+    """
+
+    batches_to_skip = 0
+    batch_size = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.rows.set_epoch(epoch)  # reshuffles the shards and the shuffle buffer
+
+    def skip_batches(self, num_batches: int, batch_size: int) -> None:
+        self.batches_to_skip, self.batch_size = num_batches, batch_size
+
+    def __iter__(self):
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        skipped = max(0, self.batches_to_skip - worker_id + num_workers - 1) // num_workers  # this worker's share
+        start = skipped * self.batch_size
+        for position, row in enumerate(itertools.islice(self.rows, start, None), start):
+            # the per-sample index: distinct across workers, the same after a resume
+            index = position * num_workers + worker_id
+            item = self.decode(row, index, sample_generator(self.seed, self.epoch, index) if self.augment else None)
+            if item is not None:
+                yield item
+
+
+class _WholeBatches(Dataset):
+    """An ImageDataset seen by a DataLoader as whole batches: one indexing operation per batch instead of one
+    lookup per image and a stack (torch's DataLoader calls `__getitems__` with the batch's indices)."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.dataset
+        images, labels = data[torch.as_tensor(indices)]
+        if data.augment and data.random_flip:
+            flip = torch.tensor([sample_generator(data.seed, data.epoch, i).random() < 0.5 for i in indices])
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images, labels
+
+
+def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks (image, label) items into (B, C, H, W) and (B,); skipped corrupt images (None) are left out."""
+    items = [item for item in items if item is not None]
+    if not items:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    images, labels = zip(*items)
+    return torch.stack(images), torch.stack(labels)
+
+
+def _already_collated(batch):
+    return batch
+
+
+def training_dataloader(dataset, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
+    """Shuffled full batches of (images (B, C, H, W), labels (B,)), reproducible from `seed`.
+
+    In-memory images are indexed a whole batch at a time; file datasets are decoded item by item in
+    `num_workers` worker processes; a streamed dataset is shuffled by `datasets` (buffer) and not here.
+    """
+    common = dict(batch_size=batch_size, drop_last=True, num_workers=num_workers)
+    if isinstance(dataset, StreamingImageDataset):
+        return DataLoader(dataset, collate_fn=collate_images, **common)
+    if isinstance(dataset, ImageDataset):
+        dataset = _WholeBatches(dataset)
+    # a dataset with `__getitems__` returns whole batches itself (in memory, cached latents)
+    collate = _already_collated if hasattr(dataset, "__getitems__") else collate_images
+    return DataLoader(dataset, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(seed), **common)
+
+
+def image_batches(dataset, num_images: int, seed: int = 0, batch_size: int = 250, num_workers: int = 0):
+    """Batches (images, labels) of `num_images` images of `dataset` without augmentation: for a map-style dataset
+    the first `num_images` of a permutation drawn with `seed`, for a streamed one its first `num_images`."""
+    if isinstance(dataset, IterableDataset):
+        items = itertools.islice((item for item in dataset if item is not None), num_images)
+        while batch := list(itertools.islice(items, batch_size)):
+            yield collate_images(batch)
+        return
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images]
+    if isinstance(dataset, ImageDataset):  # in memory: plain indexing, never augmented
+        for start in range(0, len(order), batch_size):
+            yield dataset[order[start:start + batch_size]]
+        return
+    subset = torch.utils.data.Subset(dataset, order.tolist())
+    yield from DataLoader(subset, batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers)
+
+
+def dataset_length(dataset) -> int | None:
+    """len(dataset), or None for a streamed dataset."""
+    return None if isinstance(dataset, IterableDataset) else len(dataset)
+

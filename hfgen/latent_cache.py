@@ -1,0 +1,122 @@
+"""The latents of a dataset under a VAE first stage, encoded once into a memory-mapped file and reused.
+
+Latent diffusion trains on z ~ q(z|x) of every training image. Holding the posteriors in RAM grows with the
+dataset; here they are written to disk in chunks, as one (N, V, 2C, S, S) float32 array of posterior moments
+(mean and log-variance stacked on the channel axis; V = 2 views, the image and its mirror image, when flips
+are asked for, else 1), and read back by memory mapping. The cache folder is named by a hash of the first
+stage's weights, the data's fingerprint and the views, so a later run with the same first stage and data
+reuses it and any other run gets its own.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .data import collate_images
+from .data.image_datasets import ImageDataset, _Augmented
+from .data.transforms import sample_generator
+from .distributions import DiagonalGaussian
+
+MOMENTS_FILE = "moments.npy"
+INFO_FILE = "latents.json"
+
+
+def latent_cache_key(vae, dataset, flips: bool) -> str:
+    """A hash of the VAE's weights and config, the dataset's fingerprint and whether mirror images are cached."""
+    digest = hashlib.sha1(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(f"{dataset.fingerprint}|{len(dataset)}|flips={flips}".encode())
+    return digest.hexdigest()[:20]
+
+
+class LatentDataset(_Augmented, Dataset):
+    """Cached posterior moments as training data: batches of (moments (B, 2C, S, S), labels (B,)).
+
+    With two views, each sample takes the mirror image's latents with probability 1/2, drawn from
+    (seed, epoch, index) as the image flips of the pixel data path are.
+    """
+
+    def __init__(self, folder: str, labels: torch.Tensor, id2label, seed: int = 0):
+        self.folder = folder
+        self.moments = np.load(os.path.join(folder, MOMENTS_FILE), mmap_mode="r")
+        with open(os.path.join(folder, INFO_FILE)) as file:
+            self.info = json.load(file)
+        if len(labels) != len(self.moments):
+            raise ValueError(f"the latent cache {folder!r} holds {len(self.moments)} latents for {len(labels)} images")
+        self.labels, self.id2label, self.seed, self.augment = labels, id2label, seed, True
+
+    def __len__(self) -> int:
+        return len(self.moments)
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.info["scaling_factor"]
+
+    def posterior(self, moments: torch.Tensor) -> DiagonalGaussian:
+        """(B, 2C, S, S) moments -> q(z|x)."""
+        mean, logvar = moments.chunk(2, dim=1)
+        return DiagonalGaussian(mean, logvar)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        views = self.moments.shape[1]
+        chosen = [int(sample_generator(self.seed, self.epoch, i).random() < 0.5) if views == 2 else 0 for i in indices]
+        moments = torch.from_numpy(np.stack([self.moments[i, v] for i, v in zip(indices, chosen)]))
+        return moments, self.labels[torch.as_tensor(indices)]
+
+
+@torch.no_grad()
+def encode_to_cache(vae, dataset, cache_dir: str, flips: bool = False, batch_size: int = 256,
+                    num_workers: int = 0, show_progress: bool = True) -> str:
+    """Encodes every image of `dataset` (unaugmented, in order) into `cache_dir`/<key>, unless it is there already;
+    returns that folder. Written to a temporary folder first and renamed when complete."""
+    folder = os.path.join(cache_dir, latent_cache_key(vae, dataset, flips))
+    if os.path.isfile(os.path.join(folder, INFO_FILE)):
+        return folder
+    partial = folder + ".incomplete"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    views = 2 if flips else 1
+    parameter = next(vae.parameters())
+    shape = (len(dataset), views, 2 * vae.latent_shape[0], *vae.latent_shape[1:])
+    moments = np.lib.format.open_memmap(os.path.join(partial, MOMENTS_FILE), mode="w+", dtype=np.float32, shape=shape)
+    if isinstance(dataset, ImageDataset):
+        batches = (dataset[start:start + batch_size] for start in range(0, len(dataset), batch_size))
+    else:
+        batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers)
+    # pooled statistics of z ~ q(z|x) for the scaling factor: Var z = Var(mean) + E[sigma^2] (law of total variance)
+    total = total_sq = total_var = 0.0
+    start = 0
+    progress = tqdm(total=len(dataset), desc="encoding latents", disable=not show_progress)
+    for images, _ in batches:
+        if len(images) != min(batch_size, len(dataset) - start):
+            raise ValueError("the latent cache needs every training image: a corrupt image was skipped "
+                             "(drop --skip_corrupt_images and remove the file)")
+        for view in range(views):
+            pixels = images.flip(-1) if view else images
+            q = vae.encode(pixels.to(parameter.device, parameter.dtype)).latent_dist
+            mean, logvar = q.mean.double().cpu(), q.logvar.double().cpu()
+            moments[start:start + len(images), view] = torch.cat([mean, logvar], dim=1).float().numpy()
+            total += mean.sum().item()
+            total_sq += (mean ** 2).sum().item()
+            total_var += logvar.exp().sum().item()
+        start += len(images)
+        progress.update(len(images))
+    progress.close()
+    moments.flush()
+    count = moments[:, :, : vae.latent_shape[0]].size
+    variance = total_sq / count - (total / count) ** 2 + total_var / count
+    with open(os.path.join(partial, INFO_FILE), "w") as file:
+        json.dump({"num_images": len(dataset), "views": views, "latent_shape": list(vae.latent_shape),
+                   "scaling_factor": float(1 / np.sqrt(variance))}, file)
+    del moments
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    return folder
