@@ -8,7 +8,7 @@ from diffusers import UNet2DModel
 from hfgen import AutoPipeline, GANPipeline, Generator, LatentDiffusionPipeline, VAEModel, VAEPipeline
 from hfgen.data import load_image_dataset
 from hfgen.latent_tools import encode_images
-from hfgen.metrics import evaluate_pipeline
+from hfgen.evaluation import evaluate_pipeline
 from hfgen.training.train_ldm import LDMTrainer, main, reconstruction_mse
 
 # a small first stage (4x8x8 latents of 32 px digits) and a small denoiser, 20 denoising steps for FD
@@ -93,3 +93,19 @@ def test_first_stages_that_cannot_serve_are_clear_errors(trained_vae_dir, traine
     GANPipeline(Generator(latent_dim=4, base_channels=8)).save_pretrained(tmp_path / "gan")
     with pytest.raises(ValueError, match="holds a GANPipeline without a VAE first stage"):
         main(quick_training_args(tmp_path, *TINY, "--vae_path", tmp_path / "gan"))
+
+
+def test_every_shared_flag_reaches_the_first_stage_unless_it_configures_the_second():
+    from hfgen.training.train_ldm import SECOND_STAGE_ONLY, first_stage_args, parse_args
+    from hfgen.training.trainer import training_parser
+
+    args = parse_args(["--output_dir", "out", "--random_flip", "--max_train_samples", "50", "--seed", "7",
+                       "--dataloader_num_workers", "2", "--learning_rate", "5e-4", "--vae_learning_rate", "1e-3"])
+    vae_args = first_stage_args(args)
+    shared = {action.dest for action in training_parser("")._actions} - {"help"}
+    assert SECOND_STAGE_ONLY < shared  # no stale names
+    for name in shared - SECOND_STAGE_ONLY:
+        assert getattr(vae_args, name) == getattr(args, name), name
+    assert vae_args.random_flip and vae_args.max_train_samples == 50 and vae_args.dataloader_num_workers == 2
+    assert vae_args.learning_rate == 1e-3 and vae_args.output_dir == "out/first_stage"
+    assert vae_args.architecture == "conv" and vae_args.latent_channels == 4

@@ -54,6 +54,7 @@ def parse_args(argv=None):
     add("--vae_latent_channels", type=int, default=4, help="First stage: channels of the spatial latent.")
     add("--vae_num_epochs", type=int, default=20, help="First stage: epochs.")
     add("--vae_learning_rate", type=float, default=2e-3, help="First stage: learning rate.")
+    add("--vae_train_batch_size", type=int, default=100, help="First stage: batch size per process.")
     add("--vae_likelihood", default="bernoulli", choices=LIKELIHOODS, help="First stage: decoder.")
     add("--latent_cache_dir", default=None,
         help="Where the training latents are cached on disk (default: $HFGEN_CACHE/latents), reused by later runs.")
@@ -61,6 +62,13 @@ def parse_args(argv=None):
     # Flips are cached both ways (--random_flip).
     parser.set_defaults(resolution=32, block_out_channels=[64, 128], center_crop=True)
     return parser.parse_args(argv)
+
+
+def check_latent_args(args) -> None:
+    """What latent diffusion cannot do, refused before either stage trains."""
+    if args.streaming:
+        raise ValueError("latent diffusion encodes every training image once into a cache: `--streaming` is not "
+                         "supported (use `--max_train_samples` to train on part of a large dataset)")
 
 
 def first_stage_args(args) -> argparse.Namespace:
@@ -73,6 +81,7 @@ def first_stage_args(args) -> argparse.Namespace:
     vae_args.architecture, vae_args.hidden_dims = "conv", args.vae_hidden_dims
     vae_args.latent_channels, vae_args.likelihood = args.vae_latent_channels, args.vae_likelihood
     vae_args.num_epochs, vae_args.learning_rate = args.vae_num_epochs, args.vae_learning_rate
+    vae_args.train_batch_size = args.vae_train_batch_size
     vae_args.resume_from_checkpoint = "latest" if args.resume_from_checkpoint else None  # an interrupted first stage continues
     return vae_args
 
@@ -109,9 +118,7 @@ class LDMTrainer(DDPMTrainer):
         if self.vae.image_shape != self.train_dataset.image_shape:
             raise ValueError(f"the VAE at `--vae_path` takes {self.vae.image_shape} images but the data are "
                              f"{self.train_dataset.image_shape}: set --resolution / --num_channels to match")
-        if self.args.streaming:
-            raise ValueError("latent diffusion encodes every training image once into a cache: `--streaming` is not "
-                             "supported (use `--max_train_samples` to train on part of a large dataset)")
+        check_latent_args(self.args)
         cache_dir = self.args.latent_cache_dir or os.path.join(hfgen_cache_dir(), "latents")
         unaugmented = self.load_split("train")
         with self.accelerator.main_process_first():  # the main process encodes; the others then find the cache
@@ -169,6 +176,7 @@ def reconstruction_mse(vae: VAEModel, dataset, batch_size: int = 500) -> float:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
+    check_latent_args(args)
     if args.vae_path is None:
         args.vae_path = os.path.join(args.output_dir, FIRST_STAGE)
         if not os.path.isfile(os.path.join(args.vae_path, "model_index.json")):  # not trained yet (or interrupted)

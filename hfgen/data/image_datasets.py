@@ -138,10 +138,13 @@ class StreamingImageDataset(_ImageRows, IterableDataset):
         self.batches_to_skip, self.batch_size = num_batches, batch_size
 
     def __iter__(self):
+        # not a generator function: the skip is read now, when the DataLoader (or its worker) starts the pass
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         skipped = max(0, self.batches_to_skip - worker_id + num_workers - 1) // num_workers  # this worker's share
-        start = skipped * self.batch_size
+        return self._decoded(skipped * self.batch_size, worker_id, num_workers)
+
+    def _decoded(self, start: int, worker_id: int, num_workers: int):
         for position, row in enumerate(itertools.islice(self.rows, start, None), start):
             # the per-sample index: distinct across workers, the same after a resume
             index = position * num_workers + worker_id
@@ -191,14 +194,17 @@ def training_dataloader(dataset, batch_size: int, seed: int, num_workers: int = 
     In-memory images are indexed a whole batch at a time; file datasets are decoded item by item in
     `num_workers` worker processes; a streamed dataset is shuffled by `datasets` (buffer) and not here.
     """
-    common = dict(batch_size=batch_size, drop_last=True, num_workers=num_workers)
+    # its own generator: starting a pass then draws the workers' base seed from it, not from torch's global RNG
+    # (which the training step's noise uses, and a resumed run restores)
+    common = dict(batch_size=batch_size, drop_last=True, num_workers=num_workers,
+                  generator=torch.Generator().manual_seed(seed))
     if isinstance(dataset, StreamingImageDataset):
         return DataLoader(dataset, collate_fn=collate_images, **common)
     if isinstance(dataset, ImageDataset):
         dataset = _WholeBatches(dataset)
     # a dataset with `__getitems__` returns whole batches itself (in memory, cached latents)
     collate = _already_collated if hasattr(dataset, "__getitems__") else collate_images
-    return DataLoader(dataset, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(seed), **common)
+    return DataLoader(dataset, shuffle=True, collate_fn=collate, **common)
 
 
 def image_batches(dataset, num_images: int, seed: int = 0, batch_size: int = 250, num_workers: int = 0):
