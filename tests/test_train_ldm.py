@@ -109,3 +109,29 @@ def test_every_shared_flag_reaches_the_first_stage_unless_it_configures_the_seco
     assert vae_args.random_flip and vae_args.max_train_samples == 50 and vae_args.dataloader_num_workers == 2
     assert vae_args.learning_rate == 1e-3 and vae_args.output_dir == "out/first_stage"
     assert vae_args.architecture == "conv" and vae_args.latent_channels == 4
+
+
+def test_the_latent_cache_is_on_disk_reused_and_keyed_by_first_stage_and_data(trained_ldm_dir, tmp_path, monkeypatch):
+    import numpy as np
+
+    cache = tmp_path / "cache"
+    flags = [*TINY, "--max_train_steps", "1", "--feature_extractor", "none", "--max_train_samples", "300",
+             "--vae_path", trained_ldm_dir / "first_stage", "--latent_cache_dir", cache, "--eval_vlb_num_images", "0"]
+    encoded = []  # the number of images each VAE.encode call sees
+    original_encode = VAEModel.encode
+    monkeypatch.setattr(VAEModel, "encode", lambda self, x, *a, **k: encoded.append(len(x)) or original_encode(self, x, *a, **k))
+    main(quick_training_args(tmp_path / "a", *flags))
+    assert sum(encoded) == 300 + 1000  # the training images into the cache, the test digits for the reconstruction
+    (folder,) = cache.iterdir()
+    moments = np.load(folder / "moments.npy", mmap_mode="r")
+    assert isinstance(moments, np.memmap) and moments.shape == (300, 1, 8, 8, 8)  # (N, views, 2C, S, S)
+    encoded.clear()
+    main(quick_training_args(tmp_path / "b", *flags))
+    assert sum(encoded) == 1000 and list(cache.iterdir()) == [folder]  # the training latents came from the cache
+    encoded.clear()
+    main(quick_training_args(tmp_path / "c", *flags, "--random_flip"))  # mirror images too: another key
+    assert sum(encoded) == 2 * 300 + 1000
+    flipped = next(f for f in cache.iterdir() if f != folder)
+    assert np.load(flipped / "moments.npy", mmap_mode="r").shape == (300, 2, 8, 8, 8)
+    factors = [LatentDiffusionPipeline.from_pretrained(tmp_path / run).config.scaling_factor for run in "ab"]
+    assert factors[0] == factors[1]
