@@ -220,3 +220,13 @@ def test_bad_columns_fractions_and_crops_are_clear_errors(tmp_path):
         open_image_source(None, str(tmp_path), streaming=True, validation_split=0.1)
     with pytest.raises(ValueError, match="`streaming` does not apply to the bundled hfgen:mnist"):
         open_image_source("hfgen:mnist", streaming=True)
+
+
+def test_each_process_streams_its_own_shard(tmp_path):
+    write_image_folder(tmp_path, per_class=16)
+    seen = []
+    for rank in (0, 1):
+        source = open_image_source(None, str(tmp_path), streaming=True, process_index=rank, num_processes=2)
+        data = source.dataset("train", 8, augment=True)
+        seen.append([row["image"]["path"] for row in data.rows])
+    assert len(seen[0]) == len(seen[1]) == 16 and not set(seen[0]) & set(seen[1])

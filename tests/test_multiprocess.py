@@ -235,3 +235,27 @@ def test_lr_schedule_continues_across_process_counts(ddpm_run, vae_resumed_run):
     vae_rates = [last_learning_rate(vae_resumed_run / "checkpoints" / f"checkpoint-{step}") for step in (4, 5, 6)]
     assert ddpm_rates == pytest.approx([LEARNING_RATE * (4 - k) / 4 for k in (2, 3, 4)])  # 1 -> 2 processes
     assert vae_rates == pytest.approx([LEARNING_RATE * (6 - k) / 6 for k in (4, 5, 6)])  # 2 -> 1 process
+
+
+def test_a_two_process_run_on_a_folder_with_workers_and_flips_resumes_bit_identically(tmp_path_factory):
+    """Random flips drawn per sample and 2 DataLoader workers per process: a 2-process run resumed from its
+    middle checkpoint ends with the weights of the uninterrupted run."""
+    from test_data import write_mixed_folder
+
+    root = tmp_path_factory.mktemp("folder-2proc")
+    for copy in range(6):
+        write_mixed_folder(root / "images" / f"part{copy}")
+    flags = ["--train_data_dir", root / "images", "--resolution", "16", "--num_channels", "3", "--random_flip",
+             "--dataloader_num_workers", "2", "--architecture", "conv", "--hidden_dims", "8", "16", "--latent_dim", "4",
+             "--train_batch_size", "4", "--max_train_steps", "6", "--checkpointing_steps", "3",
+             "--feature_extractor", "none", "--eval_importance_samples", "1", "--eval_num_samples", "8"]
+    full = root / "full"
+    assert_finished(launch("train_vae", quick_training_args(full, *flags)), full, 6)
+    resumed = root / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    log = assert_finished(launch("train_vae", quick_training_args(resumed, *flags, "--resume_from_checkpoint", "latest")),
+                          resumed, 6)
+    assert "checkpoint-3 at step 3" in log
+    a, b = (load_file(folder / "vae" / "diffusion_pytorch_model.safetensors") for folder in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
