@@ -13,7 +13,7 @@ setup(
     package_dir={"hfgen": "hfgen", "hfgen.pipelines": "pipelines", "hfgen.training": "training"},
     install_requires=[
         "torch>=2.1,<3",
-        # hfgen relies on how 0.42 records and loads custom pipeline components (see tests/test_serialization.py).
+        # hfgen relies on how 0.42 records and loads custom pipeline components (see tests/test_pipelines.py).
         "diffusers>=0.42.1,<0.43",
         "accelerate>=1.0,<2",
         "huggingface_hub>=0.34",
@@ -25,9 +25,13 @@ setup(
         "mlxtend>=0.23",
         "scikit-learn>=1.3",
         "torchmetrics>=1.4",  # Fréchet distance with a custom feature extractor
+        "transformers>=4.40",  # image encoders for FD (DINOv2, CLIP), text encoders
+        "psutil",  # free memory, checked before a large batch is sampled
     ],
     extras_require={
         "tensorboard": ["tensorboard"],
+        # FID proper (Inception-v3): torch-fidelity pulls torchvision, which must match the installed torch build
+        "fid": ["torch-fidelity"],
         "test": ["pytest>=8", "tensorboard"],
     },
     entry_points={"console_scripts": ["hfgen=hfgen.cli:main"]},

@@ -61,7 +61,8 @@ from common import (
 )
 from hfgen import DDPMPipeline
 from hfgen.data import load_image_dataset
-from hfgen.metrics import DEFAULT_FEATURE_EXTRACTOR, evaluate_pipeline, load_feature_extractor
+from hfgen.evaluation import evaluate_pipeline
+from hfgen.features import DEFAULT_FEATURE_EXTRACTOR, load_feature_extractor
 from hfgen.training.train_ddpm import DDPMTrainer, parse_args as ddpm_trainer_args
 
 KEY = "ddpm"  # the section <!-- ddpm:start --> ... <!-- ddpm:end --> of BENCHMARKS.md

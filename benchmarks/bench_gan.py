@@ -50,7 +50,8 @@ from common import (
 )
 from hfgen import Discriminator, GANPipeline, Generator
 from hfgen.data import load_image_dataset
-from hfgen.metrics import DEFAULT_FEATURE_EXTRACTOR, evaluate_pipeline, load_feature_extractor
+from hfgen.evaluation import evaluate_pipeline
+from hfgen.features import DEFAULT_FEATURE_EXTRACTOR, load_feature_extractor
 from hfgen.training.train_gan import GANTrainer, parse_args as gan_trainer_args
 
 KEY = "gan"  # the section <!-- gan:start --> ... <!-- gan:end --> of BENCHMARKS.md

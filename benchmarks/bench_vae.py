@@ -41,7 +41,7 @@ from common import (
 )
 from hfgen import VAEModel, VAEPipeline
 from hfgen.data import load_image_dataset
-from hfgen.metrics import evaluate_vae
+from hfgen.likelihood import evaluate_vae
 from hfgen.training.train_vae import VAETrainer, parse_args as vae_trainer_args
 
 KEY = "vae"  # the section <!-- vae:start --> ... <!-- vae:end --> of BENCHMARKS.md

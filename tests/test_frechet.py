@@ -1,6 +1,8 @@
-"""Fréchet distance: the maths against the closed form, its behaviour on real digits, the default feature
-extractor (trained once per session into a temporary $HFGEN_CACHE), evaluate_pipeline and `hfgen evaluate`."""
+"""Fréchet distance: the maths against the closed form, streamed statistics and their cache, its behaviour on real
+digits, the default feature extractor (trained once per session into a temporary $HFGEN_CACHE), evaluate_pipeline
+on in-memory, lazily decoded and streamed datasets, and `hfgen evaluate`."""
 
+import io
 import json
 import os
 
@@ -8,23 +10,28 @@ import numpy as np
 import pytest
 import torch
 import torchmetrics.utilities.imports
+from diffusers import DDPMScheduler, UNet2DModel
 from huggingface_hub import ModelCard
+from PIL import Image
 from scipy import linalg
 from torch import nn
 
-from hfgen import ConditionalPipeline, DigitClassifier, VAEModel, VAEPipeline
-from hfgen import metrics as hfgen_metrics
+from hfgen import ConditionalPipeline, DDPMPipeline, DigitClassifier, VAEModel, VAEPipeline
+from hfgen import features as hfgen_features
+from hfgen import frechet as hfgen_frechet
 from hfgen.cli import main
 from hfgen.data import ImageDataset
-from hfgen.hub_utils import update_model_card_metrics, write_model_card
-from hfgen.metrics import (
-    classifier_accuracy,
-    default_classifier_dir,
-    evaluate_pipeline,
+from hfgen.evaluation import evaluate_pipeline
+from hfgen.features import classifier_accuracy, default_classifier_dir, load_feature_extractor, train_digit_classifier
+from hfgen.frechet import (
+    feature_statistics,
     frechet_distance,
-    load_feature_extractor,
-    train_digit_classifier,
+    frechet_distance_from_statistics,
+    load_cached_statistics,
+    save_cached_statistics,
 )
+from hfgen.hub_utils import update_model_card_metrics, write_model_card
+from hfgen.likelihood import diffusion_bits_per_dim
 from hfgen.models.classifier import ClassifierOutput
 
 
@@ -58,7 +65,7 @@ def fast_training(monkeypatch):
         torch.manual_seed(0)
         return DigitClassifier().eval(), 0.1
 
-    monkeypatch.setattr(hfgen_metrics, "train_digit_classifier", untrained)
+    monkeypatch.setattr(hfgen_features, "train_digit_classifier", untrained)
 
 
 def gaussian_images(mean, covariance, num, seed):
@@ -99,6 +106,57 @@ def test_fd_does_not_depend_on_batch_size():
     assert values == pytest.approx([values[0]] * 3, rel=1e-5)
 
 
+@pytest.mark.parametrize("batch_size", [1, 7, 64, 500])
+def test_streamed_statistics_give_the_fd_of_all_images_at_once(batch_size):
+    real = gaussian_images([0.4, 0.5], [[0.004, 0.001], [0.001, 0.002]], 500, seed=0)
+    fake = gaussian_images([0.5, 0.45], [[0.002, -0.0005], [-0.0005, 0.003]], 300, seed=1)
+    real_statistics = feature_statistics(real.split(batch_size), Identity(2))
+    fake_statistics = feature_statistics((batch for batch in fake.split(batch_size)), Identity(2))  # any iterable
+    assert real_statistics.num == 500 and real_statistics.feature_sum.dtype == torch.float64
+    torch.testing.assert_close(real_statistics.mean, real.flatten(1).mean(0))
+    torch.testing.assert_close(real_statistics.covariance, torch.cov(real.flatten(1).T))
+    fd = frechet_distance_from_statistics(real_statistics, fake_statistics)
+    assert fd == pytest.approx(frechet_distance(real, fake, Identity(2)), rel=1e-10)
+    assert fd == pytest.approx(closed_form_fd(real.flatten(1).numpy(), fake.flatten(1).numpy()), rel=1e-8)
+
+
+def test_statistics_refuse_bad_batches_and_too_few_images():
+    with pytest.raises(ValueError, match=r"`my images` must hold values in \[0, 1\]"):
+        feature_statistics([torch.rand(4, 2, 1, 1), torch.rand(4, 2, 1, 1) * 3], Identity(2), name="my images")
+    with pytest.raises(TypeError, match="integer `num_features`"):
+        feature_statistics([torch.rand(4, 2, 1, 1)], nn.Flatten())
+    with pytest.raises(ValueError, match=r"must map \(4, 3, 1, 1\) images to \(B, num_features\)"):
+        feature_statistics([torch.rand(4, 3, 1, 1)], Identity(2))
+    one = feature_statistics([torch.rand(1, 2, 1, 1)], Identity(2))
+    two = feature_statistics([torch.rand(2, 2, 1, 1)], Identity(2))
+    with pytest.raises(ValueError, match="`real` must hold the features of at least 2 images"):
+        frechet_distance_from_statistics(one, two)
+    with pytest.raises(ValueError, match="features of one width"):
+        frechet_distance_from_statistics(two, feature_statistics([torch.rand(4, 3, 1, 1)], Identity(3)))
+    with pytest.raises(TypeError, match="`fake` must be FeatureStatistics"):
+        frechet_distance_from_statistics(two, torch.rand(2, 2))
+
+
+def test_cached_statistics_round_trip_and_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
+    statistics = feature_statistics([torch.rand(5, 2, 1, 1, dtype=torch.float64)], Identity(2))
+    key, labels = {"dataset": "x", "images": "first 5", "features": "identity"}, torch.arange(5)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hfgen_frechet, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_cached_statistics(key, statistics, labels, cache_dir=str(tmp_path))
+    assert os.listdir(tmp_path / "fd-statistics") == []
+    monkeypatch.undo()
+    path = save_cached_statistics(key, statistics, labels, cache_dir=str(tmp_path))
+    assert os.listdir(tmp_path / "fd-statistics") == [os.path.basename(path)]
+    loaded, loaded_labels = load_cached_statistics(key, cache_dir=str(tmp_path))
+    assert loaded.num == 5 and torch.equal(loaded.outer_sum, statistics.outer_sum) and torch.equal(loaded_labels, labels)
+    torch.testing.assert_close(loaded.feature_sum, statistics.feature_sum, rtol=0, atol=0)
+    assert load_cached_statistics({**key, "images": "first 6"}, cache_dir=str(tmp_path)) is None
+
+
 # ----- on real digits -------------------------------------------------------------------------------------
 
 
@@ -126,7 +184,8 @@ def test_fd_between_halves_of_real_digits_is_far_below_real_versus_noise(extract
 def test_default_classifier_is_accurate_and_its_cached_folder_round_trips(extractor, cache_dir, mnist_test):
     folder = default_classifier_dir()
     assert folder == os.path.join(str(cache_dir), "digit-classifier")
-    assert sorted(os.listdir(cache_dir)) == ["digit-classifier"]  # no staging folder left behind
+    assert "digit-classifier" in os.listdir(cache_dir)
+    assert not [name for name in os.listdir(cache_dir) if name.startswith(".")]  # no staging folder left behind
     accuracy = classifier_accuracy(extractor.classifier, mnist_test)
     assert accuracy > 0.97
     card = ModelCard.load(os.path.join(folder, "README.md"))
@@ -143,7 +202,7 @@ def test_cached_classifier_is_reused_and_a_saved_folder_loads(extractor, cache_d
     def fail(*args, **kwargs):
         raise AssertionError("the cached classifier was retrained")
 
-    monkeypatch.setattr(hfgen_metrics, "train_digit_classifier", fail)
+    monkeypatch.setattr(hfgen_features, "train_digit_classifier", fail)
     digits = mnist_test.images[:16]
     with torch.no_grad():
         torch.testing.assert_close(load_feature_extractor()(digits), extractor(digits), rtol=0, atol=0)
@@ -160,7 +219,7 @@ def test_an_interrupted_cache_write_leaves_no_folder(tmp_path, monkeypatch, fast
         load_feature_extractor(cache_dir=str(tmp_path))
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
-    monkeypatch.setattr(hfgen_metrics, "train_digit_classifier", lambda *a, **k: (DigitClassifier().eval(), 0.1))
+    monkeypatch.setattr(hfgen_features, "train_digit_classifier", lambda *a, **k: (DigitClassifier().eval(), 0.1))
     assert load_feature_extractor(cache_dir=str(tmp_path)).num_features == 128
     assert os.listdir(tmp_path) == ["digit-classifier"]
 
@@ -280,6 +339,133 @@ def test_evaluate_pipeline_gives_a_conditional_pipeline_the_real_labels(extracto
                           num_samples=10, feature_extractor=extractor)
 
 
+class LazyDigits(torch.utils.data.Dataset):
+    """A map-style dataset that decodes each item on access: PNG bytes -> (image (1, 28, 28) float32, label)."""
+
+    def __init__(self, dataset: ImageDataset, fingerprint: str | None = None):
+        self.png = []
+        for image in dataset.images:
+            buffer = io.BytesIO()
+            Image.fromarray((image[0] * 255).round().byte().numpy()).save(buffer, format="PNG")
+            self.png.append(buffer.getvalue())
+        self.targets = dataset.labels.tolist()
+        self.id2label, self.num_classes, self.image_shape = dataset.id2label, dataset.num_classes, dataset.image_shape
+        self.fingerprint = fingerprint
+        self.num_decoded = 0
+
+    def __len__(self):
+        return len(self.png)
+
+    def __getitem__(self, index: int):
+        self.num_decoded += 1
+        pixels = np.asarray(Image.open(io.BytesIO(self.png[index])), dtype=np.float32) / 255
+        return torch.from_numpy(pixels)[None], torch.tensor(self.targets[index])
+
+
+class StreamedDigits(torch.utils.data.IterableDataset):
+    """The same items, streamed in order (no __len__)."""
+
+    def __init__(self, lazy: LazyDigits):
+        self.lazy = lazy
+        self.id2label, self.num_classes, self.image_shape = lazy.id2label, lazy.num_classes, lazy.image_shape
+        self.fingerprint = None
+
+    def __iter__(self):
+        return (self.lazy[index] for index in range(len(self.lazy)))
+
+
+@pytest.fixture(scope="module")
+def digits_300(mnist_test):
+    return ImageDataset(mnist_test.images[:300], mnist_test.labels[:300], mnist_test.id2label)
+
+
+def test_evaluate_pipeline_reads_a_lazily_decoded_dataset_as_the_same_images_in_memory(extractor, digits_300):
+    lazy = LazyDigits(digits_300)
+    pipeline = tiny_vae_pipeline()
+    kwargs = dict(num_samples=100, feature_extractor=extractor, batch_size=32, num_importance_samples=2)
+    metrics = evaluate_pipeline(pipeline, lazy, **kwargs)
+    assert metrics == pytest.approx(evaluate_pipeline(pipeline, digits_300, **kwargs), rel=1e-5)
+    assert lazy.num_decoded == 100 + 300  # the FD's real images, then each image once for the VAE bounds
+
+
+def test_evaluate_pipeline_streams_the_first_images_of_an_iterable_dataset(extractor, digits_300):
+    stream = StreamedDigits(LazyDigits(digits_300))
+    pipeline = tiny_vae_pipeline()
+    kwargs = dict(num_samples=100, feature_extractor=extractor, num_importance_samples=2)
+    metrics = evaluate_pipeline(pipeline, stream, batch_size=32, **kwargs)
+    # the real images are the stream's first 100; sample i is drawn with the i-th seed of `seed`'s generator
+    seeds = torch.randint(2**62, (100,), generator=torch.Generator().manual_seed(0)).tolist()
+    samples = pipeline(100, generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt").images
+    assert metrics["fd"] == pytest.approx(frechet_distance(digits_300.images[:100], samples, extractor), rel=1e-5)
+    assert evaluate_pipeline(pipeline, stream, batch_size=7, **kwargs)["fd"] == pytest.approx(metrics["fd"], rel=1e-6)
+    bounds = evaluate_pipeline(pipeline, digits_300, 100, fd=False, num_importance_samples=2)  # over all 300 images
+    assert {name: metrics[name] for name in bounds} == pytest.approx(bounds, rel=1e-5)
+    with pytest.raises(ValueError, match=r"`num_samples` \(400\) exceeds the 300 images of `dataset`"):
+        evaluate_pipeline(pipeline, stream, num_samples=400, feature_extractor=extractor, likelihood=False)
+
+
+def test_diffusion_bits_per_dim_uses_the_first_real_images_of_a_stream(digits_300):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+    pipeline = DDPMPipeline(unet, DDPMScheduler(num_train_timesteps=5))
+    stream = StreamedDigits(LazyDigits(digits_300))
+    metrics = evaluate_pipeline(pipeline, stream, num_samples=20, fd=False, vlb_num_images=8)
+    expected = diffusion_bits_per_dim(pipeline, digits_300.images[:8], digits_300.labels[:8])
+    assert metrics == {"test_bits_per_dim": pytest.approx(expected, rel=1e-5)}
+
+
+class Counting(nn.Module):
+    """Wraps a feature extractor and counts the images it sees."""
+
+    def __init__(self, extractor):
+        super().__init__()
+        self.extractor, self.num_images = extractor, 0
+        self.num_features, self.in_channels, self.cache_id = extractor.num_features, extractor.in_channels, extractor.cache_id
+
+    def forward(self, images):
+        self.num_images += len(images)
+        return self.extractor(images)
+
+
+class FingerprintedDataset(ImageDataset):
+    fingerprint = None  # a plain attribute here, whatever ImageDataset defines: tests set it
+
+
+def test_real_image_statistics_are_cached_and_reused(extractor, digits_300, tmp_path, monkeypatch):
+    monkeypatch.setenv("HFGEN_CACHE", str(tmp_path))
+    dataset = FingerprintedDataset(digits_300.images, digits_300.labels, digits_300.id2label)
+    dataset.fingerprint = "300 test digits"
+    torch.manual_seed(0)
+    pipeline = ConditionalPipeline(VAEModel(hidden_dims=[16], latent_dim=2, num_classes=10).eval())
+    requested, call = [], ConditionalPipeline.__call__
+
+    def recording_call(self, *args, **kwargs):
+        requested.append(kwargs["class_labels"])
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConditionalPipeline, "__call__", recording_call)
+    counting = Counting(extractor)
+    kwargs = dict(num_samples=100, feature_extractor=counting, batch_size=40, likelihood=False)
+    uncached = evaluate_pipeline(pipeline, dataset, cache_statistics=False, **kwargs)
+    assert counting.num_images == 200 and not (tmp_path / "fd-statistics").exists()
+    first = evaluate_pipeline(pipeline, dataset, **kwargs)
+    assert counting.num_images == 400 and len(os.listdir(tmp_path / "fd-statistics")) == 1
+    labels = torch.cat(requested[-3:])
+    second = evaluate_pipeline(pipeline, dataset, **kwargs)
+    assert counting.num_images == 500  # the 100 samples only: the real images' statistics came from the cache
+    assert first == uncached and second == uncached
+    torch.testing.assert_close(torch.cat(requested[-3:]), labels)  # the cached real images' labels
+    # other real images, another dataset or other features: computed again, and cached apart
+    evaluate_pipeline(pipeline, dataset, seed=1, **kwargs)
+    dataset.fingerprint = "other digits"
+    evaluate_pipeline(pipeline, dataset, **kwargs)
+    counting.cache_id = "other features"
+    evaluate_pipeline(pipeline, dataset, **kwargs)
+    assert counting.num_images == 500 + 3 * 200 and len(os.listdir(tmp_path / "fd-statistics")) == 4
+
+
 def test_evaluate_pipeline_refuses_more_samples_than_the_dataset_has(extractor, mnist_test):
     with pytest.raises(ValueError, match="`num_samples` \\(2000\\) exceeds"):
         evaluate_pipeline(tiny_vae_pipeline(), mnist_test, num_samples=2000, feature_extractor=extractor)
@@ -328,6 +514,7 @@ def test_metrics_merge_into_a_folder_without_a_card(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"fd": 4.0}
 
 
-def test_write_card_needs_a_local_folder():
-    with pytest.raises(SystemExit, match="needs a local pipeline folder"):
+def test_write_card_needs_a_local_folder(capsys):
+    with pytest.raises(SystemExit):
         main(["evaluate", "user/some-repo", "--write_card"])
+    assert "hfgen: error: `--write_card` needs a local pipeline folder" in capsys.readouterr().err

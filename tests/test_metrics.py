@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hfgen import VAEModel
-from hfgen.metrics import bits_per_dim, evaluate_vae, iwae_log_likelihood
+from hfgen.likelihood import bits_per_dim, evaluate_vae, iwae_log_likelihood
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,20 @@ def test_iwae_refuses_bad_arguments(vae_and_digits):
         iwae_log_likelihood(vae, x, num_samples=0)
     with pytest.raises(ValueError, match="class_labels"):
         iwae_log_likelihood(vae, x[:2], torch.tensor([0, 1]))
+
+
+def test_hfgen_metrics_re_exports_the_evaluation_api_from_its_modules():
+    from hfgen import evaluation, features, frechet, likelihood, metrics
+
+    homes = {
+        evaluation: ["evaluate_pipeline"],
+        features: ["DEFAULT_FEATURE_EXTRACTOR", "classifier_accuracy", "default_classifier_dir", "hfgen_cache_dir",
+                   "load_feature_extractor", "resolve_feature_extractor", "train_digit_classifier"],
+        frechet: ["FeatureStatistics", "feature_statistics", "frechet_distance", "frechet_distance_from_statistics"],
+        likelihood: ["LIKELIHOOD_BATCH_SIZE", "bits_per_dim", "diffusion_bits_per_dim", "evaluate_vae",
+                     "iwae_log_likelihood"],
+    }
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(metrics, name) is getattr(module, name), name
+    assert all(hasattr(metrics, name) for name in metrics.__all__)

@@ -207,15 +207,21 @@ def training_dataloader(dataset, batch_size: int, seed: int, num_workers: int = 
     return DataLoader(dataset, shuffle=True, collate_fn=collate, **common)
 
 
-def image_batches(dataset, num_images: int, seed: int = 0, batch_size: int = 250, num_workers: int = 0):
-    """Batches (images, labels) of `num_images` images of `dataset` without augmentation: for a map-style dataset
-    the first `num_images` of a permutation drawn with `seed`, for a streamed one its first `num_images`."""
+def image_batches(dataset, num_images: int | None = None, seed: int = 0, batch_size: int = 250, num_workers: int = 0,
+                  shuffle: bool = True):
+    """Batches (images (B, C, H, W), labels (B,)) of `num_images` images of `dataset` (None: all), as they are
+    stored (no augmentation): for a map-style dataset the first `num_images` of a permutation drawn with `seed`
+    (in order without `shuffle`), for a streamed one its first `num_images`. Skipped corrupt images are left out."""
     if isinstance(dataset, IterableDataset):
         items = itertools.islice((item for item in dataset if item is not None), num_images)
         while batch := list(itertools.islice(items, batch_size)):
             yield collate_images(batch)
         return
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images]
+    num_images = len(dataset) if num_images is None else num_images
+    if shuffle:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images]
+    else:
+        order = torch.arange(num_images)
     if isinstance(dataset, ImageDataset):  # in memory: plain indexing, never augmented
         for start in range(0, len(order), batch_size):
             yield dataset[order[start:start + batch_size]]

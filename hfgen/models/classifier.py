@@ -1,4 +1,4 @@
-"""A small CNN digit classifier whose penultimate features serve Fréchet distance (hfgen.metrics)."""
+"""A small CNN digit classifier whose penultimate features serve Fréchet distance (hfgen.features)."""
 
 from dataclasses import dataclass
 
