@@ -13,8 +13,29 @@ TRAINERS = {"vae": "hfgen.training.train_vae", "gan": "hfgen.training.train_gan"
             "ldm": "hfgen.training.train_ldm"}
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse, with a bad flag raised as a ValueError: `run_command` prints it on one line (argparse itself
+    prints the whole usage first)."""
+
+    def error(self, message):
+        raise ValueError(f"{message} (`{self.prog} -h` lists the flags)")
+
+
+def check_image_output(name: str, path: str) -> None:
+    """An image file that can be written: a known image extension in an existing, writable folder."""
+    import PIL.Image
+
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in PIL.Image.registered_extensions():
+        raise ValueError(f"`{name}` {path!r} must be an image file name (.png, .jpg, ...), got the extension "
+                         f"{extension or 'none'!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"`{name}` {path!r} cannot be written: {folder!r} is not a writable folder")
+
+
 def sample(argv) -> str:
-    parser = argparse.ArgumentParser(prog="hfgen sample", description="Sample a grid of images from a pipeline.")
+    parser = CommandParser(prog="hfgen sample", description="Sample a grid of images from a pipeline.")
     parser.add_argument("pretrained", help="A pipeline folder or a Hub repo id.")
     parser.add_argument("--num_images", type=int, default=16)
     parser.add_argument("--class_labels", nargs="+", default=None,
@@ -23,6 +44,9 @@ def sample(argv) -> str:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default="samples.png", help="PNG file for the grid.")
     args = parser.parse_args(argv)
+    check_image_output("--output", args.output)
+    if args.num_images < 1:
+        raise ValueError(f"`--num_images` must be a positive integer, got {args.num_images}")
 
     import torch
 
@@ -42,7 +66,7 @@ def sample(argv) -> str:
 
 
 def evaluate(argv) -> dict[str, float]:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="hfgen evaluate",
         description="Fréchet distance between a pipeline's samples and a dataset split, plus the likelihood bound "
                     "of a VAE or a diffusion model; prints the metrics as JSON.")
@@ -51,9 +75,13 @@ def evaluate(argv) -> dict[str, float]:
     parser.add_argument("--train_data_dir", default=None, help="A local image folder, used instead of --dataset_name.")
     parser.add_argument("--split", default="test", choices=("train", "test"))
     parser.add_argument("--num_samples", type=int, default=1000, help="Samples drawn, and real images compared with.")
-    parser.add_argument("--feature_extractor", default="hfgen:digit-classifier",
-                        help='"hfgen:digit-classifier" (trained and cached on first use), a saved DigitClassifier '
-                             'folder, or "inception" (needs torch-fidelity).')
+    parser.add_argument("--feature_extractor", default="auto",
+                        help='Features of the Fréchet distance: "auto" (the digit classifier for 1-channel images of at '
+                             'least 28 px, "inception" for RGB when torch-fidelity is installed), "none" (no FD), '
+                             '"hfgen:digit-classifier" (trained and cached on first use), a saved DigitClassifier '
+                             'folder, "inception" (FID; pip install "hfgen[fid]"), "dinov2:<Hub id or folder>" (e.g. '
+                             'dinov2:facebook/dinov2-small; FD_DINOv2 as Stein et al. 2023 recommend) or '
+                             '"clip:<Hub id or folder>" (e.g. clip:openai/clip-vit-base-patch32).')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--num_importance_samples", type=int, default=100, help="K of a VAE's IWAE bound.")
@@ -65,37 +93,85 @@ def evaluate(argv) -> dict[str, float]:
                         help="Merge the metrics into the folder's README.md model card and metrics.json.")
     args = parser.parse_args(argv)
     if args.write_card and not os.path.isdir(args.pretrained):
-        raise SystemExit(f"hfgen evaluate: --write_card needs a local pipeline folder, got {args.pretrained!r}")
+        raise ValueError(f"`--write_card` needs a local pipeline folder, got {args.pretrained!r}")
 
     from hfgen import AutoPipeline
     from hfgen.data import load_image_dataset
+    from hfgen.evaluation import evaluate_pipeline
+    from hfgen.features import (DEFAULT_FEATURE_EXTRACTOR, default_classifier_dir, load_feature_extractor,
+                                resolve_feature_extractor)
     from hfgen.hub_utils import update_model_card_metrics
-    from hfgen.metrics import DEFAULT_FEATURE_EXTRACTOR, default_classifier_dir, evaluate_pipeline, load_feature_extractor
 
     pipeline = AutoPipeline.from_pretrained(args.pretrained).to(args.device)
     dataset = load_image_dataset(args.dataset_name, args.split, pipeline.sample_size,
                                  args.train_data_dir)
-    if args.feature_extractor == DEFAULT_FEATURE_EXTRACTOR and not os.path.isdir(default_classifier_dir()):
-        # stderr: stdout carries only the JSON
-        print(f"training the default feature extractor {DEFAULT_FEATURE_EXTRACTOR} (once; it is cached in "
-              f"{default_classifier_dir()})", file=sys.stderr)
-    feature_extractor = load_feature_extractor(args.feature_extractor).to(args.device)
+    # the dataset is loaded at the pipeline's size, so its image shape is that of the samples
+    choice = resolve_feature_extractor(args.feature_extractor, dataset.image_shape)
+    if choice is None:
+        shape = "x".join(map(str, dataset.image_shape))
+        raise ValueError(f"no default feature extractor fits {shape} images; pass --feature_extractor, "
+                         'e.g. dinov2:facebook/dinov2-small, or inception after pip install "hfgen[fid]", or none '
+                         "for the likelihood bounds alone")
+    feature_extractor = None
+    if choice != "none":
+        if choice == DEFAULT_FEATURE_EXTRACTOR and not os.path.isdir(default_classifier_dir()):
+            # stderr: stdout carries only the JSON
+            print(f"training the default feature extractor {DEFAULT_FEATURE_EXTRACTOR} (once; it is cached in "
+                  f"{default_classifier_dir()})", file=sys.stderr)
+        feature_extractor = load_feature_extractor(choice).to(args.device)
     pipeline_kwargs = {} if args.num_inference_steps is None else {"num_inference_steps": args.num_inference_steps}
     metrics = evaluate_pipeline(pipeline, dataset, args.num_samples, feature_extractor, args.seed, args.batch_size,
                                 args.num_importance_samples, pipeline_kwargs=pipeline_kwargs,
-                                vlb_num_images=args.vlb_num_images, vlb_num_timesteps=args.vlb_num_timesteps)
+                                vlb_num_images=args.vlb_num_images, vlb_num_timesteps=args.vlb_num_timesteps,
+                                fd=feature_extractor is not None)
     print(json.dumps(metrics, indent=2))
     if args.write_card:
         dataset_name = args.train_data_dir or args.dataset_name
-        fd_args = {"feature_extractor": args.feature_extractor, "num_samples": args.num_samples, "seed": args.seed}
+        fd_args = {"feature_extractor": choice, "num_samples": args.num_samples, "seed": args.seed}
         update_model_card_metrics(args.pretrained, metrics, dataset_name=dataset_name, split=args.split,
                                   metric_args={"fd": fd_args})
         print(f"wrote the metrics into {os.path.join(args.pretrained, 'README.md')} and metrics.json", file=sys.stderr)
     return metrics
 
 
-def main(argv=None) -> None:
+# Errors of the user's input (hfgen's checks raise these, naming the argument): one line, exit status 2.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+DEBUG_FLAG, DEBUG_ENV = "--debug", "HFGEN_DEBUG"
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line. An error re-raised from a DataLoader worker carries the worker's
+    traceback in its message: its last line is the original error."""
+    message = str(error).strip() or type(error).__name__
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(message.split())
+
+
+def run_command(command, argv=None, prog: str = "hfgen"):
+    """Runs `command(argv)` as a command line does: an error of the user's input prints `prog: error: ...` on one
+    line and exits with status 2, without a traceback unless --debug or HFGEN_DEBUG=1 asks for one."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    try:
+        return command(argv)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def main(argv=None) -> None:
+    """The `hfgen` command."""
+    run_command(dispatch, argv)
+
+
+def dispatch(argv) -> None:
     usage = (f"usage: hfgen train {{{','.join(TRAINERS)}}} ARGS | hfgen sample FOLDER ARGS | hfgen evaluate FOLDER ARGS  "
              "(-h after each for its flags)")
     if not argv or argv[0] in ("-h", "--help"):
@@ -104,14 +180,14 @@ def main(argv=None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "train":
         if not rest or rest[0] not in TRAINERS:
-            raise SystemExit(f"hfgen train: name a family, one of {sorted(TRAINERS)}; got {rest[:1]}\n{usage}")
+            raise ValueError(f"`hfgen train` needs a family, one of {sorted(TRAINERS)}; got {rest[:1]}")
         importlib.import_module(TRAINERS[rest[0]]).main(rest[1:])
     elif command == "sample":
         sample(rest)
     elif command == "evaluate":
         evaluate(rest)
     else:
-        raise SystemExit(f"hfgen: unknown command {command!r}\n{usage}")
+        raise ValueError(f"unknown command {command!r}; {usage}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,24 @@
-"""Small shared helpers: argument checks that every model and pipeline uses."""
+"""Small shared helpers: argument checks that every model, pipeline and trainer uses.
+
+Each check raises a ValueError (or a TypeError for a wrong type) that names the argument, the value it got and
+what it accepts. Trainers name flags with their dashes: `check_positive_number("--learning_rate", value)`.
+"""
+
+import math
+import numbers
+import os
 
 import torch
+
+CACHE_ENV = "HFGEN_CACHE"  # overrides where hfgen caches what it trains or computes on first use
+
+
+def hfgen_cache_dir() -> str:
+    """Where hfgen caches what it trains or computes on first use (the digit classifier, FD statistics, latents):
+    $HFGEN_CACHE, else $HF_HOME/hfgen."""
+    from huggingface_hub import constants
+
+    return os.environ.get(CACHE_ENV) or os.path.join(constants.HF_HOME, "hfgen")
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -8,13 +26,61 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"`{name}` must be one of {sorted(choices)}, got {value!r}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
 
 
+def check_non_negative_int(name: str, value) -> None:
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}")
+
+
+def _check_real(name: str, value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be {what}, got {value!r}")
+
+
+def check_positive_number(name: str, value) -> None:
+    """A finite number > 0 (inf and nan are refused)."""
+    _check_real(name, value, "a finite number > 0")
+    if value <= 0:
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+
+
+def check_non_negative_number(name: str, value) -> None:
+    _check_real(name, value, "a finite number >= 0")
+    if value < 0:
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
+
+
+def check_fraction(name: str, value) -> None:
+    """A share strictly between 0 and 1."""
+    _check_real(name, value, "a fraction in (0, 1)")
+    if not 0 < value < 1:
+        raise ValueError(f"`{name}` must be a fraction in (0, 1), got {value!r}")
+
+
+def check_probability(name: str, value) -> None:
+    """A probability in [0, 1)."""
+    _check_real(name, value, "a number in [0, 1)")
+    if not 0 <= value < 1:
+        raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}")
+
+
 def check_images(name: str, images, channels: int, size: int) -> None:
-    """Images must be a float tensor of shape (B, channels, size, size)."""
+    """Images must be a finite float tensor of shape (B, channels, size, size)."""
+    check_image_shape(name, images, channels, size)
+    if images.is_floating_point() and not torch.isfinite(images).all():
+        raise ValueError(f"`{name}` holds non-finite values (nan or inf)")
+
+
+def check_image_shape(name: str, images, channels: int, size: int) -> None:
+    """Images must be a tensor of shape (B, channels, size, size)."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor of shape (B, {channels}, {size}, {size}), got {type(images).__name__}")
     if images.dim() != 4 or tuple(images.shape[1:]) != (channels, size, size):

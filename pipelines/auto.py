@@ -1,9 +1,8 @@
 """Loading any hfgen pipeline folder without naming its class."""
 
-import json
 import os
 
-from .pipeline_utils import GenerativePipeline, resolve_pretrained_path
+from .pipeline_utils import GenerativePipeline, read_model_index, resolve_pretrained_path
 
 
 class AutoPipeline:
@@ -15,8 +14,7 @@ class AutoPipeline:
 
         hub_kwargs = {key: kwargs.pop(key) for key in ("revision", "cache_dir", "token") if key in kwargs}
         path = resolve_pretrained_path(pretrained_model_name_or_path, **hub_kwargs)
-        with open(os.path.join(path, "model_index.json"), encoding="utf-8") as file:
-            class_name = json.load(file).get("_class_name")
+        class_name = read_model_index(os.path.join(path, "model_index.json")).get("_class_name")
         if class_name not in PIPELINES:
             # the name the caller gave: for a Hub repo id, `path` is a snapshot deep in the cache
             found = f"a {class_name!r} pipeline" if class_name else "no `_class_name` in its model_index.json"

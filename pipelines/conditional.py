@@ -1,4 +1,4 @@
-"""Class-conditional sampling from any conditional latent-variable model (seed notes §4)."""
+"""Class-conditional sampling from any conditional latent-variable model (docs/maths.md §5)."""
 
 from hfgen.models import ModelMixin
 

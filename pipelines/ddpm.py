@@ -1,8 +1,10 @@
-"""Ancestral and fast sampling from a diffusion model (seed notes §5; MATHS.md), with classifier-free guidance."""
+"""Ancestral and fast sampling from a diffusion model (docs/maths.md §6.6), with classifier-free guidance (§6.7)."""
 
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
+from hfgen.diffusion import classes_of, null_class_labels
+from hfgen.image_processing import SYMMETRIC
 from hfgen.models import ViTDenoiser
 from hfgen.utils import check_positive_int
 
@@ -18,7 +20,9 @@ class DDPMPipeline(GenerativePipeline):
     `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.
 
     Class conditioning: a denoiser with `num_class_embeds = K + 1` generates K classes; hfgen trains the last
-    id K as the null class ("no label", label dropout), which classifier-free guidance needs.
+    id K as the null class ("no label", label dropout), which classifier-free guidance needs. `label_dropout`
+    (saved in model_index.json by hfgen's trainer) is the share of labels dropped in training: with 0 the null
+    class was never trained, and guidance is refused.
 
     Example:
         ```py
@@ -31,9 +35,11 @@ class DDPMPipeline(GenerativePipeline):
 
     family = "ddpm"
 
-    def __init__(self, unet: UNet2DModel | ViTDenoiser, scheduler: SchedulerMixin):
+    def __init__(self, unet: UNet2DModel | ViTDenoiser, scheduler: SchedulerMixin, label_dropout: float | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        if label_dropout is not None:  # unknown for folders saved elsewhere (diffusers, older hfgen)
+            self.register_to_config(label_dropout=float(label_dropout))
 
     @property
     def generative_model(self):
@@ -41,8 +47,7 @@ class DDPMPipeline(GenerativePipeline):
 
     @property
     def num_classes(self) -> int:
-        num_class_embeds = self.unet.config.get("num_class_embeds")
-        return num_class_embeds - 1 if num_class_embeds else 0  # the last id is the null class
+        return classes_of(self.unet.config.get("num_class_embeds"))
 
     @property
     def id2label(self) -> dict | None:
@@ -54,7 +59,7 @@ class DDPMPipeline(GenerativePipeline):
         height, width = (size, size) if isinstance(size, int) else size
         return (self.unet.config.in_channels, height, width)
 
-    data_range = "symmetric"  # images in [-1, 1]
+    data_range = SYMMETRIC  # images in [-1, 1]
     denoises_pixels = True  # the reverse process ends at the image itself: its variational bound is a likelihood
 
     def to_images(self, sample: torch.Tensor) -> torch.Tensor:
@@ -67,7 +72,7 @@ class DDPMPipeline(GenerativePipeline):
             return self.unet(sample, timestep).sample
         if guidance_scale == 1.0:
             return self.unet(sample, timestep, class_labels=class_labels).sample
-        null = torch.full_like(class_labels, self.num_classes)
+        null = null_class_labels(class_labels, self.num_classes)
         both = self.unet(torch.cat([sample, sample]), timestep, class_labels=torch.cat([class_labels, null])).sample
         conditional, unconditional = both.chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
@@ -100,6 +105,10 @@ class DDPMPipeline(GenerativePipeline):
         if guidance_scale != 1.0 and labels is None:
             raise ValueError(f"`guidance_scale` {guidance_scale} needs `class_labels` and a class-conditional denoiser "
                              "trained with a null class")
+        if guidance_scale != 1.0 and self.config.get("label_dropout") == 0:
+            raise ValueError(f"`guidance_scale` {guidance_scale}: this denoiser was trained with label_dropout 0, so its "
+                             "null class was never trained and guidance would use an untrained embedding; sample with "
+                             "guidance_scale=1, or train with --label_dropout 0.1")
         num_train_timesteps = self.scheduler.config.num_train_timesteps
         num_inference_steps = num_train_timesteps if num_inference_steps is None else num_inference_steps
         check_positive_int("num_inference_steps", num_inference_steps)

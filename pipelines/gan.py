@@ -1,4 +1,4 @@
-"""Sampling from a GAN generator (seed notes §3)."""
+"""Sampling from a GAN generator (docs/maths.md §4)."""
 
 import torch
 

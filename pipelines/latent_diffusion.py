@@ -1,11 +1,10 @@
-"""Latent diffusion (seed notes §5.7; MATHS.md): diffusion in the latent space of a VAE, then decoding."""
-
-import math
+"""Latent diffusion (docs/maths.md §7): diffusion in the latent space of a VAE, then decoding."""
 
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
 from hfgen.models import VAEModel, ViTDenoiser
+from hfgen.utils import check_positive_number
 
 from .ddpm import DDPMPipeline
 
@@ -33,14 +32,12 @@ class LatentDiffusionPipeline(DDPMPipeline):
     denoises_pixels = False
 
     def __init__(self, vae: VAEModel, unet: UNet2DModel | ViTDenoiser, scheduler: SchedulerMixin,
-                 scaling_factor: float | None = None):
-        super().__init__(unet, scheduler)
+                 scaling_factor: float | None = None, label_dropout: float | None = None):
+        super().__init__(unet, scheduler, label_dropout)
         if scaling_factor is None:
-            raise ValueError("`scaling_factor` is missing: the latents' scale the denoiser was trained on; compute "
-                             "it with hfgen.latent_tools.latent_scaling_factor(vae, images)")
-        if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) \
-                or not math.isfinite(scaling_factor) or scaling_factor <= 0:
-            raise ValueError(f"`scaling_factor` must be a finite number > 0, got {scaling_factor!r}")
+            raise ValueError("`scaling_factor` is missing: the latents' scale the denoiser was trained on; compute it "
+                             "with hfgen.latent_tools.latent_scaling_factor(hfgen.latent_tools.encode_images(vae, images))")
+        check_positive_number("scaling_factor", scaling_factor)
         if vae.config.num_classes:
             raise ValueError("`vae` must be an unconditional VAE (num_classes=0): class labels condition the denoiser")
         if tuple(vae.latent_shape) != self.latent_shape:

@@ -1,8 +1,13 @@
 """The base of every hfgen pipeline: loading, class labels, prior noise and output conversion."""
 
+import json
+import math
+import numbers
 import os
 import tempfile
 
+import numpy as np
+import psutil
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -21,15 +26,42 @@ def resolve_pretrained_path(pretrained_model_name_or_path, **hub_kwargs) -> str:
     diffusers 0.42 cannot load components defined outside diffusers from a repo id by itself, so hfgen
     always downloads first and loads the local copy.
     """
-    path = os.path.expanduser(str(pretrained_model_name_or_path))
+    given = str(pretrained_model_name_or_path)
+    path = os.path.expanduser(given)
     if not os.path.isdir(path):
-        looks_like_path = os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1
+        looks_like_path = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1
         if looks_like_path:
-            raise ValueError(f"`pretrained_model_name_or_path` {path!r} is not a folder (nor a Hub repo id)")
-        path = snapshot_download(path, **hub_kwargs)
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise ValueError(f"`pretrained_model_name_or_path` {path!r} holds no model_index.json: it is not a saved pipeline")
+            raise ValueError(f"`pretrained_model_name_or_path` {given!r} is not a folder, and not a Hub repo id "
+                             "(user/name) either")
+        try:
+            path = snapshot_download(path, **hub_kwargs)
+        except Exception as error:  # not on the Hub, private without a token, or offline without a cached copy
+            raise ValueError(f"`pretrained_model_name_or_path` {given!r} is not a local folder, and downloading it "
+                             f"from the Hub failed: {type(error).__name__}: {error}") from error
+    index_file = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_file):
+        raise ValueError(f"`pretrained_model_name_or_path` {given!r} holds no model_index.json: it is not a saved pipeline")
+    read_model_index(index_file)
     return path
+
+
+def read_model_index(index_file: str) -> dict:
+    """A pipeline folder's model_index.json, checked: valid JSON whose components are hfgen's or diffusers' classes."""
+    try:
+        with open(index_file, encoding="utf-8") as file:
+            index = json.load(file)
+    except ValueError as error:
+        raise ValueError(f"{index_file} is not valid JSON ({error}): the folder was not saved completely") from error
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_file} must hold a JSON object, got {type(index).__name__}")
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            continue
+        library = str(entry[0])
+        if library.split(".")[0] not in ("hfgen", "diffusers"):
+            raise ValueError(f"{index_file} names {entry[1]!r} from {library!r} for the component {name!r}; hfgen "
+                             "pipelines hold hfgen models and diffusers models and schedulers")
+    return index
 
 
 class GenerativePipeline(DiffusionPipeline):
@@ -41,7 +73,7 @@ class GenerativePipeline(DiffusionPipeline):
     not (diffusion) overrides those properties and `__call__`, and reuses the helpers.
     """
 
-    # True for diffusion in pixel space, whose variational bound gives bits/dim (hfgen.metrics.evaluate_pipeline)
+    # True for diffusion in pixel space, whose variational bound gives bits/dim (hfgen.evaluation.evaluate_pipeline)
     denoises_pixels = False
     family = ""  # "vae", "gan", "ddpm" or "ldm": the model card's tag
 
@@ -50,6 +82,13 @@ class GenerativePipeline(DiffusionPipeline):
         """Loads a local folder or a Hub repo id (`revision`, `token`, `cache_dir` go to the download)."""
         hub_kwargs = {key: kwargs.pop(key) for key in HUB_DOWNLOAD_KWARGS if key in kwargs}
         path = resolve_pretrained_path(pretrained_model_name_or_path, **hub_kwargs)
+        saved_class = read_model_index(os.path.join(path, "model_index.json")).get("_class_name")
+        if cls is not GenerativePipeline and saved_class != cls.__name__:
+            components = sorted(name for name, entry in read_model_index(os.path.join(path, "model_index.json")).items()
+                                if not name.startswith("_") and isinstance(entry, list))
+            raise ValueError(f"{str(pretrained_model_name_or_path)!r} holds a {saved_class} (components "
+                             f"{', '.join(components)}), not a {cls.__name__}: load it with {saved_class}.from_pretrained "
+                             "or hfgen.AutoPipeline.from_pretrained")
         return super().from_pretrained(path, **kwargs)
 
     @property
@@ -69,7 +108,7 @@ class GenerativePipeline(DiffusionPipeline):
             if not file_exists(repo_id, "README.md", token=token):
                 write_model_card(folder, title=repo_id.split("/")[-1], description=f"An hfgen {self.family} pipeline.",
                                  pipeline_class=type(self).__name__, tags=[self.family],
-                                 model_config=dict(self.generative_model.config))
+                                 model_config=dict(self.generative_model.config), num_classes=self.num_classes)
             return push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message)
 
     # What the sampling skeleton needs to know; by default the generative model's, pipelines may override.
@@ -104,7 +143,9 @@ class GenerativePipeline(DiffusionPipeline):
         if class_labels is None or self.num_classes == 0:
             batch_size = batch_size or 1
             return check_class_labels(class_labels, self.num_classes, batch_size), batch_size
-        if isinstance(class_labels, (int, str)) or (isinstance(class_labels, torch.Tensor) and class_labels.dim() == 0):
+        if isinstance(class_labels, np.ndarray):
+            class_labels = torch.from_numpy(class_labels)
+        if isinstance(class_labels, (numbers.Number, str)) or (isinstance(class_labels, torch.Tensor) and class_labels.dim() == 0):
             class_labels = [class_labels] * (batch_size or 1)
         if not isinstance(class_labels, torch.Tensor):
             class_labels = [self._label_id(label) for label in class_labels]
@@ -124,11 +165,30 @@ class GenerativePipeline(DiffusionPipeline):
         """Prior noise z ~ N(0, I) of shape (B, *latent_shape), or the given `latents` after a shape check."""
         dtype = self.generative_model.dtype
         shape = (batch_size, *self.latent_shape)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"`generator` is a list of {len(generator)} generators: it must hold one per image "
+                             f"({batch_size}), or be a single generator")
         if latents is not None:
+            if isinstance(latents, np.ndarray):
+                latents = torch.from_numpy(latents)
+            if not isinstance(latents, torch.Tensor):
+                raise TypeError(f"`latents` must be a torch.Tensor or numpy array of shape {shape}, got {type(latents).__name__}")
             if tuple(latents.shape) != shape:
                 raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
             return latents.to(self.device, dtype)
+        self.check_fits_in_memory(batch_size)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+
+    def check_fits_in_memory(self, batch_size: int) -> None:
+        """A clear error, before anything is allocated, for a batch whose images alone exceed the free memory."""
+        image_bytes = batch_size * math.prod(self.latent_shape) * 4 * 4  # the sample and a few copies, float32
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = psutil.virtual_memory().available
+        if image_bytes > free:
+            raise ValueError(f"`batch_size` {batch_size} does not fit in memory (~{image_bytes / 2**30:.1f} GiB for the "
+                             f"images alone, {free / 2**30:.1f} GiB free): sample in smaller batches")
 
     def output(self, images: torch.Tensor, output_type: str, return_dict: bool):
         """Model tensor -> `ImagePipelineOutput` (or a tuple) of "pil", "np" or "pt" images."""

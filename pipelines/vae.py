@@ -1,4 +1,4 @@
-"""Sampling and latent-space tools for VAEs (seed notes §2.5)."""
+"""Sampling and latent-space tools for VAEs (docs/maths.md §2.5)."""
 
 import torch
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import interrupt_then_resume, quick_training_args, same_weights
-from test_data import write_mixed_folder
+from helpers import interrupt_then_resume, quick_training_args, same_weights
+from helpers import write_mixed_folder
 
 from hfgen import AutoPipeline
 from hfgen.training import train_ddpm, train_gan, train_ldm, train_vae

@@ -2,12 +2,12 @@ import json
 
 import pytest
 import torch
-from conftest import interrupt_then_resume, quick_training_args, same_weights
+from helpers import interrupt_then_resume, quick_training_args, same_weights
 from diffusers import UNet2DModel
 
 from hfgen import AutoPipeline, DDPMPipeline, ViTDenoiser
 from hfgen.diffusion import q_sample, variational_bound
-from hfgen.metrics import evaluate_pipeline
+from hfgen.evaluation import evaluate_pipeline
 from hfgen.training.train_ddpm import main
 
 TINY = ["--block_out_channels", "8", "16", "--num_inference_steps", "5", "--eval_num_samples", "50",
@@ -134,7 +134,7 @@ def test_conditional_ddpm_reserves_a_null_class(tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--label_dropout", "1.5"], "`--label_dropout` must be in \\[0, 1\\)"),
+        (["--label_dropout", "1.5"], "`--label_dropout` must be a number in \\[0, 1\\)"),
         (["--resolution", "29"], "`--resolution` 29 must be divisible by 2"),
     ],
 )

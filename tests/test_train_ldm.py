@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import interrupt_then_resume, quick_training_args, same_weights
+from helpers import interrupt_then_resume, quick_training_args, same_weights
 from diffusers import UNet2DModel
 
 from hfgen import AutoPipeline, GANPipeline, Generator, LatentDiffusionPipeline, VAEModel, VAEPipeline

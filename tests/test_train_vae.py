@@ -3,12 +3,12 @@ import os
 
 import pytest
 import torch
-from conftest import Interrupted, interrupt_after, quick_vae_args
+from helpers import Interrupted, interrupt_after, quick_vae_args
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from hfgen import ConditionalPipeline, VAEModel, VAEPipeline
-from hfgen.metrics import evaluate_vae
+from hfgen.likelihood import evaluate_vae
 from hfgen.training.train_vae import VAETrainer, main, parse_args
 
 
@@ -127,9 +127,9 @@ def test_missing_or_corrupt_checkpoints_are_clear_errors(tmp_path):
     "flags, message",
     [
         (["--dataset_name", "hfgen:fashion"], "unknown built-in `dataset_name` 'hfgen:fashion'"),
-        (["--latent_dim", "0"], "`latent_dim` must be a positive integer"),
-        (["--beta", "-1"], "`--beta` must be >= 0"),
-        (["--train_batch_size", "0"], "`--train_batch_size` must be >= 1"),
+        (["--latent_dim", "0"], "`--latent_dim` must be a positive integer"),
+        (["--beta", "-1"], "`--beta` must be a finite number >= 0"),
+        (["--train_batch_size", "0"], "`--train_batch_size` must be a positive integer"),
         (["--train_batch_size", "5000"], "exceeds the 4000 training images"),
         (["--push_to_hub"], "`--push_to_hub` needs `--hub_model_id`"),
         (["--architecture", "conv", "--hidden_dims", "8", "8", "8"], "divisible"),

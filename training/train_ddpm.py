@@ -1,4 +1,4 @@
-"""Trains a DDPM (seed notes §5.1-5.6; MATHS.md) with a U-Net or ViT denoiser, unconditional or class-conditional.
+"""Trains a DDPM (docs/maths.md §6) with a U-Net or ViT denoiser, unconditional or class-conditional.
 
     accelerate launch -m hfgen.training.train_ddpm --output_dir hfgen-ddpm-mnist
     hfgen train ddpm --output_dir hfgen-ddpm-mnist --conditional --label_dropout 0.1
@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import compute_snr
 
-from hfgen.diffusion import PREDICTION_TYPES, training_target
-from hfgen.image_processing import from_unit_range
+from hfgen.diffusion import PREDICTION_TYPES, class_embeddings_for, null_class_labels, training_target
+from hfgen.image_processing import SYMMETRIC, from_unit_range
 from hfgen.models import ViTDenoiser
 from hfgen.pipelines import DDPMPipeline
 
-from .trainer import Trainer, training_parser
+from hfgen.utils import check_non_negative_int, check_positive_int, check_positive_number, check_probability
+
+from .trainer import Trainer, optional, training_parser
 
 
 def diffusion_parser(description: str):
@@ -35,7 +37,7 @@ def diffusion_parser(description: str):
     add("--num_train_timesteps", type=int, default=1000)
     add("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
     add("--prediction_type", default="epsilon", choices=PREDICTION_TYPES,
-        help="epsilon (noise), sample (x0, §5.2) or v_prediction.")
+        help="epsilon (noise), sample (x0, docs/maths.md §6.3) or v_prediction.")
     add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting with this gamma (5 is common).")
     add("--label_dropout", type=float, default=0.1,
         help="With --conditional: share of labels replaced by the null class, for classifier-free guidance.")
@@ -54,16 +56,19 @@ def parse_args(argv=None):
 class DDPMTrainer(Trainer):
     family = "ddpm"
     ema_model_names = ("unet",)
+    flag_checks = {
+        **dict.fromkeys(("layers_per_block", "patch_size", "vit_hidden_size", "vit_layers", "vit_heads",
+                         "num_train_timesteps", "num_inference_steps"), check_positive_int),
+        "label_dropout": check_probability, "snr_gamma": optional(check_positive_number),
+        "eval_vlb_num_images": check_non_negative_int, "eval_vlb_num_timesteps": optional(check_positive_int),
+    }
 
     def build_models(self):
         args = self.args
-        if not 0 <= args.label_dropout < 1:
-            raise ValueError(f"`--label_dropout` must be in [0, 1), got {args.label_dropout}")
         channels, size, _ = self.sample_shape()
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps,
                                              beta_schedule=args.beta_schedule, prediction_type=args.prediction_type)
-        # hfgen's convention: ids 0..K-1 are the classes, K is the null class of classifier-free guidance
-        num_class_embeds = self.num_classes + 1 if self.num_classes else None
+        num_class_embeds = class_embeddings_for(self.num_classes)  # the null class K included
         if args.denoiser == "vit":
             unet = ViTDenoiser(sample_size=size, in_channels=channels, out_channels=channels,
                                patch_size=args.patch_size, hidden_size=args.vit_hidden_size,
@@ -91,7 +96,7 @@ class DDPMTrainer(Trainer):
 
     def clean_sample(self, batch: torch.Tensor) -> torch.Tensor:
         """A training batch -> x0 for the forward process: images in [0, 1] mapped to [-1, 1]."""
-        return from_unit_range(batch, "symmetric")
+        return from_unit_range(batch, SYMMETRIC)
 
     def training_step(self, images, labels):
         args, scheduler = self.args, self.noise_scheduler
@@ -101,7 +106,7 @@ class DDPMTrainer(Trainer):
         x_t = scheduler.add_noise(x0, noise, timesteps)  # q(x_t | x0) in closed form
         if labels is not None and args.label_dropout:
             dropped = torch.rand(labels.shape, device=labels.device) < args.label_dropout
-            labels = torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+            labels = torch.where(dropped, null_class_labels(labels, self.num_classes), labels)
         prediction = self.models["unet"](x_t, timesteps, class_labels=labels).sample
         target = training_target(x0, noise, timesteps, args.prediction_type, scheduler.alphas_cumprod.to(x0.device))
         if args.snr_gamma is None:
@@ -123,7 +128,8 @@ class DDPMTrainer(Trainer):
         return {"vlb_num_images": self.args.eval_vlb_num_images, "vlb_num_timesteps": self.args.eval_vlb_num_timesteps}
 
     def build_pipeline(self):
-        return DDPMPipeline(self.sampling_model("unet"), DDPMScheduler.from_config(self.noise_scheduler.config))
+        return DDPMPipeline(self.sampling_model("unet"), DDPMScheduler.from_config(self.noise_scheduler.config),
+                            label_dropout=self.args.label_dropout if self.num_classes else None)
 
     def model_card_description(self):
         kind = "class-conditional DDPM" if self.num_classes else "DDPM"
@@ -137,4 +143,6 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from hfgen.cli import run_command
+
+    run_command(main, prog="hfgen train")

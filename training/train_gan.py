@@ -1,4 +1,4 @@
-"""Trains a GAN or conditional GAN with the double loop of seed notes §3.1 (and §4.1).
+"""Trains a GAN or conditional GAN with the double loop of docs/maths.md §4.3 (and §5.2).
 
     accelerate launch -m hfgen.training.train_gan --output_dir hfgen-gan-mnist
     hfgen train gan --output_dir hfgen-cgan-mnist --conditional
@@ -9,13 +9,15 @@ of them the generator takes one descent step (the outer loop). A training step i
 
 import torch
 
-from hfgen.image_processing import from_unit_range
+from hfgen.image_processing import SYMMETRIC, from_unit_range
 from hfgen.losses import GAN_LOSSES, discriminator_loss, generator_loss, r1_penalty
 from hfgen.models import Discriminator, Generator
 from hfgen.models.gan import ARCHITECTURES
 from hfgen.pipelines import ConditionalPipeline, GANPipeline
 
-from .trainer import Trainer, training_parser
+from hfgen.utils import check_non_negative_number, check_positive_int, check_positive_number, check_probability
+
+from .trainer import Trainer, optional, training_parser
 
 
 def parse_args(argv=None):
@@ -25,8 +27,8 @@ def parse_args(argv=None):
     add("--latent_dim", type=int, default=64)
     add("--base_channels", type=int, default=32, help="Width of the nets (channels of the outermost conv layers).")
     add("--loss", default="non_saturating", choices=GAN_LOSSES,
-        help="minimax (§3), non_saturating generator loss (§3.2) or hinge.")
-    add("--d_steps", type=int, default=1, help="Discriminator steps per generator step (k of §3.1).")
+        help="minimax (docs/maths.md §4.1), non_saturating generator loss (§4.4) or hinge (§4.5).")
+    add("--d_steps", type=int, default=1, help="Discriminator steps per generator step (k of docs/maths.md §4.3).")
     add("--discriminator_learning_rate", type=float, default=None, help="Defaults to --learning_rate.")
     add("--discriminator_adam_beta1", type=float, default=None, help="Defaults to --adam_beta1.")
     add("--discriminator_adam_beta2", type=float, default=None, help="Defaults to --adam_beta2.")
@@ -40,15 +42,19 @@ def parse_args(argv=None):
 class GANTrainer(Trainer):
     family = "gan"
     ema_model_names = ("generator",)
+    flag_checks = {**dict.fromkeys(("latent_dim", "base_channels", "d_steps"), check_positive_int),
+                   "r1_gamma": check_non_negative_number,
+                   "discriminator_learning_rate": optional(check_positive_number),
+                   **dict.fromkeys(("discriminator_adam_beta1", "discriminator_adam_beta2"), optional(check_probability))}
+
+    @classmethod
+    def check_args(cls, args):
+        super().check_args(args)
+        if args.gradient_accumulation_steps != 1:
+            raise ValueError("`--gradient_accumulation_steps` must be 1 for GANs: each batch is one update of D")
 
     def build_models(self):
         args, data = self.args, self.train_dataset
-        if args.d_steps < 1:
-            raise ValueError(f"`--d_steps` must be >= 1, got {args.d_steps}")
-        if args.gradient_accumulation_steps != 1:
-            raise ValueError("`--gradient_accumulation_steps` must be 1 for GANs: each batch is one update of D")
-        if args.r1_gamma < 0:
-            raise ValueError(f"`--r1_gamma` must be >= 0, got {args.r1_gamma}")
         channels, size, _ = data.image_shape
         shared = dict(
             sample_size=size, channels=channels, architecture=args.architecture, base_channels=args.base_channels,
@@ -74,11 +80,11 @@ class GANTrainer(Trainer):
 
     def training_step(self, images, labels):
         args = self.args
-        real = from_unit_range(images, "symmetric")
+        real = from_unit_range(images, SYMMETRIC)
         generator, discriminator = self.unwrap("generator"), self.unwrap("discriminator")
         latent_shape = (real.shape[0], args.latent_dim)
 
-        # Inner loop (§3.1): one ascent step of D on a fresh minibatch, G fixed. Real and fake batches go
+        # Inner loop (docs/maths.md §4.3): one ascent step of D on a fresh minibatch, G fixed. Real and fake batches go
         # through D separately, as in the G step, so batch-norm statistics never mix them.
         with torch.no_grad():
             fake = generator(torch.randn(latent_shape, device=real.device), labels).sample
@@ -121,4 +127,6 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from hfgen.cli import run_command
+
+    run_command(main, prog="hfgen train")

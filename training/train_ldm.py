@@ -1,4 +1,4 @@
-"""Trains latent diffusion (seed notes §5.7; MATHS.md): a VAE first stage, then a DDPM on its scaled latents.
+"""Trains latent diffusion (docs/maths.md §7): a VAE first stage, then a DDPM on its scaled latents.
 
     hfgen train ldm --output_dir hfgen-ldm-mnist                          # both stages, one command
     hfgen train ldm --output_dir ldm --vae_path hfgen-ldm-mnist/first_stage  # reuse a trained VAE
@@ -24,13 +24,14 @@ from diffusers import DDPMScheduler
 
 from hfgen.data import image_batches
 from hfgen.latent_cache import LatentDataset, encode_to_cache
-from hfgen.metrics import hfgen_cache_dir
 from hfgen.models import VAEModel
 from hfgen.models.vae import LIKELIHOODS
 from hfgen.pipelines import AutoPipeline, LatentDiffusionPipeline
 
 from . import train_vae
 from .train_ddpm import DDPMTrainer, diffusion_parser
+from hfgen.utils import check_positive_int, check_positive_number, hfgen_cache_dir
+
 from .trainer import training_parser
 
 FIRST_STAGE = "first_stage"
@@ -62,13 +63,6 @@ def parse_args(argv=None):
     # Flips are cached both ways (--random_flip).
     parser.set_defaults(resolution=32, block_out_channels=[64, 128], center_crop=True)
     return parser.parse_args(argv)
-
-
-def check_latent_args(args) -> None:
-    """What latent diffusion cannot do, refused before either stage trains."""
-    if args.streaming:
-        raise ValueError("latent diffusion encodes every training image once into a cache: `--streaming` is not "
-                         "supported (use `--max_train_samples` to train on part of a large dataset)")
 
 
 def first_stage_args(args) -> argparse.Namespace:
@@ -105,6 +99,18 @@ def load_first_stage(path: str) -> VAEModel:
 class LDMTrainer(DDPMTrainer):
     family = "ldm"
     size_name = "the VAE's latent size"
+    flag_checks = {**DDPMTrainer.flag_checks, "vae_learning_rate": check_positive_number,
+                   **dict.fromkeys(("vae_latent_channels", "vae_num_epochs", "vae_train_batch_size"), check_positive_int)}
+
+    @classmethod
+    def check_args(cls, args):
+        """Checked before either stage trains."""
+        super().check_args(args)
+        if args.streaming:
+            raise ValueError("latent diffusion encodes every training image once into a cache: `--streaming` is not "
+                             "supported (use `--max_train_samples` to train on part of a large dataset)")
+        if args.vae_path is None:
+            train_vae.VAETrainer.check_args(first_stage_args(args))
 
     def build_models(self):
         # the first stage may just have been written by the main process
@@ -118,7 +124,6 @@ class LDMTrainer(DDPMTrainer):
         if self.vae.image_shape != self.train_dataset.image_shape:
             raise ValueError(f"the VAE at `--vae_path` takes {self.vae.image_shape} images but the data are "
                              f"{self.train_dataset.image_shape}: set --resolution / --num_channels to match")
-        check_latent_args(self.args)
         cache_dir = self.args.latent_cache_dir or os.path.join(hfgen_cache_dir(), "latents")
         unaugmented = self.load_split("train")
         with self.accelerator.main_process_first():  # the main process encodes; the others then find the cache
@@ -144,7 +149,8 @@ class LDMTrainer(DDPMTrainer):
 
     def build_pipeline(self):
         pipeline = super().build_pipeline()
-        return LatentDiffusionPipeline(self.vae, pipeline.unet, pipeline.scheduler, self.scaling_factor)
+        return LatentDiffusionPipeline(self.vae, pipeline.unet, pipeline.scheduler, self.scaling_factor,
+                                       pipeline.config.get("label_dropout"))
 
     def evaluate(self, pipeline, num_samples, likelihood=True):
         metrics = super().evaluate(pipeline, num_samples, likelihood)
@@ -176,7 +182,7 @@ def reconstruction_mse(vae: VAEModel, dataset, batch_size: int = 500) -> float:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    check_latent_args(args)
+    LDMTrainer.check_args(args)
     if args.vae_path is None:
         args.vae_path = os.path.join(args.output_dir, FIRST_STAGE)
         if not os.path.isfile(os.path.join(args.vae_path, "model_index.json")):  # not trained yet (or interrupted)
@@ -185,4 +191,6 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from hfgen.cli import run_command
+
+    run_command(main, prog="hfgen train")

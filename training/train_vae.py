@@ -1,4 +1,4 @@
-"""Trains a VAE or conditional VAE with the (beta-)ELBO (seed notes §2.6, §4).
+"""Trains a VAE or conditional VAE with the (beta-)ELBO (docs/maths.md §2.4, §5.1).
 
     accelerate launch -m hfgen.training.train_vae --output_dir hfgen-vae-mnist
     hfgen train vae --output_dir hfgen-cvae-mnist --conditional
@@ -7,6 +7,8 @@
 from hfgen.models import VAEModel
 from hfgen.models.vae import ARCHITECTURES, KL_ESTIMATORS, LIKELIHOODS
 from hfgen.pipelines import ConditionalPipeline, VAEPipeline
+
+from hfgen.utils import check_non_negative_int, check_non_negative_number, check_positive_int, check_positive_number
 
 from .trainer import Trainer, training_parser
 
@@ -33,11 +35,12 @@ def parse_args(argv=None):
 class VAETrainer(Trainer):
     family = "vae"
     ema_model_names = ("vae",)
+    flag_checks = {**dict.fromkeys(("latent_dim", "num_latent_samples", "eval_importance_samples"), check_positive_int),
+                   "latent_channels": check_non_negative_int, "beta": check_non_negative_number,
+                   "decoder_std": check_positive_number}
 
     def build_models(self):
         args, data = self.args, self.train_dataset
-        if args.beta < 0:
-            raise ValueError(f"`--beta` must be >= 0, got {args.beta}")
         channels, size, _ = data.image_shape
         vae = VAEModel(
             sample_size=size,
@@ -83,4 +86,6 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from hfgen.cli import run_command
+
+    run_command(main, prog="hfgen train")

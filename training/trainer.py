@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import time
 
 import numpy as np
@@ -29,28 +30,43 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
+from huggingface_hub import get_token
 from tqdm.auto import tqdm
 
+from hfgen.cli import CommandParser
 from hfgen.data import BUILTIN_DATASETS, StreamingImageDataset, dataset_length, open_image_source, training_dataloader
 from hfgen.hub_utils import SAMPLE_GRID, push_folder, write_model_card
 from hfgen.image_processing import image_grid
-from hfgen.metrics import DEFAULT_FEATURE_EXTRACTOR, evaluate_pipeline, load_feature_extractor
+from hfgen.utils import (
+    check_fraction, check_non_negative_int, check_non_negative_number, check_positive_int, check_positive_number,
+    check_probability)
+from hfgen.evaluation import evaluate_pipeline
+from hfgen.features import load_feature_extractor, resolve_feature_extractor
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
+LOCK_FILE = ".hfgen-run.lock"  # held by the live run writing the folder
+STAGING = ".output.incomplete"  # the final output is written here, then moved into place, model_index.json last
+FINISHED_MARK = "model_index.json"  # a folder holding it is a finished pipeline
+
+
+class NonFiniteError(ValueError):
+    """Training produced nan or inf: stopped before anything non-finite is saved."""
 LOGGERS = ("auto", "tensorboard", "wandb", "none")
 PLAIN_STEP_TYPES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 def training_parser(description: str) -> argparse.ArgumentParser:
     """The flags every family shares, named like diffusers' example scripts."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = CommandParser(description=description)
     add = parser.add_argument
     add("--output_dir", required=True, help="Where the pipeline folder, checkpoints and logs are written.")
+    add("--overwrite_output_dir", action="store_true",
+        help="Replace the run already in --output_dir (otherwise it is refused unless resumed).")
     add("--dataset_name", default="hfgen:mnist",
         help=f"Built-in ({', '.join(BUILTIN_DATASETS)}: no network), a `datasets` name on the Hub, a folder saved "
              "with save_to_disk, or a folder of parquet files.")
@@ -86,8 +102,8 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     add("--ema_max_decay", type=float, default=0.9999)
     add("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power.")
     add("--ema_power", type=float, default=0.75)
-    add("--lr_scheduler", default="constant",
-        help='diffusers scheduler name: "constant", "linear", "cosine", "constant_with_warmup", ...')
+    add("--lr_scheduler", default="constant", choices=[kind.value for kind in SchedulerType],
+        help="A diffusers learning-rate schedule.")
     add("--lr_warmup_steps", type=int, default=0)
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
@@ -100,9 +116,11 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     add("--logging_steps", type=int, default=10)
     add("--feature_extractor", default="auto",
         help='Features of the Fréchet distance (FD): "auto" (hfgen\'s digit classifier for 1-channel images of at '
-             'least 28 px, resized to 28; else no FD), "none", "hfgen:digit-classifier", a saved DigitClassifier '
-             'folder, or "inception".')
-    add("--eval_num_samples", type=int, default=1000, help="Samples for the final FD on the test split.")
+             'least 28 px; Inception for RGB when torch-fidelity is installed; else no FD, with a warning), "none", '
+             '"hfgen:digit-classifier", a saved DigitClassifier folder, "inception" (pip install "hfgen[fid]"), '
+             '"dinov2:<Hub id or folder>" or "clip:<Hub id or folder>".')
+    add("--eval_num_samples", type=int, default=1000,
+        help="Samples for the final FD, against as many images of the test split (else of the training images).")
     add("--eval_fd_steps", type=int, default=0, help="Also log a cheap FD every N steps (0: only at the end).")
     add("--eval_fd_num_samples", type=int, default=200, help="Samples for the periodic FD.")
     add("--seed", type=int, default=0)
@@ -114,22 +132,36 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def check_training_args(args: argparse.Namespace) -> None:
+def optional(check):
+    """A flag check that also accepts None (the flag left unset)."""
+    def check_if_given(name, value):
+        if value is not None:
+            check(name, value)
+    return check_if_given
+
+
+# flag -> the check its value must pass, before any work; a family adds its own in `Trainer.flag_checks`
+FLAG_CHECKS = {
+    **dict.fromkeys(("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                     "logging_steps", "num_epochs", "num_validation_images", "eval_num_samples", "eval_fd_num_samples"),
+                    check_positive_int),
+    **dict.fromkeys(("lr_warmup_steps", "save_images_epochs", "dataloader_num_workers", "eval_fd_steps", "seed"),
+                    check_non_negative_int),
+    **dict.fromkeys(("max_train_steps", "checkpoints_total_limit", "max_train_samples"), optional(check_positive_int)),
+    **dict.fromkeys(("learning_rate", "ema_inv_gamma", "ema_power"), check_positive_number),
+    **dict.fromkeys(("adam_beta1", "adam_beta2", "ema_max_decay"), check_probability),
+    "adam_weight_decay": check_non_negative_number,
+    "max_grad_norm": optional(check_positive_number),
+    "validation_split": optional(check_fraction),
+}
+
+
+def check_training_args(args: argparse.Namespace, flag_checks: dict | None = None) -> None:
     """Clear errors for flag values that cannot work, before any work starts."""
-    for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                 "logging_steps", "num_epochs", "num_validation_images", "eval_num_samples", "eval_fd_num_samples"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}")
-    for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"`--{name}` must be >= 1 when given, got {getattr(args, name)}")
-    for name in ("lr_warmup_steps", "save_images_epochs", "dataloader_num_workers", "eval_fd_steps"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}")
-    if not 0 <= args.ema_max_decay < 1:
-        raise ValueError(f"`--ema_max_decay` must be in [0, 1), got {args.ema_max_decay}")
-    if args.validation_split is not None and not 0 < args.validation_split < 1:
-        raise ValueError(f"`--validation_split` must be a fraction in (0, 1), got {args.validation_split}")
+    for name, check in {**FLAG_CHECKS, **(flag_checks or {})}.items():
+        check(f"--{name}", getattr(args, name))
+    if not isinstance(args.output_dir, str) or not args.output_dir.strip():
+        raise ValueError(f"`--output_dir` must name a folder, got {args.output_dir!r}")
     if args.streaming and args.max_train_steps is None:
         raise ValueError("`--streaming` needs `--max_train_steps`: a streamed dataset has no length to count "
                          "epochs (`--num_epochs`) from")
@@ -137,12 +169,105 @@ def check_training_args(args: argparse.Namespace) -> None:
         raise ValueError("`--validation_split` needs the dataset's length, which `--streaming` does not have")
     if args.num_channels not in (None, 1, 3):
         raise ValueError(f"`--num_channels` must be 1 or 3, got {args.num_channels}")
-    if not args.learning_rate > 0:
-        raise ValueError(f"`--learning_rate` must be > 0, got {args.learning_rate}")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("`--mixed_precision fp16` needs a GPU (its loss scaling is CUDA's); on this machine use "
+                         "`--mixed_precision bf16` or `no`")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. user/my-model)")
+    if args.push_to_hub and not (args.hub_token or get_token()):
+        raise ValueError("`--push_to_hub` needs a Hub token: pass `--hub_token`, set HF_TOKEN or run `hf auth login`")
     if args.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ValueError('`--logger tensorboard` needs tensorboard: pip install "hfgen[tensorboard]"')
+    check_output_dir(args)
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """--output_dir must be writable, and must not hold another run unless it is resumed or overwritten."""
+    folder = args.output_dir
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"`--output_dir` {folder!r} is a file, not a folder")
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"`--output_dir` {folder!r} cannot be written: {parent!r} is not writable")
+    checkpoints = list_checkpoints(os.path.join(folder, "checkpoints"))
+    holds_run = checkpoints or os.path.isfile(os.path.join(folder, FINISHED_MARK))
+    resumable = args.resume_from_checkpoint not in (None, "latest") or checkpoints
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        raise ValueError("`--overwrite_output_dir` replaces the run that `--resume_from_checkpoint` would continue: "
+                         "pass one of them")
+    if holds_run and not args.overwrite_output_dir and not (args.resume_from_checkpoint and resumable):
+        what = f"{len(checkpoints)} checkpoints" if checkpoints else "a finished pipeline"
+        raise ValueError(f"`--output_dir` {folder!r} already holds a run ({what}): resume it with "
+                         "`--resume_from_checkpoint latest`, pass `--overwrite_output_dir` to replace it, or choose "
+                         "another folder")
+
+
+def clear_run(folder: str) -> None:
+    """Removes what a run writes into `folder` (for --overwrite_output_dir); other files stay."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        written = name in ("checkpoints", "logs", "samples", SAMPLE_GRID, "metrics.json", "README.md", FINISHED_MARK,
+                           STAGING) or os.path.isfile(os.path.join(path, "config.json"))
+        if written:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+class OutputLock:
+    """A lock file naming the live process that writes an output folder: a second run into it is refused."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, LOCK_FILE)
+        os.makedirs(folder, exist_ok=True)
+        holder = self._holder()
+        if holder and holder != os.getpid():
+            raise ValueError(f"`--output_dir` {folder!r} is being written by another live run (process {holder}, "
+                             f"see {self.path}): wait for it, stop it, or choose another folder")
+        with open(self.path, "w") as file:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, file)
+
+    def _holder(self) -> int | None:
+        """The pid of a live process on this machine holding the lock, else None (no lock, or a stale one)."""
+        try:
+            with open(self.path) as file:
+                lock = json.load(file)
+            pid = int(lock["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if lock.get("host") != socket.gethostname():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+        return pid
+
+    def release(self) -> None:
+        if self._holder() == os.getpid():
+            os.remove(self.path)
+
+
+def publish(staging: str, folder: str) -> None:
+    """Moves everything from `staging` into `folder`, replacing what is there, model_index.json last."""
+    names = sorted(os.listdir(staging), key=lambda name: name == FINISHED_MARK)
+    for name in names:
+        target = os.path.join(folder, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
+
+
+def check_finite_weights(models: dict, what: str) -> None:
+    """Refuses to save models with nan or inf weights."""
+    for name, model in models.items():
+        bad = [key for key, value in model.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
+        if bad:
+            raise NonFiniteError(f"{what}: the weights of {name!r} hold non-finite values ({', '.join(bad[:3])}"
+                                 f"{', ...' if len(bad) > 3 else ''}); nothing was saved")
 
 
 def list_checkpoints(checkpoint_dir: str) -> list[str]:
@@ -158,16 +283,18 @@ class Trainer:
     """The shared training loop; see the module docstring for what a family supplies."""
 
     family: str = ""
+    flag_checks: dict = {}  # the family's own flags -> their checks (see FLAG_CHECKS)
     pipeline_task = "unconditional-image-generation"
     ema_model_names: tuple[str, ...] = ()  # the models whose weights --use_ema averages (the samplers)
 
     def __init__(self, args: argparse.Namespace):
-        check_training_args(args)
         self.args = args
+        self.check_args(args)
         self.global_step = 0
         self.checkpoint_dir = os.path.join(args.output_dir, "checkpoints")
         self.start_time = time.time()
         self.accelerator = self.build_accelerator()
+        self.lock = self.claim_output_dir()
         self.load_data()
         self.feature_extractor = self.load_feature_extractor()
         self.models = self.build_models()
@@ -187,6 +314,12 @@ class Trainer:
         set_seed(args.seed, device_specific=True)
 
     # ----- set-up, in the order __init__ runs it ------------------------------------------------------------
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        """Every flag checked before any work: the shared ones, then the family's `flag_checks`; families with
+        rules across flags extend this."""
+        check_training_args(args, cls.flag_checks)
 
     def build_accelerator(self) -> Accelerator:
         args = self.args
@@ -209,6 +342,15 @@ class Trainer:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         set_seed(args.seed)
         return accelerator
+
+    def claim_output_dir(self) -> "OutputLock | None":
+        """The main process locks --output_dir (and, with --overwrite_output_dir, clears the old run from it)."""
+        if not self.accelerator.is_main_process:
+            return None
+        lock = OutputLock(self.args.output_dir)
+        if self.args.overwrite_output_dir:
+            clear_run(self.args.output_dir)
+        return lock
 
     def load_data(self) -> None:
         """The training split (augmented) and the split FD compares with (the test split, else the training
@@ -295,7 +437,7 @@ class Trainer:
         return self.train_dataset
 
     def evaluation_options(self) -> dict:
-        """Extra keyword arguments of `hfgen.metrics.evaluate_pipeline` for this family."""
+        """Extra keyword arguments of `hfgen.evaluation.evaluate_pipeline` for this family."""
         return {}
 
     def pipeline_kwargs(self) -> dict:
@@ -343,16 +485,10 @@ class Trainer:
     def load_feature_extractor(self):
         """The FD features for --feature_extractor, or None (with a warning under "auto") when none fits the data."""
         choice = self.args.feature_extractor
-        if choice == "none":
+        if choice != "none":
+            choice = resolve_feature_extractor(choice, self.train_dataset.image_shape)  # "auto" may find none
+        if choice in ("none", None):
             return None
-        if choice == "auto":
-            channels, size, _ = self.train_dataset.image_shape
-            if channels != 1 or size < 28:
-                logger.warning("no FD: the default feature extractor takes 1-channel digits of at least 28 px, "
-                               "these images are %s; pass --feature_extractor",
-                               "x".join(map(str, self.train_dataset.image_shape)))
-                return None
-            choice = DEFAULT_FEATURE_EXTRACTOR
         with self.accelerator.main_process_first():  # the main process trains and caches the default once
             return load_feature_extractor(choice).to(self.accelerator.device)
 
@@ -371,11 +507,19 @@ class Trainer:
     def optimize(self, name: str, loss: torch.Tensor) -> None:
         """Backward, then (once gradients are accumulated) clipping and one step of optimizer and lr schedule `name`."""
         accelerator = self.accelerator
+        guarded = accelerator.scaler is None  # fp16 loss scaling skips non-finite steps itself
+        if guarded and not torch.isfinite(loss.detach()).all():
+            self.stop_non_finite(f"the {name} loss is {loss.detach().float().mean().item()}")
         accelerator.backward(loss)
         if not accelerator.sync_gradients:
             return  # accumulating: the update comes with the last micro-batch
+        parameters = list(self.models[name].parameters())
         if self.args.max_grad_norm:
-            accelerator.clip_grad_norm_(self.models[name].parameters(), self.args.max_grad_norm)
+            norm = accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+        if guarded and not torch.isfinite(norm):
+            self.stop_non_finite(f"the gradient norm of {name} is {norm.item()} (the loss was {loss.item():.4g})")
         optimizer = self.optimizers[name]
         # accelerate's optimizer wrapper adds fp16 loss scaling (and XLA/DeepSpeed handling) around the torch
         # optimizer, and costs ~0.3 ms per step in package lookups (benchmarks/bench_vae.py): where it adds
@@ -385,6 +529,23 @@ class Trainer:
         optimizer.step()
         self.lr_schedulers[name].step()
         optimizer.zero_grad(set_to_none=True)
+
+    def model_configs(self) -> dict:
+        """name -> the JSON form of each model's config (diffusers' private `_` entries left out), as checkpoints
+        record it."""
+        configs = {name: {key: value for key, value in self.unwrap(name).config.items() if not key.startswith("_")}
+                   for name in self.models}
+        return json.loads(json.dumps(configs, default=str))
+
+    def stop_non_finite(self, what: str) -> None:
+        """Stops the run before a non-finite update reaches the weights; the last checkpoint stays as it was."""
+        args = self.args
+        checkpoints = list_checkpoints(self.checkpoint_dir)
+        kept = f"the last checkpoint ({checkpoints[-1]}) is kept as it was" if checkpoints else "no checkpoint was written"
+        raise NonFiniteError(
+            f"step {self.global_step + 1}: {what}; training stopped before the update, {kept}. Likely causes: a "
+            f"learning rate too large (--learning_rate {args.learning_rate:g}), too little precision "
+            f"(--mixed_precision {args.mixed_precision}), or non-finite data")
 
     # ----- the loop -------------------------------------------------------------------------------------
 
@@ -396,9 +557,16 @@ class Trainer:
 
     def train(self) -> str:
         """Runs the whole job and returns the output folder."""
+        try:
+            return self._train()
+        finally:
+            if getattr(self, "progress", None) is not None:
+                self.progress.close()  # ends the bar's line before any error message
+            if self.lock:
+                self.lock.release()
+
+    def _train(self) -> str:
         args, accelerator = self.args, self.accelerator
-        if accelerator.is_main_process:
-            os.makedirs(args.output_dir, exist_ok=True)
         if accelerator.log_with:
             # trackers take scalars only: lists become strings, unset flags are left out
             config = {k: str(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()
@@ -528,17 +696,28 @@ class Trainer:
             self.accelerator.log({"fd": fd}, step=self.global_step)
 
     def save_output(self) -> None:
-        """Pipeline folder + sample grid + evaluation + model card (+ push), on the main process."""
+        """Pipeline folder + sample grid + evaluation + model card (+ push), on the main process.
+
+        All of it is written into a staging folder, then moved into place with model_index.json last: a run killed
+        while saving never leaves a folder that loads as if it were finished.
+        """
         args = self.args
+        finished = os.path.join(args.output_dir, FINISHED_MARK)
+        if os.path.isfile(finished):
+            os.remove(finished)  # an older output is not finished again until the new one is complete
+        staging = os.path.join(args.output_dir, STAGING)
+        shutil.rmtree(staging, ignore_errors=True)
         pipeline = self.build_pipeline()
-        pipeline.save_pretrained(args.output_dir)
-        self.save_sample_grid(os.path.join(args.output_dir, SAMPLE_GRID))  # leaves the models in train mode
+        check_finite_weights({name: component for name, component in pipeline.components.items()
+                              if isinstance(component, torch.nn.Module)}, "the final pipeline")
+        pipeline.save_pretrained(staging)
+        self.save_sample_grid(os.path.join(staging, SAMPLE_GRID))  # leaves the models in train mode
         for component in pipeline.components.values():
             if isinstance(component, torch.nn.Module):
                 component.eval()  # evaluated as it is loaded: batch norm on its running statistics
         metrics = self.evaluate(pipeline, args.eval_num_samples)
         logger.info("test metrics: %s", metrics)
-        with open(os.path.join(args.output_dir, "metrics.json"), "w") as file:
+        with open(os.path.join(staging, "metrics.json"), "w") as file:
             json.dump(metrics, file, indent=2)
         model = pipeline.generative_model
         dataset = args.train_data_dir if args.train_data_dir else args.dataset_name
@@ -546,7 +725,7 @@ class Trainer:
                            if key not in ("hub_token", "output_dir") and value is not None}
         training_config["global_step"] = self.global_step
         write_model_card(
-            args.output_dir,
+            staging,
             title=f"hfgen {self.family} on {dataset}",
             description=f"{self.model_card_description()} {self.evaluation_note()}".strip(),
             pipeline_class=type(pipeline).__name__,
@@ -557,7 +736,9 @@ class Trainer:
             training_config=training_config,
             task_type=self.pipeline_task,
             split=self.source.test_split,
+            num_classes=pipeline.num_classes,
         )
+        publish(staging, args.output_dir)
         if args.push_to_hub:
             url = push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo or None)
             logger.info("pushed to %s", url)
@@ -570,6 +751,7 @@ class Trainer:
         A process killed mid-write leaves only `checkpoint-<step>.incomplete`, which is never resumed from.
         """
         accelerator = self.accelerator
+        check_finite_weights({name: self.unwrap(name) for name in self.models}, f"checkpoint at step {self.global_step}")
         final = os.path.join(self.checkpoint_dir, f"checkpoint-{self.global_step}")
         partial = final + ".incomplete"
         if accelerator.is_main_process:
@@ -584,7 +766,7 @@ class Trainer:
         if accelerator.is_main_process:
             with open(os.path.join(partial, TRAINER_STATE), "w") as file:
                 json.dump({"global_step": self.global_step, "family": self.family,
-                           "data_positions": data_positions}, file)
+                           "data_positions": data_positions, "model_configs": self.model_configs()}, file)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             limit = self.args.checkpoints_total_limit
@@ -615,11 +797,22 @@ class Trainer:
         try:
             with open(state_file) as file:
                 state = json.load(file)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"`--resume_from_checkpoint` {path!r}: its {TRAINER_STATE} cannot be read: {error}") from error
+        if state.get("family") != self.family:
+            raise ValueError(f"`--resume_from_checkpoint` {path!r} was written by a {state.get('family')!r} trainer, not {self.family!r}")
+        saved_configs = state.get("model_configs")  # absent in checkpoints of older versions
+        if saved_configs is not None and saved_configs != self.model_configs():
+            current = self.model_configs()
+            changes = sorted(f"{name}.{key}: {saved_configs[name].get(key)!r} -> {current[name].get(key)!r}"
+                             for name in current for key in set(current[name]) | set(saved_configs.get(name, {}))
+                             if saved_configs.get(name, {}).get(key) != current[name].get(key))
+            raise ValueError(f"`--resume_from_checkpoint` {path!r} was written with another model config "
+                             f"({'; '.join(changes[:5])}): resume with the flags of that run")
+        try:
             self.accelerator.load_state(path)
         except Exception as error:
             raise ValueError(f"`--resume_from_checkpoint` {path!r} could not be loaded (corrupt checkpoint?): {error}") from error
-        if state.get("family") != self.family:
-            raise ValueError(f"`--resume_from_checkpoint` {path!r} was written by a {state.get('family')!r} trainer, not {self.family!r}")
         self.global_step = int(state["global_step"])
         logger.info("resumed from %s at step %d", path, self.global_step)
         if self.steps_per_epoch is None:  # streamed: each process continues its own pass of the data

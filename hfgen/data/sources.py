@@ -20,6 +20,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from ..utils import check_fraction, check_positive_int
 from .image_datasets import ImageDataset, ImageFileDataset, StreamingImageDataset
 from .transforms import ImageTransform, image_name, num_channels_of, open_image
 
@@ -38,11 +39,6 @@ LABEL_COLUMNS = ("label", "labels")
 IMAGE_EXTENSIONS = frozenset(ext for ext, name in PIL.Image.registered_extensions().items() if name in PIL.Image.OPEN)
 SHUFFLE_BUFFER = 1000  # examples in the shuffle buffer of a streamed dataset
 NUM_PROBED_IMAGES = 32  # image headers read up front to check the resolution against
-
-
-def _check_fraction(name: str, value) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
-        raise ValueError(f"`{name}` must be a fraction in (0, 1), got {value!r}")
 
 
 # ----- the bundled digits -----------------------------------------------------------------------------------
@@ -222,7 +218,8 @@ class DatasetsSource:
                  cache_dir=None, process_index=0, num_processes=1):
         import datasets
 
-        _check_fraction("validation_split", validation_split)
+        if validation_split is not None:
+            check_fraction("validation_split", validation_split)
         if streaming and validation_split is not None:
             raise ValueError("`validation_split` needs the dataset's length, which a streamed dataset (`streaming`) "
                              "does not have: hold out a split when preparing the data, or do not stream")
@@ -347,8 +344,7 @@ def load_image_dataset(dataset_name: str | None = "hfgen:mnist", split: str = "t
     """
     if split not in SPLITS:
         raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"`resolution` must be a positive integer, got {resolution!r}")
+    check_positive_int("resolution", resolution)
     source = open_image_source(dataset_name, train_data_dir, **options)
     name = source.test_split if split == "test" else "train"
     if split == "test" and name == "train":

@@ -1,4 +1,4 @@
-"""GAN generator and discriminator, unconditional or class-conditional (seed notes §3, §4.1; MATHS.md).
+"""GAN generator and discriminator, unconditional or class-conditional (docs/maths.md §4, §5.2, §5.3).
 
 Images are in [-1, 1]. The convolutional ("dcgan") nets double the resolution per layer from a 4x4 or 7x7
 start, so they produce sizes 4 * 2^k or 7 * 2^k: 28, 32, 56, 64, ... The "mlp" nets take images or, with
@@ -13,7 +13,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..utils import check_choice, check_class_labels, check_positive_int
+from ..image_processing import SYMMETRIC
+from ..utils import check_choice, check_class_labels, check_non_negative_int, check_positive_int
 
 ARCHITECTURES = ("dcgan", "mlp")
 
@@ -52,8 +53,7 @@ def _check_common(architecture, sample_size, channels, latent_dim, num_classes, 
     check_positive_int("channels", channels)
     if latent_dim is not None:
         check_positive_int("latent_dim", latent_dim)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"`num_classes` must be an integer >= 0, got {num_classes!r}")
+    check_non_negative_int("num_classes", num_classes)
     if id2label is not None and len(id2label) != num_classes:
         raise ValueError(f"`id2label` must name all {num_classes} classes, got {len(id2label)} names")
     if data_dim is not None:
@@ -117,7 +117,7 @@ class Generator(ModelMixin, ConfigMixin):
             layers += [nn.Tanh()] if last else [nn.BatchNorm2d(c_out), nn.ReLU()]
         self.net = nn.Sequential(*layers)
 
-    data_range = "symmetric"  # images in [-1, 1]
+    data_range = SYMMETRIC  # images in [-1, 1]
 
     @property
     def latent_shape(self) -> tuple[int]:
@@ -203,6 +203,8 @@ class Discriminator(ModelMixin, ConfigMixin):
         if not isinstance(sample, torch.Tensor) or tuple(sample.shape[1:]) != self.sample_shape:
             got = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
             raise ValueError(f"`sample` must have shape (B, {', '.join(map(str, self.sample_shape))}), got {got}")
+        if not torch.isfinite(sample).all():
+            raise ValueError("`sample` holds non-finite values (nan or inf)")
         labels = check_class_labels(class_labels, self.config.num_classes, sample.shape[0], sample.device)
         features = self.features(sample)
         logits = self.score(features).squeeze(1)

@@ -1,4 +1,4 @@
-"""Variational autoencoder and conditional VAE (seed notes §2 and §4; MATHS.md)."""
+"""Variational autoencoder and conditional VAE (docs/maths.md §2 and §5.1)."""
 
 from dataclasses import dataclass
 
@@ -15,7 +15,9 @@ from ..distributions import (
     gaussian_log_likelihood,
     standard_normal_log_prob,
 )
-from ..utils import check_choice, check_class_labels, check_images, check_positive_int
+from ..image_processing import UNIT
+from ..utils import (
+    check_choice, check_class_labels, check_images, check_non_negative_int, check_positive_int, check_positive_number)
 
 ARCHITECTURES = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -74,13 +76,13 @@ class VAEModel(ModelMixin, ConfigMixin):
         architecture: "mlp" (flattened pixels) or "conv" (stride-2 convolutions, one per hidden dim; the
             image size must be divisible by 2 ** len(hidden_dims)).
         latent_channels: conv only: a spatial latent z of shape (latent_channels, S, S), S = sample_size /
-            2 ** len(hidden_dims), as latent diffusion's first stage uses (seed notes §5.7); 0: a vector latent.
+            2 ** len(hidden_dims), as latent diffusion's first stage uses (docs/maths.md §7.1); 0: a vector latent.
         hidden_dims: hidden widths (mlp) or channels (conv) of the encoder; the decoder mirrors them.
         likelihood: decoder p(x|z): "bernoulli" (outputs logits) or "gaussian" (outputs a mean).
         decoder_std: standard deviation of the gaussian decoder (fixed, or the initial value when learned).
         learn_decoder_std: learn one log-variance per pixel for the gaussian decoder.
         num_classes: 0 for a VAE; > 0 makes a CVAE whose encoder sees (x, y) and decoder sees (z, y),
-            with y one-hot (seed notes §4).
+            with y one-hot (docs/maths.md §5.1).
         id2label: optional class names, {"0": "zero", ...}, so pipelines accept names as labels.
     """
 
@@ -109,14 +111,11 @@ class VAEModel(ModelMixin, ConfigMixin):
             raise ValueError("`hidden_dims` must list at least one width, got an empty list")
         for width in hidden_dims:
             check_positive_int("hidden_dims", width)
-        if not decoder_std > 0:
-            raise ValueError(f"`decoder_std` must be > 0, got {decoder_std!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"`num_classes` must be an integer >= 0, got {num_classes!r}")
+        check_positive_number("decoder_std", decoder_std)
+        check_non_negative_int("num_classes", num_classes)
         if id2label is not None and len(id2label) != num_classes:
             raise ValueError(f"`id2label` must name all {num_classes} classes, got {len(id2label)} names")
-        if isinstance(latent_channels, bool) or not isinstance(latent_channels, int) or latent_channels < 0:
-            raise ValueError(f"`latent_channels` must be an integer >= 0, got {latent_channels!r}")
+        check_non_negative_int("latent_channels", latent_channels)
         if latent_channels and architecture != "conv":
             raise ValueError(f'`latent_channels` (a spatial latent) needs architecture="conv", got {architecture!r}')
 
@@ -159,7 +158,7 @@ class VAEModel(ModelMixin, ConfigMixin):
             else:
                 self.register_buffer("decoder_logvar", logvar)
 
-    data_range = "unit"  # images in [0, 1]
+    data_range = UNIT  # images in [0, 1]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -231,7 +230,7 @@ class VAEModel(ModelMixin, ConfigMixin):
         r"""The ELBO of each example with K = `num_samples` reparameterized samples z_k ~ q(z|x).
 
         ELBO = 1/K sum_k log p(x|z_k) - KL(q(z|x) || p(z)); the KL is analytic, or the Monte Carlo
-        estimate 1/K sum_k [log q(z_k|x) - log p(z_k)] with `kl_estimator="monte_carlo"` (§2.6).
+        estimate 1/K sum_k [log q(z_k|x) - log p(z_k)] with `kl_estimator="monte_carlo"` (docs/maths.md §2.2).
 
         Args:
             sample: (B, C, H, W) images in [0, 1].
