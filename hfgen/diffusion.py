@@ -1,7 +1,7 @@
-"""DDPM maths (seed notes §5; MATHS.md, DDPM section) on a diffusers scheduler's noise schedule.
+"""DDPM maths (docs/maths.md §6) on a diffusers scheduler's noise schedule.
 
 Shapes: images x (B, C, H, W); timesteps t (B,) integers in [0, T); a schedule tensor of length T is
-gathered at t and broadcast over the image dims by `extract`. hfgen's t = 0 is the notes' t = 1.
+gathered at t and broadcast over the image dims by `extract`. hfgen's t = 0 is t = 1 of docs/maths.md §6.1.
 """
 
 import math
@@ -10,6 +10,26 @@ import torch
 
 # diffusers' names for what the denoiser predicts: noise eps, the clean image x0, or v.
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+# ----- classifier-free guidance: hfgen's null class ------------------------------------------------------------
+# A class-conditional denoiser of K classes has K + 1 class embeddings: ids 0..K-1 are the classes and id K is the
+# null class ("no label"), which label dropout trains and guidance contrasts with.
+
+
+def class_embeddings_for(num_classes: int) -> int | None:
+    """The denoiser's `num_class_embeds` for K classes: K + 1 (the null class last), None when unconditional."""
+    return num_classes + 1 if num_classes else None
+
+
+def classes_of(num_class_embeds: int | None) -> int:
+    """The number of real classes K of a denoiser with `num_class_embeds` embeddings (0: unconditional)."""
+    return num_class_embeds - 1 if num_class_embeds else 0
+
+
+def null_class_labels(class_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labels of the same shape, all the null class K."""
+    return torch.full_like(class_labels, num_classes)
+
 
 
 def extract(schedule: torch.Tensor, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -115,7 +135,7 @@ def variational_bound(
     num_timesteps: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    r"""The variational bound L = L_T + sum_{t>1} L_{t-1} + L_0 of §5.2 in bits per dimension: (B,).
+    r"""The variational bound L = L_T + sum_{t>1} L_{t-1} + L_0 of §6.5 in bits per dimension: (B,).
 
     L_T = KL(q(x_T|x0) || N(0, I)); L_{t-1} = KL(q(x_{t-1}|x_t, x0) || p(x_{t-1}|x_t)) with the reverse mean
     mu~_t(x_t, x0_theta) and variance beta~_t (the scheduler's "fixed_small"); L_0 = -log p(x0|x_1) under the

@@ -1,4 +1,4 @@
-"""Densities used by the latent-variable models (MATHS.md, VAE section).
+"""Densities used by the latent-variable models (docs/maths.md §2).
 
 Every log-density returns one value per example: shape (..., B), summed over the data or latent dims.
 """

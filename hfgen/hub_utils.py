@@ -40,6 +40,14 @@ def _metric_rows(metrics: dict[str, float]) -> str:
     return "\n".join(f"| {name} | {value:.4f} |" for name, value in metrics.items())
 
 
+def usage_call(num_classes: int = 0) -> str:
+    """The sampling line of a card's usage snippet: 16 images, of every class in turn for a conditional model."""
+    if num_classes:
+        return ("images = pipe(class_labels=[i % {0} for i in range(16)], generator=torch.manual_seed(0)).images"
+                "  # {0} classes").format(num_classes)
+    return "images = pipe(16, generator=torch.manual_seed(0)).images"
+
+
 def write_model_card(
     folder: str,
     *,
@@ -53,6 +61,7 @@ def write_model_card(
     training_config: dict | None = None,
     task_type: str = "unconditional-image-generation",
     split: str = "test",
+    num_classes: int = 0,
 ) -> ModelCard:
     """Writes folder/README.md: metadata (library, tags, metrics on the `split` split of `dataset_name` as
     model-index), usage, config, training config and sample grid; sections without content are left out."""
@@ -86,7 +95,7 @@ import torch
 from hfgen import {pipeline_class}
 
 pipe = {pipeline_class}.from_pretrained("path/or/repo-id")
-images = pipe(16, generator=torch.manual_seed(0)).images
+{usage_call(num_classes)}
 ```
 
 {evaluation}## Model configuration

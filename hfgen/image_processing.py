@@ -12,23 +12,24 @@ import torch
 from diffusers.pipelines.pipeline_utils import numpy_to_pil
 from diffusers.utils import make_image_grid
 
-DATA_RANGES = {"unit": (0.0, 1.0), "symmetric": (-1.0, 1.0)}
+UNIT, SYMMETRIC = "unit", "symmetric"  # the two data ranges: [0, 1] (Bernoulli VAEs) and [-1, 1] (GANs, diffusion)
+DATA_RANGES = {UNIT: (0.0, 1.0), SYMMETRIC: (-1.0, 1.0)}
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 
 def to_unit_range(images: torch.Tensor, data_range: str) -> torch.Tensor:
     """Maps model tensors to [0, 1]; values outside the data range are clipped as pixels must be."""
-    if data_range == "symmetric":
+    if data_range == SYMMETRIC:
         images = (images + 1) / 2
     return images.clamp(0, 1)
 
 
 def from_unit_range(images: torch.Tensor, data_range: str) -> torch.Tensor:
     """Maps [0, 1] data to the model's range."""
-    return images * 2 - 1 if data_range == "symmetric" else images
+    return images * 2 - 1 if data_range == SYMMETRIC else images
 
 
-def postprocess(images: torch.Tensor, output_type: str = "pil", data_range: str = "unit"):
+def postprocess(images: torch.Tensor, output_type: str = "pil", data_range: str = UNIT):
     """(B, C, H, W) model tensor -> list of PIL images, (B, H, W, C) numpy array or (B, C, H, W) tensor."""
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -39,7 +40,7 @@ def postprocess(images: torch.Tensor, output_type: str = "pil", data_range: str 
     return array if output_type == "np" else numpy_to_pil(array)
 
 
-def preprocess(images, channels: int, size: int, data_range: str = "unit", name: str = "images") -> torch.Tensor:
+def preprocess(images, channels: int, size: int, data_range: str = UNIT, name: str = "images") -> torch.Tensor:
     """User images -> (B, C, H, W) float tensor in the model's range, checked against the model's shape.
 
     Accepts a PIL image or list of them, a numpy array (H, W[, C]) or (B, H, W, C) in [0, 1], or a tensor

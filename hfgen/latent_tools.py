@@ -1,5 +1,5 @@
-"""Working in a VAE's latent space: walks (seed notes §2.5: interpolation, traversal of one dimension), and
-encoding a dataset with the latent scaling factor of latent diffusion (§5.7)."""
+"""Working in a VAE's latent space: walks (docs/maths.md §2.5: interpolation, traversal of one dimension), and
+encoding a dataset with the latent scaling factor of latent diffusion (§7.1)."""
 
 import torch
 

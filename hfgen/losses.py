@@ -1,4 +1,4 @@
-"""GAN objectives (seed notes §3; MATHS.md), written on discriminator logits l, with D = sigmoid(l).
+"""GAN objectives (docs/maths.md §4), written on discriminator logits l, with D = sigmoid(l).
 
 log D = -softplus(-l) and log(1 - D) = -softplus(l), so every loss below is exact and stable.
 """
@@ -12,7 +12,7 @@ GAN_LOSSES = ("minimax", "non_saturating", "hinge")
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, loss: str = "non_saturating") -> torch.Tensor:
     """The discriminator's objective, to minimise.
 
-    minimax / non_saturating: -E[log D(x)] - E[log(1 - D(G(z)))] (ascent on V(D, G), §3.1);
+    minimax / non_saturating: -E[log D(x)] - E[log(1 - D(G(z)))] (ascent on V(D, G), §4.1);
     hinge: E[relu(1 - l(x))] + E[relu(1 + l(G(z)))].
     """
     if loss not in GAN_LOSSES:
@@ -26,7 +26,7 @@ def generator_loss(fake_logits: torch.Tensor, loss: str = "non_saturating") -> t
     """The generator's objective, to minimise.
 
     minimax: E[log(1 - D(G(z)))], which saturates (vanishing gradient) when D(G(z)) -> 0;
-    non_saturating: -E[log D(G(z))] (§3.2); hinge: -E[l(G(z))].
+    non_saturating: -E[log D(G(z))] (§4.4); hinge: -E[l(G(z))].
     """
     if loss not in GAN_LOSSES:
         raise ValueError(f"`loss` must be one of {GAN_LOSSES}, got {loss!r}")

@@ -13,54 +13,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from hfgen.data import load_image_dataset  # noqa: E402
+from helpers import quick_vae_args  # noqa: E402
 
 # The tests' models are small: one thread avoids OpenMP's spin-waiting, which made tiny steps ~80x slower
 # when the second core was busy.
 torch.set_num_threads(1)
-
-
-def quick_training_args(output_dir, *extra) -> list[str]:
-    """Flags for short, quiet training runs in tests (any family)."""
-    return ["--output_dir", str(output_dir), "--logger", "none", "--save_images_epochs", "0",
-            "--num_validation_images", "16", "--eval_num_samples", "200", *map(str, extra)]
-
-
-class Interrupted(Exception):
-    """Stands for a training process killed mid-run."""
-
-
-def interrupt_after(monkeypatch, trainer_class, num_batches: int) -> None:
-    """Makes `trainer_class` raise `Interrupted` at its (num_batches + 1)-th training step; monkeypatch.undo() ends it."""
-    original, calls = trainer_class.training_step, {"count": 0}
-
-    def step(self, images, labels):
-        calls["count"] += 1
-        if calls["count"] > num_batches:
-            raise Interrupted
-        return original(self, images, labels)
-
-    monkeypatch.setattr(trainer_class, "training_step", step)
-
-
-def interrupt_then_resume(monkeypatch, main, trainer_class, args: list[str], num_batches: int) -> None:
-    """Runs `main(args)` until it dies at its (num_batches + 1)-th step, then again with --resume_from_checkpoint."""
-    interrupt_after(monkeypatch, trainer_class, num_batches)
-    with pytest.raises(Interrupted):
-        main(args)
-    monkeypatch.undo()
-    main([*args, "--resume_from_checkpoint", "latest"])
-
-
-def same_weights(folder_a, folder_b, component: str) -> bool:
-    """Whether two pipeline folders hold bit-identical weights for `component`."""
-    from safetensors.torch import load_file
-
-    a, b = (load_file(os.path.join(folder, component, "diffusion_pytorch_model.safetensors")) for folder in (folder_a, folder_b))
-    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
-
-
-def quick_vae_args(output_dir, *extra) -> list[str]:
-    return quick_training_args(output_dir, "--eval_importance_samples", "10", *extra)
 
 
 @pytest.fixture(scope="session")

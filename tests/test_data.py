@@ -12,6 +12,7 @@ import hfgen.data.transforms as transforms_module
 from hfgen.data import (
     CorruptImageError, ImageFileDataset, ImageTransform, StreamingImageDataset, collate_images, image_batches,
     load_image_dataset, open_image_source, training_dataloader)
+from helpers import write_image_folder, write_mixed_folder
 
 
 def test_mnist_split_is_fixed_disjoint_and_shuffled(mnist_train, mnist_test):
@@ -31,26 +32,6 @@ def test_digits_resized():
     digits = load_image_dataset("hfgen:digits", "train", resolution=16)
     assert digits.image_shape == (1, 16, 16)
     assert len(digits) + len(load_image_dataset("hfgen:digits", "test", resolution=16)) == 1797
-
-
-def write_image_folder(root, classes=("cat", "dog"), per_class=3, size=12, mode="RGB"):
-    rng = np.random.default_rng(0)
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            shape = (size, size, 3) if mode == "RGB" else (size, size)
-            PIL.Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / name / f"{i}.png")
-
-
-def write_mixed_folder(root):
-    """Images of odd sizes and modes: RGB, grey, RGBA, palette; portrait, landscape, tiny and large."""
-    rng = np.random.default_rng(1)
-    root.mkdir(parents=True, exist_ok=True)
-    for i, (mode, size) in enumerate([("RGB", (40, 24)), ("L", (17, 33)), ("RGBA", (20, 20)), ("P", (64, 48)),
-                                      ("RGB", (9, 9)), ("L", (100, 31))]):
-        shape = (size[1], size[0], {"RGB": 3, "RGBA": 4}.get(mode, 0)) if mode in ("RGB", "RGBA") else (size[1], size[0])
-        image = PIL.Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode if mode != "P" else "L")
-        (image.convert("P") if mode == "P" else image).save(root / f"{i}.png")
 
 
 def test_a_folder_without_a_test_split_trains_on_all_its_images(tmp_path):

@@ -1,4 +1,4 @@
-"""hfgen.diffusion against the closed forms of MATHS.md and against diffusers' DDPMScheduler."""
+"""hfgen.diffusion against the closed forms of docs/maths.md §6 and against diffusers' DDPMScheduler."""
 
 import math
 
@@ -59,7 +59,7 @@ def test_prediction_conversions_invert_each_other(prediction_type):
 
 
 def test_epsilon_and_x0_parameterised_reverse_means_agree():
-    """mu_theta from eps equals mu~_t(x_t, x0(eps)): the two parameterisations of §5.2 give the same mean."""
+    """mu_theta from eps equals mu~_t(x_t, x0(eps)): the two parameterisations of §6.3 give the same mean."""
     x_t, epsilon, timesteps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.tensor([1, 50, 99])
     x0 = diffusion.predict_x0(x_t, timesteps, epsilon, "epsilon", ALPHAS_CUMPROD)
     from_x0, _ = diffusion.posterior_mean_variance(x0, x_t, timesteps, BETAS, ALPHAS_CUMPROD)

@@ -150,7 +150,7 @@ def family_sample(pipe) -> np.ndarray:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trained_folder_round_trips_through_the_hub(hub_server, tmp_path, family):
     """A trainer run pushes; the class and AutoPipeline download what it saved; a loaded pipeline pushes again."""
-    from conftest import quick_training_args
+    from helpers import quick_training_args
 
     module, pipeline_class, tag, flags = FAMILIES[family]
     main = importlib.import_module(f"hfgen.training.{module}").main

@@ -1,4 +1,4 @@
-"""The GAN objectives against the claims of seed notes §3 and their closed forms."""
+"""The GAN objectives against the claims of docs/maths.md §4 and their closed forms."""
 
 import math
 
@@ -14,7 +14,7 @@ def normal_density(x, mean):
 
 
 def test_trained_discriminator_approximates_the_optimal_discriminator():
-    """§3: for a fixed G, the best D is D*(x) = p_data(x) / (p_data(x) + p_G(x))."""
+    """§4.2: for a fixed G, the best D is D*(x) = p_data(x) / (p_data(x) + p_G(x))."""
     torch.manual_seed(0)
     discriminator = Discriminator(architecture="mlp", data_dim=1, base_channels=8)
     optimizer = torch.optim.Adam(discriminator.parameters(), lr=3e-3)
@@ -47,7 +47,7 @@ def saturated_setup():
 
 
 def test_non_saturating_gradient_is_orders_of_magnitude_larger_when_d_wins():
-    """§3.2: dloss/dlogit is -sigmoid(l) ~ -1e-4 for minimax (vanishing) but -sigmoid(-l) ~ -1 for non-saturating."""
+    """§4.4: dloss/dlogit is -sigmoid(l) ~ -1e-4 for minimax (vanishing) but -sigmoid(-l) ~ -1 for non-saturating."""
     norms = {}
     for loss in ("minimax", "non_saturating"):
         generator, discriminator = saturated_setup()

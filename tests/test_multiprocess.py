@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import Interrupted, interrupt_after, quick_training_args
+from helpers import Interrupted, interrupt_after, quick_training_args
 from safetensors.torch import load_file
 
 from hfgen import AutoPipeline, ConditionalPipeline, DDPMPipeline, LatentDiffusionPipeline, VAEModel, VAEPipeline
@@ -239,16 +239,19 @@ def test_lr_schedule_continues_across_process_counts(ddpm_run, vae_resumed_run):
 
 def test_a_two_process_run_on_a_folder_with_workers_and_flips_resumes_bit_identically(tmp_path_factory):
     """Random flips drawn per sample and 2 DataLoader workers per process: a 2-process run resumed from its
-    middle checkpoint ends with the weights of the uninterrupted run."""
-    from test_data import write_mixed_folder
+    middle checkpoint ends with the weights of the uninterrupted run. FD of the RGB samples in (tiny, random)
+    DINOv2 features, computed by the main process."""
+    from helpers import write_mixed_folder
+    from helpers import save_dinov2
 
     root = tmp_path_factory.mktemp("folder-2proc")
+    dinov2 = save_dinov2(root / "dinov2")
     for copy in range(6):
         write_mixed_folder(root / "images" / f"part{copy}")
     flags = ["--train_data_dir", root / "images", "--resolution", "16", "--num_channels", "3", "--random_flip",
              "--dataloader_num_workers", "2", "--architecture", "conv", "--hidden_dims", "8", "16", "--latent_dim", "4",
              "--train_batch_size", "4", "--max_train_steps", "6", "--checkpointing_steps", "3",
-             "--feature_extractor", "none", "--eval_importance_samples", "1", "--eval_num_samples", "8"]
+             "--feature_extractor", f"dinov2:{dinov2}", "--eval_importance_samples", "1", "--eval_num_samples", "8"]
     full = root / "full"
     assert_finished(launch("train_vae", quick_training_args(full, *flags)), full, 6)
     resumed = root / "resumed"
@@ -259,3 +262,5 @@ def test_a_two_process_run_on_a_folder_with_workers_and_flips_resumes_bit_identi
     assert "checkpoint-3 at step 3" in log
     a, b = (load_file(folder / "vae" / "diffusion_pytorch_model.safetensors") for folder in (full, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    metrics = [json.loads((folder / "metrics.json").read_text()) for folder in (full, resumed)]
+    assert metrics[0]["fd"] > 0 and metrics[0] == metrics[1]

@@ -168,3 +168,41 @@ def test_loading_errors_name_the_problem(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ValueError, match="'StableDiffusionPipeline' pipeline; hfgen pipelines are"):
         AutoPipeline.from_pretrained(tmp_path)
+
+
+def tiny_pipelines():
+    """One small pipeline of every family, conditional ones included."""
+    from diffusers import DDPMScheduler
+    from helpers import tiny_unet
+
+    from hfgen import DDPMPipeline, GANPipeline, Generator, LatentDiffusionPipeline
+
+    torch.manual_seed(0)
+    scheduler = DDPMScheduler(num_train_timesteps=4)
+    vae = VAEModel(sample_size=8, architecture="conv", hidden_dims=(4,), latent_channels=1)
+    return {
+        "vae": VAEPipeline(VAEModel(hidden_dims=[8], latent_dim=2)),
+        "cvae": ConditionalPipeline(VAEModel(hidden_dims=[8], latent_dim=2, num_classes=3)),
+        "gan": GANPipeline(Generator(latent_dim=4, base_channels=8)),
+        "cgan": ConditionalPipeline(Generator(latent_dim=4, base_channels=8, num_classes=3)),
+        "ddpm": DDPMPipeline(tiny_unet(), scheduler),
+        "cddpm": DDPMPipeline(tiny_unet(num_class_embeds=4), scheduler, label_dropout=0.1),
+        "ldm": LatentDiffusionPipeline(vae, tiny_unet(sample_size=4), scheduler, 1.0),
+        "cldm": LatentDiffusionPipeline(vae, tiny_unet(num_class_embeds=4, sample_size=4), scheduler, 1.0, 0.1),
+    }
+
+
+@pytest.mark.parametrize("family", ["vae", "cvae", "gan", "cgan", "ddpm", "cddpm", "ldm", "cldm"])
+def test_every_card_usage_snippet_runs_as_written(family, tmp_path):
+    import re
+
+    from hfgen.hub_utils import write_model_card
+
+    pipe = tiny_pipelines()[family]
+    pipe.save_pretrained(tmp_path)
+    card = write_model_card(str(tmp_path), title=family, description="", pipeline_class=type(pipe).__name__,
+                            tags=[family], model_config=dict(pipe.generative_model.config), num_classes=pipe.num_classes)
+    (snippet,) = re.findall(r"```python\n(.*?)```", card.text, flags=re.S)
+    namespace = {}
+    exec(snippet.replace("path/or/repo-id", str(tmp_path)), namespace)
+    assert len(namespace["images"]) == 16

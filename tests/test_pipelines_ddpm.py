@@ -2,17 +2,10 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from hfgen import AutoPipeline, DDPMPipeline
-
-
-def tiny_unet(num_class_embeds=None, sample_size=8):
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=sample_size, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                       num_class_embeds=num_class_embeds).eval()
+from helpers import tiny_unet
 
 
 @pytest.fixture

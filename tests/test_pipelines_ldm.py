@@ -95,3 +95,16 @@ def test_bad_inputs_are_clear_errors(pipe, tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="`scaling_factor` is missing"):
         LatentDiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_the_missing_factor_error_suggests_a_call_that_works():
+    import re
+
+    import hfgen
+
+    vae, images = tiny_vae(), torch.rand(6, 1, 16, 16)
+    with pytest.raises(ValueError, match="`scaling_factor` is missing") as error:
+        LatentDiffusionPipeline(vae, tiny_unet(), DDPMScheduler(num_train_timesteps=20))
+    (call,) = re.findall(r"with (hfgen\..*\))$", str(error.value))
+    factor = eval(call, {"hfgen": hfgen, "vae": vae, "images": images})
+    assert factor == latent_scaling_factor(encode_images(vae, images)) and factor > 0

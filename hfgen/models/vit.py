@@ -1,4 +1,4 @@
-"""A small ViT denoiser for diffusion (seed notes §5.6), unconditional or class-conditional.
+"""A small ViT denoiser for diffusion (docs/maths.md §6.8), unconditional or class-conditional.
 
 diffusers' DiTTransformer2DModel cannot be built without classes, and hfgen needs both, so this is a
 compact DiT: patch tokens + learned positions, transformer blocks whose layer norms are modulated by the

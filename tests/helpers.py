@@ -1,0 +1,98 @@
+"""What several test modules share: short training flags, interruption and comparison of runs, small image
+folders, tiny models. (conftest.py holds the session's set-up and fixtures.)"""
+
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+
+def quick_training_args(output_dir, *extra) -> list[str]:
+    """Flags for short, quiet training runs in tests (any family)."""
+    return ["--output_dir", str(output_dir), "--logger", "none", "--save_images_epochs", "0",
+            "--num_validation_images", "16", "--eval_num_samples", "200", *map(str, extra)]
+
+
+class Interrupted(Exception):
+    """Stands for a training process killed mid-run."""
+
+
+def interrupt_after(monkeypatch, trainer_class, num_batches: int) -> None:
+    """Makes `trainer_class` raise `Interrupted` at its (num_batches + 1)-th training step; monkeypatch.undo() ends it."""
+    original, calls = trainer_class.training_step, {"count": 0}
+
+    def step(self, images, labels):
+        calls["count"] += 1
+        if calls["count"] > num_batches:
+            raise Interrupted
+        return original(self, images, labels)
+
+    monkeypatch.setattr(trainer_class, "training_step", step)
+
+
+def interrupt_then_resume(monkeypatch, main, trainer_class, args: list[str], num_batches: int) -> None:
+    """Runs `main(args)` until it dies at its (num_batches + 1)-th step, then again with --resume_from_checkpoint."""
+    interrupt_after(monkeypatch, trainer_class, num_batches)
+    with pytest.raises(Interrupted):
+        main(args)
+    monkeypatch.undo()
+    main([*args, "--resume_from_checkpoint", "latest"])
+
+
+def same_weights(folder_a, folder_b, component: str) -> bool:
+    """Whether two pipeline folders hold bit-identical weights for `component`."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(os.path.join(folder, component, "diffusion_pytorch_model.safetensors")) for folder in (folder_a, folder_b))
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def quick_vae_args(output_dir, *extra) -> list[str]:
+    return quick_training_args(output_dir, "--eval_importance_samples", "10", *extra)
+
+
+def write_image_folder(root, classes=("cat", "dog"), per_class=3, size=12, mode="RGB"):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            shape = (size, size, 3) if mode == "RGB" else (size, size)
+            PIL.Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / name / f"{i}.png")
+
+
+def write_mixed_folder(root):
+    """Images of odd sizes and modes: RGB, grey, RGBA, palette; portrait, landscape, tiny and large."""
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (mode, size) in enumerate([("RGB", (40, 24)), ("L", (17, 33)), ("RGBA", (20, 20)), ("P", (64, 48)),
+                                      ("RGB", (9, 9)), ("L", (100, 31))]):
+        shape = (size[1], size[0], {"RGB": 3, "RGBA": 4}.get(mode, 0)) if mode in ("RGB", "RGBA") else (size[1], size[0])
+        image = PIL.Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode if mode != "P" else "L")
+        (image.convert("P") if mode == "P" else image).save(root / f"{i}.png")
+
+
+TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=28,
+                patch_size=7)
+
+
+def save_dinov2(folder, seed=0, processor=True):
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(**TINY_VIT)).save_pretrained(folder)
+    if processor:  # as facebook/dinov2-*: resize, then a center crop, ImageNet statistics
+        BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 24, "width": 24},
+                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_unet(num_class_embeds=None, sample_size=8):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=sample_size, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                       num_class_embeds=num_class_embeds).eval()
