@@ -1,4 +1,4 @@
-"""Latent diffusion vs the VAE prior vs pixel DDPM on the digits: the §5.7 study (seed notes §5.6-5.7; MATHS.md).
+"""Latent diffusion vs the VAE prior vs pixel DDPM on the digits: the study of docs/maths.md §7.2-§7.3.
 
 One run trains, with hfgen's own trainers and --seed, on the 4,000 training digits of `hfgen:mnist` resized to 32 px:
 
@@ -63,7 +63,9 @@ from hfgen import DDPMPipeline, LatentDiffusionPipeline, VAEPipeline
 from hfgen.data import load_image_dataset
 from hfgen.distributions import LOG_2PI, standard_normal_log_prob
 from hfgen.latent_tools import encode_images
-from hfgen.metrics import DEFAULT_FEATURE_EXTRACTOR, evaluate_pipeline, frechet_distance, load_feature_extractor
+from hfgen.evaluation import evaluate_pipeline
+from hfgen.features import DEFAULT_FEATURE_EXTRACTOR, load_feature_extractor
+from hfgen.frechet import frechet_distance
 from hfgen.training import train_ddpm, train_ldm, train_vae
 
 KEY = "ldm"  # the section <!-- ldm:start --> ... <!-- ldm:end --> of BENCHMARKS.md
@@ -572,7 +574,7 @@ def main():
     start, end = markers(KEY)
     text = "\n".join([
         start,
-        "## Latent diffusion vs the VAE prior vs pixel DDPM (seed notes §5.7)",
+        "## Latent diffusion vs the VAE prior vs pixel DDPM (docs/maths.md §7.2)",
         "",
         f"What was trained (`benchmarks/bench_ldm.py`, seed {args.seed}, the 4,000 training digits of `hfgen:mnist` at "
         f"{RESOLUTION} px): latent diffusion as `hfgen.training.train_ldm.main` trains it, a conv VAE first stage "
