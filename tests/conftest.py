@@ -15,6 +15,13 @@ import torch  # noqa: E402
 from hfgen.data import load_image_dataset  # noqa: E402
 from helpers import quick_vae_args  # noqa: E402
 
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a run that really learns, or launches processes; "
+                                       '`pytest -m "not slow"` is the quick loop')
+
+
 # The tests' models are small: one thread avoids OpenMP's spin-waiting, which made tiny steps ~80x slower
 # when the second core was busy.
 torch.set_num_threads(1)

@@ -282,6 +282,7 @@ def test_more_processes_than_batches_is_a_clear_error(tmp_path, monkeypatch):
 # ----- 8. the command line speaks in one line ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_console_script_prints_one_line_and_a_traceback_only_when_asked(tmp_path):
     command = ["hfgen", "train", "vae", "--output_dir", str(tmp_path), "--learning_rate", "-1"]
     result = subprocess.run(command, capture_output=True, text=True)

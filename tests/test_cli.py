@@ -40,6 +40,7 @@ def test_unknown_commands_and_families_are_one_line_errors(capsys):
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(f"hfgen: error: {message}")
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     script = shutil.which("hfgen", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     assert script, "pip install -e . installs the `hfgen` command"

@@ -25,6 +25,7 @@ def denoising_error(unet, images, alphas_cumprod):
     return torch.mean((prediction - noise) ** 2).item()
 
 
+@pytest.mark.slow
 def test_training_lowers_the_denoising_error_and_writes_a_loadable_folder(tmp_path, mnist_test):
     # a little wider and longer than TINY, and 20 denoising steps, so that samples and FD move too (~40 s)
     main(quick_training_args(tmp_path, *TINY, "--max_train_steps", "150", "--block_out_channels", "16", "32",
@@ -52,6 +53,7 @@ def test_training_lowers_the_denoising_error_and_writes_a_loadable_folder(tmp_pa
     assert metrics["fd"] < 0.8 * untrained_fd, (metrics["fd"], untrained_fd)
 
 
+@pytest.mark.slow
 def test_vit_denoiser_trains_and_round_trips(tmp_path, mnist_test):
     vit = ["--denoiser", "vit", "--vit_hidden_size", "32", "--vit_layers", "2", "--patch_size", "4"]
     main(quick_training_args(tmp_path, *TINY, *vit, "--max_train_steps", "60", "--train_batch_size", "128",
@@ -78,6 +80,7 @@ def test_resume_continues_bit_identically_with_ema(tmp_path, monkeypatch):
     assert same_weights(tmp_path / "full", tmp_path / "cut", "unet")
 
 
+@pytest.mark.slow
 def test_larger_guidance_scale_raises_the_accuracy_on_requested_classes(tmp_path):
     """Classifier-free guidance on the 8x8 digits (cheap enough for CI): ~13 s of training, then 200 samples per scale."""
     from sklearn.linear_model import LogisticRegression

@@ -22,6 +22,7 @@ def trained_cgan_dir(tmp_path_factory):
     return output_dir
 
 
+@pytest.mark.slow
 def test_cgan_generates_the_requested_classes(trained_cgan_dir, digit_classifier):
     pipe = ConditionalPipeline.from_pretrained(trained_cgan_dir)
     labels = torch.arange(10).repeat_interleave(20)
@@ -30,6 +31,7 @@ def test_cgan_generates_the_requested_classes(trained_cgan_dir, digit_classifier
     assert accuracy > 0.7, accuracy  # chance is 0.1
 
 
+@pytest.mark.slow
 def test_short_run_lowers_fd_far_below_the_untrained_generator(tmp_path, mnist_test):
     flags = ["--num_epochs", "4", "--base_channels", "16", "--latent_dim", "32", "--eval_num_samples", "500"]
     main(quick_training_args(tmp_path, *flags))
@@ -42,6 +44,7 @@ def test_short_run_lowers_fd_far_below_the_untrained_generator(tmp_path, mnist_t
     assert {result.metric_type for result in card.data.eval_results} == {"fd"}
 
 
+@pytest.mark.slow
 def test_output_folder_has_both_nets_and_a_card(trained_cgan_dir):
     pipe = AutoPipeline.from_pretrained(trained_cgan_dir)
     assert isinstance(pipe, ConditionalPipeline) and isinstance(pipe.discriminator, Discriminator)

@@ -11,6 +11,8 @@ from hfgen.latent_tools import encode_images
 from hfgen.evaluation import evaluate_pipeline
 from hfgen.training.train_ldm import LDMTrainer, main, reconstruction_mse
 
+pytestmark = pytest.mark.slow  # real runs: a first stage trained once for the module
+
 # a small first stage (4x8x8 latents of 32 px digits) and a small denoiser, 20 denoising steps for FD
 TINY = ["--vae_num_epochs", "4", "--block_out_channels", "32", "64", "--learning_rate", "2e-3",
         "--num_inference_steps", "20", "--eval_num_samples", "200"]

@@ -12,6 +12,7 @@ from hfgen.likelihood import evaluate_vae
 from hfgen.training.train_vae import VAETrainer, main, parse_args
 
 
+@pytest.mark.slow
 def test_training_lowers_the_test_negative_elbo_far_below_the_untrained_model(trained_vae_dir, mnist_test):
     loader = torch.utils.data.DataLoader(mnist_test, batch_size=500)
     torch.manual_seed(0)
@@ -34,6 +35,7 @@ def test_output_folder_is_a_loadable_pipeline_with_a_model_card(trained_vae_dir)
     assert "samples.png" in card.text and '"latent_dim": 20' not in card.text and "`latent_dim`: `20`" in card.text
 
 
+@pytest.mark.slow
 def test_cvae_generates_the_requested_classes(trained_cvae_dir, digit_classifier):
     pipe = ConditionalPipeline.from_pretrained(trained_cvae_dir)
     labels = torch.arange(10).repeat_interleave(20)
