@@ -319,9 +319,8 @@ def test_evaluate_pipeline_gives_fd_and_vae_bounds_independent_of_batch_size(ext
     assert other_seed["fd"] != metrics["fd"]
 
 
-def test_evaluate_pipeline_gives_a_conditional_pipeline_the_real_labels(extractor, mnist_test, monkeypatch):
-    torch.manual_seed(0)
-    pipeline = ConditionalPipeline(VAEModel(hidden_dims=[16], latent_dim=2, num_classes=10).eval())
+def record_class_labels(monkeypatch) -> list:
+    """The class labels of every ConditionalPipeline call, in order, in the returned list."""
     requested, call = [], ConditionalPipeline.__call__
 
     def recording_call(self, *args, **kwargs):
@@ -329,6 +328,13 @@ def test_evaluate_pipeline_gives_a_conditional_pipeline_the_real_labels(extracto
         return call(self, *args, **kwargs)
 
     monkeypatch.setattr(ConditionalPipeline, "__call__", recording_call)
+    return requested
+
+
+def test_evaluate_pipeline_gives_a_conditional_pipeline_the_real_labels(extractor, mnist_test, monkeypatch):
+    torch.manual_seed(0)
+    pipeline = ConditionalPipeline(VAEModel(hidden_dims=[16], latent_dim=2, num_classes=10).eval())
+    requested = record_class_labels(monkeypatch)
     metrics = evaluate_pipeline(pipeline, mnist_test, num_samples=1000, feature_extractor=extractor, batch_size=400,
                                 num_importance_samples=2)
     assert metrics["fd"] > 0 and "test_iwae_nll" in metrics
@@ -439,13 +445,7 @@ def test_real_image_statistics_are_cached_and_reused(extractor, digits_300, tmp_
     dataset.fingerprint = "300 test digits"
     torch.manual_seed(0)
     pipeline = ConditionalPipeline(VAEModel(hidden_dims=[16], latent_dim=2, num_classes=10).eval())
-    requested, call = [], ConditionalPipeline.__call__
-
-    def recording_call(self, *args, **kwargs):
-        requested.append(kwargs["class_labels"])
-        return call(self, *args, **kwargs)
-
-    monkeypatch.setattr(ConditionalPipeline, "__call__", recording_call)
+    requested = record_class_labels(monkeypatch)
     counting = Counting(extractor)
     kwargs = dict(num_samples=100, feature_extractor=counting, batch_size=40, likelihood=False)
     uncached = evaluate_pipeline(pipeline, dataset, cache_statistics=False, **kwargs)
