@@ -68,8 +68,9 @@ def sample(argv) -> str:
 def evaluate(argv) -> dict[str, float]:
     parser = CommandParser(
         prog="hfgen evaluate",
-        description="Fréchet distance between a pipeline's samples and a dataset split, plus the likelihood bound "
-                    "of a VAE or a diffusion model; prints the metrics as JSON.")
+        description="Fréchet distance between a pipeline's samples and a dataset split (with --sample_metrics also "
+                    "KID, precision/recall, density/coverage, class accuracy and a memorisation check), plus the "
+                    "likelihood bound of a VAE or a diffusion model; prints the metrics as JSON.")
     parser.add_argument("pretrained", help="A pipeline folder or a Hub repo id.")
     parser.add_argument("--dataset_name", default="hfgen:mnist", help="hfgen:mnist, hfgen:digits or a Hub dataset.")
     parser.add_argument("--train_data_dir", default=None, help="A local image folder, used instead of --dataset_name.")
@@ -88,12 +89,26 @@ def evaluate(argv) -> dict[str, float]:
     parser.add_argument("--num_inference_steps", type=int, default=None, help="Denoising steps of a diffusion pipeline.")
     parser.add_argument("--vlb_num_images", type=int, default=100, help="Images of a diffusion model's bound.")
     parser.add_argument("--vlb_num_timesteps", type=int, default=None, help="Sampled terms of that bound (all: None).")
+    parser.add_argument("--sample_metrics", action="store_true",
+                        help="Also KID, precision, recall, density and coverage in the FD's features, and a "
+                             "conditional model's class accuracy under the digit classifier.")
+    parser.add_argument("--nearest_k", type=int, default=3, help="k of precision, recall, density and coverage.")
+    parser.add_argument("--memorisation", action="store_true",
+                        help="With --sample_metrics on the test split: the share of samples closer to the training "
+                             "images than test images are (reads the whole train split).")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--write_card", action="store_true",
                         help="Merge the metrics into the folder's README.md model card and metrics.json.")
     args = parser.parse_args(argv)
     if args.write_card and not os.path.isdir(args.pretrained):
         raise ValueError(f"`--write_card` needs a local pipeline folder, got {args.pretrained!r}")
+    if args.sample_metrics and args.feature_extractor == "none":
+        raise ValueError("`--sample_metrics` is computed in the FD's features: it needs a --feature_extractor, "
+                         "not none")
+    if args.memorisation and not (args.sample_metrics and args.split == "test"):
+        raise ValueError("`--memorisation` compares samples with the train split through the test split: it needs "
+                         f"--sample_metrics and --split test, got --split {args.split}"
+                         f"{'' if args.sample_metrics else ' without --sample_metrics'}")
 
     from hfgen import AutoPipeline
     from hfgen.data import load_image_dataset
@@ -101,6 +116,7 @@ def evaluate(argv) -> dict[str, float]:
     from hfgen.features import (DEFAULT_FEATURE_EXTRACTOR, default_classifier_dir, load_feature_extractor,
                                 resolve_feature_extractor)
     from hfgen.hub_utils import update_model_card_metrics
+    from hfgen.sample_metrics import MEMORISATION_QUANTILE
 
     pipeline = AutoPipeline.from_pretrained(args.pretrained).to(args.device)
     dataset = load_image_dataset(args.dataset_name, args.split, pipeline.sample_size,
@@ -120,16 +136,24 @@ def evaluate(argv) -> dict[str, float]:
                   f"{default_classifier_dir()})", file=sys.stderr)
         feature_extractor = load_feature_extractor(choice).to(args.device)
     pipeline_kwargs = {} if args.num_inference_steps is None else {"num_inference_steps": args.num_inference_steps}
+    train_dataset = None
+    if args.memorisation:
+        train_dataset = load_image_dataset(args.dataset_name, "train", pipeline.sample_size, args.train_data_dir)
     metrics = evaluate_pipeline(pipeline, dataset, args.num_samples, feature_extractor, args.seed, args.batch_size,
                                 args.num_importance_samples, pipeline_kwargs=pipeline_kwargs,
                                 vlb_num_images=args.vlb_num_images, vlb_num_timesteps=args.vlb_num_timesteps,
-                                fd=feature_extractor is not None)
+                                fd=feature_extractor is not None, sample_metrics=args.sample_metrics,
+                                nearest_k=args.nearest_k, train_dataset=train_dataset)
     print(json.dumps(metrics, indent=2))
     if args.write_card:
         dataset_name = args.train_data_dir or args.dataset_name
         fd_args = {"feature_extractor": choice, "num_samples": args.num_samples, "seed": args.seed}
+        metric_args = {"fd": fd_args, "kid": fd_args, "kid_std": fd_args, "class_accuracy": fd_args,
+                       "memorisation": {**fd_args, "quantile": MEMORISATION_QUANTILE, "train_split": "train"},
+                       **dict.fromkeys(("precision", "recall", "density", "coverage"),
+                                       {**fd_args, "nearest_k": args.nearest_k})}
         update_model_card_metrics(args.pretrained, metrics, dataset_name=dataset_name, split=args.split,
-                                  metric_args={"fd": fd_args})
+                                  metric_args={name: value for name, value in metric_args.items() if name in metrics})
         print(f"wrote the metrics into {os.path.join(args.pretrained, 'README.md')} and metrics.json", file=sys.stderr)
     return metrics
 

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from .utils import check_positive_int
+
 # diffusers' names for what the denoiser predicts: noise eps, the clean image x0, or v.
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -168,8 +170,7 @@ def variational_bound(
     if num_timesteps is None:
         steps = list(range(1, num_train_timesteps))
     else:
-        if num_timesteps < 1:
-            raise ValueError(f"`num_timesteps` must be >= 1 when given, got {num_timesteps}")
+        check_positive_int("num_timesteps", num_timesteps)
         steps = torch.randint(1, num_train_timesteps, (num_timesteps,), generator=generator).tolist()
     kl_terms = torch.zeros(batch, device=x0.device)
     for step in steps:

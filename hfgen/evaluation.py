@@ -1,5 +1,7 @@
-"""`evaluate_pipeline`: the Fréchet distance between an hfgen pipeline's samples and real images, and the
-family's likelihood bound where it has one, for any dataset of (image, label) items, in memory or not."""
+"""`evaluate_pipeline`: the Fréchet distance between an hfgen pipeline's samples and real images (and, with
+`sample_metrics`, KID, precision/recall, density/coverage, class accuracy and a memorisation check in the same
+features: hfgen.sample_metrics), and the family's likelihood bound where it has one, for any dataset of
+(image, label) items, in memory or not."""
 
 import logging
 
@@ -8,17 +10,21 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from .data import image_batches
-from .features import AUTO, DEFAULT_FEATURE_EXTRACTOR, load_feature_extractor, resolve_feature_extractor
+from .features import (AUTO, DEFAULT_FEATURE_EXTRACTOR, ClassifierFeatures, load_feature_extractor,
+                       resolve_feature_extractor)
 from .frechet import (
     FeatureStatistics,
-    feature_statistics,
+    batch_features,
     frechet_distance_from_statistics,
+    load_cached_features,
     load_cached_statistics,
     save_cached_statistics,
+    statistics_device,
 )
 from .likelihood import LIKELIHOOD_BATCH_SIZE, diffusion_bits_per_dim, evaluate_vae
 from .models import VAEModel
-from .utils import check_positive_int
+from .sample_metrics import MEMORISATION_QUANTILE, class_accuracy, memorisation_share, sample_quality_metrics
+from .utils import check_fraction, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +40,12 @@ def _image_batches(dataset, num_images: int, seed: int, batch_size: int, num_wor
         raise ValueError(f"`{argument}` ({num_images}) exceeds the {seen} images of `dataset`")
 
 
-def _real_statistics(dataset, num_images: int, feature_extractor: nn.Module, batch_size: int, seed: int,
-                     cache: bool, num_workers: int) -> tuple[FeatureStatistics, torch.Tensor]:
-    """The FD statistics and the labels (N,) of the real images, from the cache when they were computed before
-    for the same dataset (its `fingerprint`), the same images and the same features (the extractor's `cache_id`)."""
+def _real_features(dataset, num_images: int, feature_extractor: nn.Module, batch_size: int, seed: int,
+                   cache: bool, num_workers: int, keep_features: bool
+                   ) -> tuple[FeatureStatistics, torch.Tensor, torch.Tensor | None]:
+    """The FD statistics, the labels (N,) and, when `keep_features`, the features (N, d) of the real images, from
+    the cache when they were computed before for the same dataset (its `fingerprint`), the same images and the
+    same features (the extractor's `cache_id`); the features are cached with the statistics when kept."""
     fingerprint, features_id = getattr(dataset, "fingerprint", None), getattr(feature_extractor, "cache_id", None)
     key = None
     if cache and fingerprint and features_id:
@@ -45,8 +53,9 @@ def _real_statistics(dataset, num_images: int, feature_extractor: nn.Module, bat
                   else f"randperm({len(dataset)}, seed={seed})[:{num_images}]")
         key = {"dataset": str(fingerprint), "images": chosen, "features": str(features_id)}
         cached = load_cached_statistics(key)
-        if cached is not None:
-            return cached
+        features = load_cached_features(key) if cached is not None and keep_features else None
+        if cached is not None and (features is not None or not keep_features):
+            return *cached, features
     labels = []
 
     def images():
@@ -54,14 +63,43 @@ def _real_statistics(dataset, num_images: int, feature_extractor: nn.Module, bat
             labels.append(batch_labels)
             yield batch
 
-    statistics = feature_statistics(images(), feature_extractor, "the images of `dataset`")
+    statistics, features, _ = _features(images(), feature_extractor, "the images of `dataset`", keep_features)
     labels = torch.cat(labels)
     if key is not None:
         try:
-            save_cached_statistics(key, statistics, labels)
+            save_cached_statistics(key, statistics, labels, features=features)
         except OSError as error:  # e.g. a read-only cache: the FD is still right, only the next one is slower
             logger.warning("could not cache the FD statistics of the real images: %s", error)
-    return statistics, labels
+    return statistics, labels, features
+
+
+def _features(batches, feature_extractor: nn.Module, name: str, keep_features: bool, classifier: nn.Module | None = None
+              ) -> tuple[FeatureStatistics, torch.Tensor | None, torch.Tensor | None]:
+    """The FD statistics of the images' features (exactly as `feature_statistics` computes them), the features
+    (N, d) themselves when `keep_features`, and the logits of `classifier` (a DigitClassifier) when given."""
+    device = statistics_device(feature_extractor)  # checks the extractor first
+    statistics = FeatureStatistics.empty(feature_extractor.num_features, device)
+    kept, logits = [], []
+    for images, features in batch_features(batches, feature_extractor, name):
+        statistics.update(features)
+        if keep_features:
+            kept.append(features.detach())
+        if classifier is not None:
+            logits.append(classifier(images).logits.detach())
+    return statistics, torch.cat(kept) if keep_features else None, torch.cat(logits) if classifier is not None else None
+
+
+def _class_classifier(feature_extractor: nn.Module, pipeline) -> nn.Module | None:
+    """The digit classifier behind `feature_extractor`, when its classes are the conditional pipeline's."""
+    if not pipeline.num_classes or not isinstance(feature_extractor, ClassifierFeatures):
+        return None
+    classifier = feature_extractor.classifier
+    names, pipeline_names = classifier.config.id2label, pipeline.id2label
+    if classifier.config.num_classes != pipeline.num_classes or (names and pipeline_names and
+                                                                 dict(names) != dict(pipeline_names)):
+        logger.info("no class accuracy: the feature extractor's classifier has other classes than the pipeline")
+        return None
+    return classifier
 
 
 def _samples(pipeline, seeds: list[int], labels: torch.Tensor | None, batch_size: int, pipeline_kwargs: dict,
@@ -96,6 +134,12 @@ def evaluate_pipeline(
     fd: bool = True,
     cache_statistics: bool = True,
     num_workers: int = 0,
+    sample_metrics: bool = False,
+    nearest_k: int = 3,
+    kid_subset_size: int | None = None,
+    kid_num_subsets: int = 100,
+    train_dataset=None,
+    memorisation_quantile: float = MEMORISATION_QUANTILE,
 ) -> dict[str, float]:
     """Sample quality, and likelihood bounds where the family has them, of an hfgen pipeline against `dataset`.
 
@@ -108,6 +152,18 @@ def evaluate_pipeline(
     is False. For a VAE (a pipeline whose generative model is a `VAEModel`): `evaluate_vae`'s bounds over the
     whole dataset, unless `likelihood` is False.
 
+    With `sample_metrics`, in the same features and on the same real and generated images as FD (each set's
+    features are extracted once; "fd" is the same number as without), hfgen.sample_metrics adds:
+    "kid" and "kid_std" (`kernel_distance`: unbiased, about 0 for samples distributed as the real images; mean
+    and standard deviation over `kid_num_subsets` subsets of `kid_subset_size` images), "precision", "recall",
+    "density", "coverage" (`precision_recall_density_coverage`, `nearest_k` neighbours); for a conditional
+    pipeline whose feature extractor is a digit classifier (`ClassifierFeatures`) with the pipeline's classes,
+    "class_accuracy": the share of samples that classifier assigns to the class they were asked for; and, when
+    `train_dataset` is given, "memorisation" (`memorisation_share`): the share of samples closer to their
+    nearest training image than all but `memorisation_quantile` of the real images of `dataset` (held-out
+    images, e.g. the test split) are to theirs; about `memorisation_quantile` for fresh samples, near 1 for
+    copies of training images. The real images' features are cached with their statistics.
+
     Args:
         dataset: items (image (C, H, W) float in [0, 1], label), with `num_classes` and `image_shape`: an
             `hfgen.data` dataset, any map-style torch Dataset or an IterableDataset.
@@ -117,8 +173,15 @@ def evaluate_pipeline(
         vlb_num_images, vlb_num_timesteps: for a diffusion pipeline, the variational bound in bits/dim
             ("test_bits_per_dim") on the first that many of the real images (0: none), with all T terms or a
             sampled estimate.
-        fd: False skips sampling and the FD: likelihood bounds only.
-        num_workers: DataLoader workers that read `dataset`.
+        fd: False skips sampling and the FD (and `sample_metrics`): likelihood bounds only.
+        num_workers: DataLoader workers that read `dataset` (and `train_dataset`).
+        sample_metrics: True adds the metrics above to "fd".
+        nearest_k: k of the k-nearest-neighbour balls of precision, recall, density and coverage.
+        kid_subset_size, kid_num_subsets: KID's subsets (None: min(1000, num_samples // 2) images each).
+        train_dataset: the images the model was trained on (all of them are read, `batch_size` at a time),
+            for "memorisation"; None skips the check. It must not be `dataset`.
+        memorisation_quantile: the quantile of the real images' nearest-training-image distances that a
+            sample must fall below to count as close to the training set.
     """
     check_positive_int("num_samples", num_samples)
     check_positive_int("batch_size", batch_size)
@@ -129,6 +192,12 @@ def evaluate_pipeline(
     if num_classes and dataset.num_classes != num_classes:
         raise ValueError(f"the pipeline generates {num_classes} classes but `dataset` has {dataset.num_classes}: "
                          "a conditional pipeline is evaluated on a dataset labelled with its classes")
+    if sample_metrics:
+        _check_sample_metric_args(num_samples, nearest_k, kid_subset_size, kid_num_subsets, memorisation_quantile)
+        if not fd:
+            raise ValueError("`sample_metrics` compares samples with real images, so it needs `fd`=True")
+    if train_dataset is not None:
+        _check_train_dataset(train_dataset, dataset, sample_metrics)
     generator = torch.Generator().manual_seed(seed)
     if length is not None:
         torch.randperm(length, generator=generator)  # the real images' draw (hfgen.data.image_batches repeats it)
@@ -137,12 +206,26 @@ def evaluate_pipeline(
     if fd:
         if not isinstance(feature_extractor, nn.Module):
             feature_extractor = _load_for(feature_extractor, dataset)
-        real, labels = _real_statistics(dataset, num_samples, feature_extractor, batch_size, seed, cache_statistics,
-                                        num_workers)
+        real, labels, real_features = _real_features(dataset, num_samples, feature_extractor, batch_size, seed,
+                                                     cache_statistics, num_workers, keep_features=sample_metrics)
         samples = _samples(pipeline, sample_seeds, labels if num_classes else None, batch_size, pipeline_kwargs or {},
                            getattr(dataset, "image_shape", None))
-        fake = feature_statistics(samples, feature_extractor, "the pipeline's samples")
+        classifier = _class_classifier(feature_extractor, pipeline) if sample_metrics else None
+        fake, fake_features, logits = _features(samples, feature_extractor, "the pipeline's samples", sample_metrics,
+                                                classifier)
         metrics["fd"] = frechet_distance_from_statistics(real, fake)
+        if sample_metrics:
+            metrics.update(sample_quality_metrics(real_features, fake_features, nearest_k, kid_subset_size,
+                                                  kid_num_subsets, seed))
+            if logits is not None:
+                metrics["class_accuracy"] = class_accuracy(logits, labels)
+            if train_dataset is not None:
+                train_images = (images for images, _ in image_batches(train_dataset, batch_size=batch_size,
+                                                                      num_workers=num_workers, shuffle=False))
+                train_features = (features for _, features in
+                                  batch_features(train_images, feature_extractor, "the images of `train_dataset`"))
+                metrics["memorisation"] = memorisation_share(fake_features, real_features, train_features,
+                                                             memorisation_quantile)
     model = pipeline.generative_model
     if likelihood and isinstance(model, VAEModel):
         batches = image_batches(dataset, batch_size=LIKELIHOOD_BATCH_SIZE, num_workers=num_workers, shuffle=False)
@@ -153,6 +236,34 @@ def evaluate_pipeline(
         images, labels = map(torch.cat, zip(*batches))
         metrics["test_bits_per_dim"] = diffusion_bits_per_dim(pipeline, images, labels, seed, vlb_num_timesteps)
     return metrics
+
+
+def _check_sample_metric_args(num_samples: int, nearest_k: int, kid_subset_size: int | None, kid_num_subsets: int,
+                              memorisation_quantile: float) -> None:
+    check_positive_int("nearest_k", nearest_k)
+    check_positive_int("kid_num_subsets", kid_num_subsets)
+    check_fraction("memorisation_quantile", memorisation_quantile)
+    if num_samples <= nearest_k:
+        raise ValueError(f"`num_samples` ({num_samples}) must exceed `nearest_k` ({nearest_k}) for the "
+                         "nearest-neighbour metrics of `sample_metrics`")
+    if kid_subset_size is not None:
+        check_positive_int("kid_subset_size", kid_subset_size)
+        if not 2 <= kid_subset_size <= num_samples:
+            raise ValueError(f"`kid_subset_size` must be in [2, num_samples={num_samples}], got {kid_subset_size}")
+
+
+def _check_train_dataset(train_dataset, dataset, sample_metrics: bool) -> None:
+    if not sample_metrics:
+        raise ValueError("`train_dataset` is for the memorisation check of `sample_metrics`: pass "
+                         "sample_metrics=True, or no `train_dataset`")
+    shapes = getattr(train_dataset, "image_shape", None), getattr(dataset, "image_shape", None)
+    if None not in shapes and tuple(shapes[0]) != tuple(shapes[1]):
+        raise ValueError(f"`train_dataset` holds images of shape {tuple(shapes[0])}, but `dataset` images of shape "
+                         f"{tuple(shapes[1])}: load both at one size")
+    fingerprint = getattr(train_dataset, "fingerprint", None)
+    if train_dataset is dataset or (fingerprint and fingerprint == getattr(dataset, "fingerprint", None)):
+        raise ValueError("`train_dataset` holds the same images as `dataset`: the memorisation check compares "
+                         "samples with the training images through held-out real images (e.g. the test split)")
 
 
 def _load_for(name_or_path: str | None, dataset) -> nn.Module:

@@ -169,7 +169,8 @@ def _train_default_classifier(folder: str) -> None:
     from .data import load_image_dataset
 
     train, test = load_image_dataset("hfgen:mnist", "train"), load_image_dataset("hfgen:mnist", "test")
-    classifier, accuracy = train_digit_classifier(train, test)
+    with torch.enable_grad():  # callers may be evaluating under torch.no_grad
+        classifier, accuracy = train_digit_classifier(train, test)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".digit-classifier-", dir=parent)

@@ -4,7 +4,8 @@ FD = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2}) between Gaussians fit
 (Heusel et al., 2017). The fits need only the number of features, their sum and the sum of their outer products,
 so `feature_statistics` accumulates those batch by batch (in float64, as torchmetrics' FrechetInceptionDistance
 does): any number of images in the memory of one batch. The statistics of a set of real images can be saved in
-a small cache file and reused by later evaluations (`save_cached_statistics`, `load_cached_statistics`).
+a small cache file and reused by later evaluations (`save_cached_statistics`, `load_cached_statistics`), with the
+features themselves when the metrics of hfgen.sample_metrics need them (`load_cached_features`).
 """
 
 import hashlib
@@ -84,16 +85,21 @@ def _check_unit_images(name: str, images, feature_extractor: nn.Module, min_imag
         raise ValueError(f"`{name}` must hold values in [0, 1], got values in [{low:.3g}, {high:.3g}]")
 
 
-@torch.no_grad()
-def feature_statistics(batches: Iterable[torch.Tensor], feature_extractor: nn.Module,
-                       name: str = "batches") -> FeatureStatistics:
-    """The FD statistics of the features of image batches, each (B, C, H, W) float in [0, 1], read one at a time
-    and moved to the extractor's device and dtype. `name` names the images in error messages."""
+def statistics_device(feature_extractor: nn.Module) -> torch.device | str:
+    """Where `feature_statistics` keeps its float64 sums: the extractor's device, as torchmetrics does (but MPS
+    has no float64: the CPU there)."""
     _check_feature_extractor(feature_extractor)
     parameter = next(feature_extractor.parameters(), None)
-    # the sums live on the extractor's device, as torchmetrics' do (but MPS has no float64)
-    device = "cpu" if parameter is None or parameter.device.type == "mps" else parameter.device
-    statistics = FeatureStatistics.empty(feature_extractor.num_features, device)
+    return "cpu" if parameter is None or parameter.device.type == "mps" else parameter.device
+
+
+@torch.no_grad()
+def batch_features(batches: Iterable[torch.Tensor], feature_extractor: nn.Module, name: str = "batches"):
+    """Yields (images, features) for image batches, each (B, C, H, W) float in [0, 1], read one at a time:
+    the images checked and moved to the extractor's device and dtype, their features (B, num_features).
+    `name` names the images in error messages."""
+    _check_feature_extractor(feature_extractor)
+    parameter = next(feature_extractor.parameters(), None)
     for images in batches:
         _check_unit_images(name, images, feature_extractor)
         if parameter is not None:
@@ -102,6 +108,17 @@ def feature_statistics(batches: Iterable[torch.Tensor], feature_extractor: nn.Mo
         if features.shape != (images.shape[0], feature_extractor.num_features):
             raise ValueError(f"`feature_extractor` must map {tuple(images.shape)} images to (B, num_features) = "
                              f"{(images.shape[0], feature_extractor.num_features)}, got {tuple(features.shape)}")
+        yield images, features
+
+
+@torch.no_grad()
+def feature_statistics(batches: Iterable[torch.Tensor], feature_extractor: nn.Module,
+                       name: str = "batches") -> FeatureStatistics:
+    """The FD statistics of the features of image batches, each (B, C, H, W) float in [0, 1], read one at a time
+    and moved to the extractor's device and dtype. `name` names the images in error messages."""
+    device = statistics_device(feature_extractor)  # checks the extractor first
+    statistics = FeatureStatistics.empty(feature_extractor.num_features, device)
+    for _, features in batch_features(batches, feature_extractor, name):
         statistics.update(features)
     return statistics
 
@@ -165,8 +182,9 @@ def _key_text(key: dict[str, str]) -> str:
 
 
 def save_cached_statistics(key: dict[str, str], statistics: FeatureStatistics, labels: torch.Tensor | None = None,
-                           cache_dir: str | None = None) -> str:
-    """Saves `statistics` (and the images' labels (N,), if given) as the cache entry of `key`; returns its path.
+                           cache_dir: str | None = None, features: torch.Tensor | None = None) -> str:
+    """Saves `statistics` (and the images' labels (N,) and features (N, d), if given: hfgen.sample_metrics needs
+    the features themselves) as the cache entry of `key`; returns its path.
 
     The file is written to a temporary name in the same folder, then renamed (`os.replace`): a reader never
     sees half a file, and of two processes writing the same entry the last one wins with a whole file.
@@ -176,6 +194,11 @@ def save_cached_statistics(key: dict[str, str], statistics: FeatureStatistics, l
                "outer_sum": statistics.outer_sum.cpu()}
     if labels is not None:
         tensors["labels"] = labels.cpu().long()
+    if features is not None:
+        if features.shape != (statistics.num, statistics.feature_sum.numel()):
+            raise ValueError(f"`features` must be the {statistics.num} feature vectors of `statistics`, got shape "
+                             f"{tuple(features.shape)}")
+        tensors["features"] = features.detach().cpu().contiguous()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     descriptor, staging = tempfile.mkstemp(prefix=".fd-statistics-", suffix=".tmp", dir=os.path.dirname(path))
     os.close(descriptor)
@@ -188,9 +211,8 @@ def save_cached_statistics(key: dict[str, str], statistics: FeatureStatistics, l
     return path
 
 
-def load_cached_statistics(key: dict[str, str], cache_dir: str | None = None
-                           ) -> tuple[FeatureStatistics, torch.Tensor | None] | None:
-    """(statistics, labels or None) of the cache entry of `key`, or None when there is none."""
+def _read_cache_entry(key: dict[str, str], names: tuple[str, ...], cache_dir: str | None) -> dict | None:
+    """The tensors `names` (those present) of the cache entry of `key`, or None when there is none."""
     path = statistics_cache_path(key, cache_dir)
     if not os.path.isfile(path):
         return None
@@ -198,9 +220,23 @@ def load_cached_statistics(key: dict[str, str], cache_dir: str | None = None
         with safe_open(path, "pt") as file:
             if (file.metadata() or {}).get("key") != _key_text(key):
                 return None  # another key with the same hash prefix
-            tensors = {name: file.get_tensor(name) for name in file.keys()}
+            return {name: file.get_tensor(name) for name in names if name in file.keys()}
     except SafetensorError as error:  # written by something else: recompute and overwrite it
         logger.warning("ignored the unreadable FD statistics cache file %s: %s", path, error)
         return None
+
+
+def load_cached_statistics(key: dict[str, str], cache_dir: str | None = None
+                           ) -> tuple[FeatureStatistics, torch.Tensor | None] | None:
+    """(statistics, labels or None) of the cache entry of `key`, or None when there is none."""
+    tensors = _read_cache_entry(key, ("num", "feature_sum", "outer_sum", "labels"), cache_dir)
+    if tensors is None:
+        return None
     statistics = FeatureStatistics(int(tensors["num"].item()), tensors["feature_sum"], tensors["outer_sum"])
     return statistics, tensors.get("labels")
+
+
+def load_cached_features(key: dict[str, str], cache_dir: str | None = None) -> torch.Tensor | None:
+    """The feature vectors (N, d) saved with the cache entry of `key`, or None when it has none."""
+    tensors = _read_cache_entry(key, ("features",), cache_dir)
+    return None if tensors is None else tensors.get("features")

@@ -42,11 +42,12 @@ DDPM_FLAGS = ["--block_out_channels", "8", "16", "--num_train_timesteps", "20", 
               "--learning_rate", str(LEARNING_RATE)]
 LDM_FLAGS = [*DDPM_FLAGS[:-4], "--max_train_steps", "3", "--checkpointing_steps", "3", "--resolution", "32"]
 # `hfgen evaluate` flags that repeat the trainer's final evaluation of each run
+SAMPLE_METRICS = ["--sample_metrics", "--memorisation"]  # as the trainers' final evaluation computes them
 EVALUATE_FLAGS = {
-    "vae": ["--num_samples", "50", "--num_importance_samples", "1"],
-    "gan": ["--num_samples", "50"],
-    "ddpm": ["--num_samples", "50", "--num_inference_steps", "2", "--vlb_num_images", "20"],
-    "ldm": ["--num_samples", "50", "--num_inference_steps", "2"],
+    "vae": ["--num_samples", "50", "--num_importance_samples", "1", *SAMPLE_METRICS],
+    "gan": ["--num_samples", "50", *SAMPLE_METRICS],
+    "ddpm": ["--num_samples", "50", "--num_inference_steps", "2", "--vlb_num_images", "20", *SAMPLE_METRICS],
+    "ldm": ["--num_samples", "50", "--num_inference_steps", "2", *SAMPLE_METRICS],
 }
 
 

@@ -47,7 +47,8 @@ def test_training_lowers_the_denoising_error_and_writes_a_loadable_folder(tmp_pa
 
     assert bound(pipe.unet) < bound(untrained)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics) == {"fd", "test_bits_per_dim"} and 0 < metrics["test_bits_per_dim"] < 16
+    assert set(metrics) == {"fd", "kid", "kid_std", "precision", "recall", "density", "coverage", "memorisation", "test_bits_per_dim"} and 0 < metrics["test_bits_per_dim"] < 16
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["memorisation"] <= 1
     untrained_fd = evaluate_pipeline(DDPMPipeline(untrained, pipe.scheduler), mnist_test, num_samples=100,
                                      pipeline_kwargs={"num_inference_steps": 20}, likelihood=False)["fd"]
     assert metrics["fd"] < 0.8 * untrained_fd, (metrics["fd"], untrained_fd)

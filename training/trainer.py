@@ -57,6 +57,7 @@ FINISHED_MARK = "model_index.json"  # a folder holding it is a finished pipeline
 class NonFiniteError(ValueError):
     """Training produced nan or inf: stopped before anything non-finite is saved."""
 LOGGERS = ("auto", "tensorboard", "wandb", "none")
+NEAREST_K = 3  # k of the k-NN balls of precision, recall, density and coverage
 PLAIN_STEP_TYPES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
@@ -445,12 +446,20 @@ class Trainer:
         return {}
 
     def evaluate(self, pipeline, num_samples: int, likelihood: bool = True) -> dict[str, float]:
-        """Test-split metrics: FD of `num_samples` samples, and the family's likelihood bounds if it has them."""
+        """Test-split metrics: FD of `num_samples` samples, and the family's likelihood bounds if it has them. The
+        final evaluation (`likelihood`) adds KID, precision/recall, density/coverage, the class accuracy of a
+        conditional model and, against the training images, the memorisation check (hfgen.sample_metrics)."""
         available = dataset_length(self.test_dataset)  # None: streamed, its first num_samples images
-        return evaluate_pipeline(pipeline, self.test_dataset, min(num_samples, available or num_samples),
-                                 self.feature_extractor, self.args.seed, self.args.eval_batch_size,
-                                 likelihood=likelihood, pipeline_kwargs=self.pipeline_kwargs(),
-                                 fd=self.feature_extractor is not None, **self.evaluation_options())
+        num_samples = min(num_samples, available or num_samples)
+        fd = self.feature_extractor is not None
+        sample_metrics = likelihood and fd and num_samples > NEAREST_K
+        # the memorisation check compares with all the training images: a test split apart from them, not streamed
+        memorisation = sample_metrics and self.source.test_split != "train" and not self.args.streaming
+        train_dataset = self.load_split("train") if memorisation else None
+        return evaluate_pipeline(pipeline, self.test_dataset, num_samples, self.feature_extractor, self.args.seed,
+                                 self.args.eval_batch_size, likelihood=likelihood, pipeline_kwargs=self.pipeline_kwargs(),
+                                 fd=fd, sample_metrics=sample_metrics, nearest_k=NEAREST_K, train_dataset=train_dataset,
+                                 num_workers=self.args.dataloader_num_workers, **self.evaluation_options())
 
     def model_card_description(self) -> str:
         return ""
