@@ -1,16 +1,22 @@
-"""Sampling and latent-space tools for VAEs (docs/maths.md §2.5)."""
+"""Sampling and latent-space tools for VAEs (docs/maths.md §2.5, §7.2)."""
+
+import math
 
 import torch
 
 from hfgen import latent_tools
 from hfgen.image_processing import preprocess
-from hfgen.models import VAEModel
+from hfgen.models import GaussianMixtureSampler, VAEModel
+from hfgen.utils import check_choice
 
 from .pipeline_utils import GenerativePipeline
 
+LATENT_SAMPLERS = ("fitted", "prior")
+
 
 class VAEPipeline(GenerativePipeline):
-    r"""Samples z ~ N(0, I) and decodes it with a VAE; also encodes, reconstructs, interpolates and traverses.
+    r"""Samples z ~ N(0, I), or from a latent sampler fitted to the aggregated posterior q(z), and decodes it with
+    a VAE; also encodes, reconstructs, interpolates and traverses.
 
     Example:
         ```py
@@ -18,17 +24,95 @@ class VAEPipeline(GenerativePipeline):
         >>> from hfgen import VAEPipeline
         >>> pipe = VAEPipeline.from_pretrained("hfgen-vae-mnist")
         >>> images = pipe(16, generator=torch.manual_seed(0)).images  # 16 PIL images
+        >>> prior = pipe(16, latent_sampler="prior", generator=torch.manual_seed(0)).images  # z ~ N(0, I)
         ```
 
     Args:
         vae: the `VAEModel` (a CVAE also works: pass `class_labels` to every call).
+        latent_sampler: optional; a fitted `GaussianMixtureSampler` over the VAE's flattened latents
+            (latent_dim = prod(vae.latent_shape)), for an unconditional VAE. When the pipeline has one, calls
+            sample from it unless they ask for `latent_sampler="prior"`.
     """
 
     family = "vae"
 
-    def __init__(self, vae: VAEModel):
+    _optional_components = ["latent_sampler"]
+
+    def __init__(self, vae: VAEModel, latent_sampler: GaussianMixtureSampler | None = None):
         super().__init__()
-        self.register_modules(vae=vae)
+        if latent_sampler is not None:
+            self._check_latent_sampler(vae, latent_sampler)
+        self.register_modules(vae=vae, latent_sampler=latent_sampler)
+
+    @staticmethod
+    def _check_latent_sampler(vae: VAEModel, latent_sampler) -> None:
+        if not isinstance(latent_sampler, GaussianMixtureSampler):
+            raise TypeError("`latent_sampler` must be a GaussianMixtureSampler or None, got "
+                            f"{type(latent_sampler).__name__}")
+        if vae.config.num_classes:
+            raise ValueError("`latent_sampler`: a fitted latent sampler models the q(z) of an unconditional VAE, but "
+                             f"`vae` is conditional (num_classes = {vae.config.num_classes}); a CVAE samples its prior")
+        latent_dim = math.prod(vae.latent_shape)
+        if latent_sampler.config.latent_dim != latent_dim:
+            raise ValueError(f"`latent_sampler` has latent_dim {latent_sampler.config.latent_dim}, but the VAE's "
+                             f"latents {tuple(vae.latent_shape)} flatten to {latent_dim}")
+        if not latent_sampler.is_fitted:
+            raise ValueError("`latent_sampler` is not fitted: call its `fit(latents)` first")
+
+    def resolve_latent_sampler(self, latent_sampler: str | None) -> str:
+        """`latent_sampler` of a call -> "fitted" or "prior". None: "fitted" when the pipeline holds a sampler,
+        else "prior"."""
+        if latent_sampler is None:
+            return "prior" if self.latent_sampler is None else "fitted"
+        check_choice("latent_sampler", latent_sampler, LATENT_SAMPLERS)
+        if latent_sampler == "fitted" and self.latent_sampler is None:
+            raise ValueError('`latent_sampler="fitted"` needs a fitted latent sampler, but this pipeline has none '
+                             '(its `latent_sampler` component is None): train with `--latent_sampler gmm`, or pass '
+                             'VAEPipeline(vae, latent_sampler=GaussianMixtureSampler(...).fit(latents)); '
+                             'or sample the prior with latent_sampler="prior"')
+        return latent_sampler
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int | None = None,
+        *,
+        class_labels=None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        latent_sampler: str | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        r"""Samples latents and decodes them.
+
+        Args:
+            latent_sampler: where z comes from: "prior" (z ~ N(0, I)) or "fitted" (z ~ the pipeline's fitted
+                sampler of q(z), docs/maths.md §7.2); None: "fitted" when the pipeline holds a sampler, else "prior".
+            latents: latents of shape (B, *latent_shape) to decode instead of sampling (not with "fitted").
+
+        The other arguments are `GenerativePipeline.__call__`'s.
+        """
+        if self.resolve_latent_sampler(latent_sampler) == "fitted":
+            if latents is None:
+                latents = self.sample_latents(batch_size, generator)
+            elif latent_sampler == "fitted":
+                raise ValueError('`latents` are decoded as they are given, and `latent_sampler="fitted"` would draw '
+                                 'them: pass one of the two')
+        return super().__call__(batch_size, class_labels=class_labels, generator=generator, latents=latents,
+                                output_type=output_type, return_dict=return_dict)
+
+    def sample_latents(self, batch_size: int | None = None, generator=None) -> torch.Tensor:
+        """Latents z ~ the fitted sampler, (B, *latent_shape) on the pipeline's device (B = `batch_size`, or 1):
+        what `__call__` decodes for "fitted" with the same `generator`."""
+        self._check_latent_sampler(self.vae, self.latent_sampler)
+        _, batch_size = self.prepare_class_labels(None, batch_size)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"`generator` is a list of {len(generator)} generators: it must hold one per image "
+                             f"({batch_size}), or be a single generator")
+        self.check_fits_in_memory(batch_size)
+        flat = self.latent_sampler.sample(batch_size, generator=generator)
+        return flat.view(batch_size, *self.latent_shape).to(self.device, self.vae.dtype)
 
     @property
     def generative_model(self):

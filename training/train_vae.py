@@ -2,15 +2,30 @@
 
     accelerate launch -m hfgen.training.train_vae --output_dir hfgen-vae-mnist
     hfgen train vae --output_dir hfgen-cvae-mnist --conditional
+    hfgen train vae --output_dir hfgen-vae-mnist --latent_sampler gmm   # + a Gaussian mixture fitted to q(z)
 """
 
-from hfgen.models import VAEModel
+import logging
+import math
+
+import torch
+
+from hfgen.data import dataset_length, image_batches
+from hfgen.models import GaussianMixtureSampler, VAEModel
+from hfgen.models.latent_sampler import COVARIANCE_TYPES
 from hfgen.models.vae import ARCHITECTURES, KL_ESTIMATORS, LIKELIHOODS
 from hfgen.pipelines import ConditionalPipeline, VAEPipeline
 
-from hfgen.utils import check_non_negative_int, check_non_negative_number, check_positive_int, check_positive_number
+from hfgen.utils import (
+    check_choice, check_non_negative_int, check_non_negative_number, check_positive_int, check_positive_number)
 
 from .trainer import Trainer, training_parser
+
+logger = logging.getLogger(__name__)
+
+LATENT_SAMPLERS = ("none", "gmm")
+# the latent sampler is fitted to the codes of the first this many training images (all of the bundled digits)
+LATENT_SAMPLER_MAX_IMAGES = 20_000
 
 
 def parse_args(argv=None):
@@ -29,6 +44,14 @@ def parse_args(argv=None):
     add("--kl_estimator", default="analytic", choices=KL_ESTIMATORS)
     add("--num_latent_samples", type=int, default=1, help="Reparameterized samples K per example.")
     add("--eval_importance_samples", type=int, default=100, help="K of the IWAE bound on the test split.")
+    add("--latent_sampler", default="none", choices=LATENT_SAMPLERS,
+        help='"gmm": after training, fit a Gaussian mixture to the aggregated posterior q(z) (one z ~ q(z|x) per '
+             f'training image, at most {LATENT_SAMPLER_MAX_IMAGES:,}) and save it in the pipeline, which then samples '
+             'from it by default (docs/maths.md §7.2); the card reports FD for it ("fd") and for the prior '
+             '("fd_prior"). Unconditional VAEs only. "none": sample the prior N(0, I).')
+    add("--latent_sampler_components", type=int, default=10, help="Components K of the --latent_sampler mixture.")
+    add("--latent_sampler_covariance", default="full", choices=COVARIANCE_TYPES,
+        help="Covariance of each mixture component: full, or diagonal (for large, e.g. spatial, latents).")
     return parser.parse_args(argv)
 
 
@@ -37,7 +60,26 @@ class VAETrainer(Trainer):
     ema_model_names = ("vae",)
     flag_checks = {**dict.fromkeys(("latent_dim", "num_latent_samples", "eval_importance_samples"), check_positive_int),
                    "latent_channels": check_non_negative_int, "beta": check_non_negative_number,
-                   "decoder_std": check_positive_number}
+                   "decoder_std": check_positive_number, "latent_sampler_components": check_positive_int,
+                   "latent_sampler": lambda name, value: check_choice(name, value, LATENT_SAMPLERS),
+                   "latent_sampler_covariance": lambda name, value: check_choice(name, value, COVARIANCE_TYPES)}
+    _latent_sampler = None  # (global_step, the sampler fitted at that step), fitted once at the end
+    _sampler_choice = None  # the `latent_sampler` of the pipeline calls, while evaluate() asks for "prior"
+
+    @classmethod
+    def check_args(cls, args):
+        super().check_args(args)
+        if args.latent_sampler != "none" and args.conditional:
+            raise ValueError(f"`--latent_sampler {args.latent_sampler}` fits q(z) of an unconditional VAE; a "
+                             "`--conditional` VAE samples its prior: drop one of the two flags")
+
+    def load_data(self):
+        super().load_data()
+        args, num_images = self.args, dataset_length(self.train_dataset)
+        # checked now, not when the mixture is fitted at the end of training
+        if args.latent_sampler != "none" and num_images is not None and num_images < args.latent_sampler_components:
+            raise ValueError(f"`--latent_sampler_components` {args.latent_sampler_components} exceeds the "
+                             f"{num_images} training images whose latents the mixture is fitted to")
 
     def build_models(self):
         args, data = self.args, self.train_dataset
@@ -70,15 +112,82 @@ class VAETrainer(Trainer):
 
     def build_pipeline(self):
         vae = self.sampling_model("vae")
-        return ConditionalPipeline(vae) if self.args.conditional else VAEPipeline(vae)
+        if self.args.conditional:
+            return ConditionalPipeline(vae)
+        return VAEPipeline(vae, latent_sampler=self.fitted_latent_sampler(vae))
+
+    def fitted_latent_sampler(self, vae: VAEModel) -> GaussianMixtureSampler | None:
+        """Under --latent_sampler gmm, once training has ended: the mixture fitted to `vae`'s q(z), fitted once and
+        cached (the final grid, FD and saved folder share it). Before the end, and without the flag: None (the
+        grids during training sample the prior)."""
+        if self.args.latent_sampler == "none" or self.global_step < self.max_train_steps:
+            return None
+        if self._latent_sampler is None or self._latent_sampler[0] != self.global_step:
+            self._latent_sampler = (self.global_step, self.fit_latent_sampler(vae))
+        return self._latent_sampler[1]
+
+    @torch.no_grad()
+    def fit_latent_sampler(self, vae: VAEModel) -> GaussianMixtureSampler:
+        """A Gaussian mixture fitted to one sample z ~ q(z|x) of each training image (the first
+        LATENT_SAMPLER_MAX_IMAGES, as stored: without random crops and flips), i.e. to the aggregated posterior
+        q(z) (docs/maths.md §7.2)."""
+        args = self.args
+        parameter = next(vae.parameters())
+        generator = torch.Generator(parameter.device).manual_seed(args.seed)
+        images_as_stored = self.load_split("train")
+        num_images = min(dataset_length(images_as_stored) or LATENT_SAMPLER_MAX_IMAGES, LATENT_SAMPLER_MAX_IMAGES)
+        was_training = vae.training
+        vae.eval()
+        latents = []
+        for images, _ in image_batches(images_as_stored, num_images, batch_size=args.eval_batch_size,
+                                       num_workers=args.dataloader_num_workers, shuffle=False):
+            posterior = vae.encode(images.to(parameter.device, parameter.dtype)).latent_dist
+            latents.append(posterior.sample(generator).flatten(1).float().cpu())
+        vae.train(was_training)
+        latents = torch.cat(latents)
+        sampler = GaussianMixtureSampler(latent_dim=math.prod(vae.latent_shape),
+                                         num_components=args.latent_sampler_components,
+                                         covariance_type=args.latent_sampler_covariance)
+        sampler.fit(latents, seed=args.seed)
+        logger.info("fitted a %d-component Gaussian mixture to the latents of %d training images",
+                    args.latent_sampler_components, len(latents))
+        return sampler.to(parameter.device)
+
+    def pipeline_kwargs(self):
+        return {} if self._sampler_choice is None else {"latent_sampler": self._sampler_choice}
+
+    def evaluate(self, pipeline, num_samples: int, likelihood: bool = True) -> dict[str, float]:
+        """The shared metrics ("fd" samples the pipeline's default: its fitted sampler when it has one); with a
+        fitted sampler also "fd_prior", the FD of samples from the prior N(0, I)."""
+        metrics = super().evaluate(pipeline, num_samples, likelihood)
+        if "fd" not in metrics or getattr(pipeline, "latent_sampler", None) is None:
+            return metrics
+        self._sampler_choice = "prior"
+        try:
+            fd_prior = super().evaluate(pipeline, num_samples, likelihood=False)["fd"]
+        finally:
+            self._sampler_choice = None
+        ordered = {}  # "fd_prior" right after "fd"
+        for name, value in metrics.items():
+            ordered[name] = value
+            if name == "fd":
+                ordered["fd_prior"] = fd_prior
+        return ordered
 
     def evaluation_options(self):
         return {"num_importance_samples": self.args.eval_importance_samples}
 
     def model_card_description(self):
-        kind = "conditional VAE" if self.args.conditional else "VAE"
-        return (f"A {kind} trained with hfgen on `{self.args.dataset_name}`. The negative ELBO and the "
-                f"importance-weighted NLL bound (K = {self.args.eval_importance_samples}) are in nats per image.")
+        args = self.args
+        kind = "conditional VAE" if args.conditional else "VAE"
+        text = (f"A {kind} trained with hfgen on `{args.dataset_name}`. The negative ELBO and the "
+                f"importance-weighted NLL bound (K = {args.eval_importance_samples}) are in nats per image.")
+        if args.latent_sampler == "gmm":
+            text += (f" Samples decode latents drawn from a {args.latent_sampler_components}-component Gaussian "
+                     f"mixture ({args.latent_sampler_covariance} covariances) fitted to the aggregated posterior q(z) "
+                     "of the training images (the pipeline's `latent_sampler`, its default); `fd_prior` is the FD of "
+                     'samples from the prior N(0, I), `pipe(..., latent_sampler="prior")`.')
+        return text
 
 
 def main(argv=None) -> str:

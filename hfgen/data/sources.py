@@ -115,20 +115,22 @@ def _read_metadata(folder: str) -> dict[str, dict]:
 
 def _scan_split(folder: str):
     """All image files under `folder` (sorted), their metadata columns, class-folder labels and a fingerprint."""
-    paths, stats = [], []
+    paths, relative_paths, parents, stats = [], [], [], []
     for directory, subdirectories, files in os.walk(folder):
         subdirectories.sort()
+        parent = os.path.relpath(directory, folder)  # once per directory: relpath is most of the listing's cost
         for name in sorted(files):
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                path = os.path.join(directory, name)
-                paths.append(path)
+                path, relative = os.path.join(directory, name), os.path.normpath(os.path.join(parent, name))
                 stat = os.stat(path)
-                stats.append(f"{os.path.relpath(path, folder)}:{stat.st_size}:{stat.st_mtime_ns}")
+                paths.append(path)
+                relative_paths.append(relative)
+                parents.append(parent)
+                stats.append(f"{relative}:{stat.st_size}:{stat.st_mtime_ns}")
     metadata = _read_metadata(folder)
     columns = {"image": paths}
     for key in sorted({key for row in metadata.values() for key in row}):
-        columns[key] = [metadata.get(os.path.relpath(path, folder), {}).get(key) for path in paths]
-    parents = [os.path.relpath(os.path.dirname(path), folder) for path in paths]
+        columns[key] = [metadata.get(relative, {}).get(key) for relative in relative_paths]
     class_names = sorted(set(parents))
     if "label" not in columns and len(class_names) >= 2 and "." not in class_names:
         columns["label"] = [class_names.index(parent) for parent in parents]

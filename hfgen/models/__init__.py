@@ -9,12 +9,13 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from .classifier import ClassifierOutput, DigitClassifier
 from .gan import Discriminator, DiscriminatorOutput, Generator, GeneratorOutput
+from .latent_sampler import GaussianMixtureSampler
 from .vae import VAEDecoderOutput, VAEEncoderOutput, VAEModel, VAEOutput
 from .vit import ViTDenoiser
 
 RECORDED_MODULE = __name__  # "hfgen.models"
 
-for _model_class in (VAEModel, DigitClassifier, Generator, Discriminator, ViTDenoiser):
+for _model_class in (VAEModel, DigitClassifier, Generator, Discriminator, ViTDenoiser, GaussianMixtureSampler):
     _model_class.__module__ = RECORDED_MODULE
 
-__all__ = ["ModelMixin", "ClassifierOutput", "DigitClassifier", "Discriminator", "DiscriminatorOutput", "Generator", "GeneratorOutput", "VAEModel", "VAEOutput", "VAEEncoderOutput", "VAEDecoderOutput", "ViTDenoiser"]
+__all__ = ["ModelMixin", "ClassifierOutput", "DigitClassifier", "Discriminator", "DiscriminatorOutput", "GaussianMixtureSampler", "Generator", "GeneratorOutput", "VAEModel", "VAEOutput", "VAEEncoderOutput", "VAEDecoderOutput", "ViTDenoiser"]
