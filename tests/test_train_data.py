@@ -80,6 +80,7 @@ def test_resuming_a_finished_run_trains_nothing_more(rgb_folder, tmp_path):
     module.main([*args, "--resume_from_checkpoint", "latest"])
     assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-5"]
+    assert "- `global_step`: `5`" in (tmp_path / "README.md").read_text()  # the uninterrupted run's step count
 
 
 @pytest.mark.parametrize("flags, match", [
