@@ -96,3 +96,14 @@ def tiny_unet(num_class_embeds=None, sample_size=8):
                        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
                        num_class_embeds=num_class_embeds).eval()
+
+
+class Identity(torch.nn.Module):
+    """A feature extractor whose features are the pixels: (B, C, H, W) -> (B, C * H * W)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, images):
+        return images.flatten(1)

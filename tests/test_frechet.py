@@ -16,6 +16,7 @@ from PIL import Image
 from scipy import linalg
 from torch import nn
 
+from helpers import Identity
 from hfgen import ConditionalPipeline, DDPMPipeline, DigitClassifier, VAEModel, VAEPipeline
 from hfgen import features as hfgen_features
 from hfgen import frechet as hfgen_frechet
@@ -33,17 +34,6 @@ from hfgen.frechet import (
 from hfgen.hub_utils import update_model_card_metrics, write_model_card
 from hfgen.likelihood import diffusion_bits_per_dim
 from hfgen.models.classifier import ClassifierOutput
-
-
-class Identity(nn.Module):
-    """Features = the pixels themselves: (B, d, 1, 1) -> (B, d)."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, images):
-        return images.flatten(1)
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from torch import nn
 
+from helpers import Identity
 from hfgen import ConditionalPipeline, DigitClassifier, VAEModel, VAEPipeline
 from hfgen import sample_metrics as hfgen_sample_metrics
 from hfgen.cli import main
@@ -196,17 +196,6 @@ def test_class_accuracy_is_the_share_of_argmax_equal_to_the_requested_class():
 
 
 # ----- evaluate_pipeline ----------------------------------------------------------------------------------
-
-
-class Identity(nn.Module):
-    """Features = the pixels: (B, d, 1, 1) or (B, 1, s, s) -> (B, pixels)."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, images):
-        return images.flatten(1)
 
 
 class ConstantClassifier(DigitClassifier):
