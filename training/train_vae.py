@@ -64,7 +64,6 @@ class VAETrainer(Trainer):
                    "latent_sampler": lambda name, value: check_choice(name, value, LATENT_SAMPLERS),
                    "latent_sampler_covariance": lambda name, value: check_choice(name, value, COVARIANCE_TYPES)}
     _latent_sampler = None  # (global_step, the sampler fitted at that step), fitted once at the end
-    _sampler_choice = None  # the `latent_sampler` of the pipeline calls, while evaluate() asks for "prior"
 
     @classmethod
     def check_args(cls, args):
@@ -153,20 +152,13 @@ class VAETrainer(Trainer):
                     args.latent_sampler_components, len(latents))
         return sampler.to(parameter.device)
 
-    def pipeline_kwargs(self):
-        return {} if self._sampler_choice is None else {"latent_sampler": self._sampler_choice}
-
     def evaluate(self, pipeline, num_samples: int, likelihood: bool = True) -> dict[str, float]:
         """The shared metrics ("fd" samples the pipeline's default: its fitted sampler when it has one); with a
         fitted sampler also "fd_prior", the FD of samples from the prior N(0, I)."""
         metrics = super().evaluate(pipeline, num_samples, likelihood)
         if "fd" not in metrics or getattr(pipeline, "latent_sampler", None) is None:
             return metrics
-        self._sampler_choice = "prior"
-        try:
-            fd_prior = super().evaluate(pipeline, num_samples, likelihood=False)["fd"]
-        finally:
-            self._sampler_choice = None
+        fd_prior = super().evaluate(pipeline, num_samples, likelihood=False, latent_sampler="prior")["fd"]
         ordered = {}  # "fd_prior" right after "fd"
         for name, value in metrics.items():
             ordered[name] = value

@@ -445,10 +445,11 @@ class Trainer:
         """Extra arguments of the pipeline's call for sample grids and FD (e.g. fewer denoising steps)."""
         return {}
 
-    def evaluate(self, pipeline, num_samples: int, likelihood: bool = True) -> dict[str, float]:
+    def evaluate(self, pipeline, num_samples: int, likelihood: bool = True, **call_kwargs) -> dict[str, float]:
         """Test-split metrics: FD of `num_samples` samples, and the family's likelihood bounds if it has them. The
         final evaluation (`likelihood`) adds KID, precision/recall, density/coverage, the class accuracy of a
-        conditional model and, against the training images, the memorisation check (hfgen.sample_metrics)."""
+        conditional model and, against the training images, the memorisation check (hfgen.sample_metrics).
+        `call_kwargs` go to the pipeline's calls, after `pipeline_kwargs()`."""
         available = dataset_length(self.test_dataset)  # None: streamed, its first num_samples images
         num_samples = min(num_samples, available or num_samples)
         fd = self.feature_extractor is not None
@@ -457,7 +458,8 @@ class Trainer:
         memorisation = sample_metrics and self.source.test_split != "train" and not self.args.streaming
         train_dataset = self.load_split("train") if memorisation else None
         return evaluate_pipeline(pipeline, self.test_dataset, num_samples, self.feature_extractor, self.args.seed,
-                                 self.args.eval_batch_size, likelihood=likelihood, pipeline_kwargs=self.pipeline_kwargs(),
+                                 self.args.eval_batch_size, likelihood=likelihood,
+                                 pipeline_kwargs={**self.pipeline_kwargs(), **call_kwargs},
                                  fd=fd, sample_metrics=sample_metrics, nearest_k=NEAREST_K, train_dataset=train_dataset,
                                  num_workers=self.args.dataloader_num_workers, **self.evaluation_options())
 
