@@ -1,17 +1,26 @@
-"""DDPM maths (docs/maths.md §6) on a diffusers scheduler's noise schedule.
+"""DDPM maths (docs/maths.md §6) on a diffusers scheduler's noise schedule, and flow matching (§6.9).
 
 Shapes: images x (B, C, H, W); timesteps t (B,) integers in [0, T); a schedule tensor of length T is
 gathered at t and broadcast over the image dims by `extract`. hfgen's t = 0 is t = 1 of docs/maths.md §6.1.
+
+Flow matching (§6.9): the time is the noise level sigma in [0, 1] (0: data, 1: noise; diffusers' name), sigmas (B,)
+floats; the denoiser is called at the timestep sigma * T, as diffusers' flow schedulers call it.
 """
 
 import math
 
 import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from .utils import check_positive_int
 
 # diffusers' names for what the denoiser predicts: noise eps, the clean image x0, or v.
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+# What the denoiser is trained for: the DDPM forward process and one of PREDICTION_TYPES, or flow matching (§6.9).
+DDPM, FLOW_MATCHING = "ddpm", "flow_matching"
+OBJECTIVES = (DDPM, FLOW_MATCHING)
+# How flow matching draws its training noise levels (before the shift).
+WEIGHTING_SCHEMES = ("uniform", "logit_normal")
 
 # ----- classifier-free guidance: hfgen's null class ------------------------------------------------------------
 # A class-conditional denoiser of K classes has K + 1 class embeddings: ids 0..K-1 are the classes and id K is the
@@ -32,6 +41,24 @@ def null_class_labels(class_labels: torch.Tensor, num_classes: int) -> torch.Ten
     """Labels of the same shape, all the null class K."""
     return torch.full_like(class_labels, num_classes)
 
+
+
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}")
+    return objective
+
+
+def scheduler_objective(scheduler) -> str:
+    """FLOW_MATCHING for diffusers' flow schedulers, DDPM for the others.
+
+    The flow schedulers (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, ...) have `scale_noise`
+    instead of `add_noise`; multistep solvers set up for flows (`use_flow_sigmas`) have prediction_type
+    "flow_prediction".
+    """
+    if hasattr(scheduler, "scale_noise") or scheduler.config.get("prediction_type") == "flow_prediction":
+        return FLOW_MATCHING
+    return DDPM
 
 
 def extract(schedule: torch.Tensor, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -150,6 +177,9 @@ def variational_bound(
         num_timesteps: None sums all T - 1 KL terms; an integer draws that many of them uniformly and rescales
             their sum (an unbiased estimate at a fraction of the cost).
     """
+    if scheduler_objective(scheduler) == FLOW_MATCHING:
+        raise ValueError(f"`scheduler` is a {type(scheduler).__name__}: the variational bound is the DDPM one (§6.5) "
+                         "and does not apply to a flow-matching model (docs/maths.md §6.9)")
     betas, alphas_cumprod = scheduler.betas.to(x0.device), scheduler.alphas_cumprod.to(x0.device)
     prediction_type = scheduler.config.prediction_type
     num_train_timesteps, batch = len(betas), x0.shape[0]
@@ -185,3 +215,64 @@ def variational_bound(
     _, next_variance = posterior_mean_variance(x0, x_1, zeros + 1, betas, alphas_cumprod)  # beta~ at t = 1
     decoder_nll = -per_example(discretized_gaussian_log_likelihood(x0, model_x0(x_1, zeros), 0.5 * next_variance.log()))
     return (prior + kl_terms + decoder_nll) / (x0[0].numel() * math.log(2))
+
+
+# ----- flow matching (docs/maths.md §6.9) ------------------------------------------------------------------------
+# The straight path x_sigma = (1 - sigma) x0 + sigma eps from the data (sigma = 0) to the noise (sigma = 1), and its
+# velocity v = d x_sigma / d sigma = eps - x0 (Lipman et al., 2023; Liu et al., 2023). Given x_sigma, each of v, x0
+# and eps determines the others. `sigmas` are (B,), broadcast over the image dims.
+
+
+def _per_example(sigmas: torch.Tensor, ndim: int) -> torch.Tensor:
+    return sigmas.float().reshape(-1, *([1] * (ndim - 1)))
+
+
+def flow_sample(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x_sigma = (1 - sigma) x0 + sigma eps: what diffusers' `scale_noise` computes."""
+    sigma = _per_example(sigmas, x0.dim())
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def flow_velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The regression target v = eps - x0 (the same at every sigma)."""
+    return noise - x0
+
+
+def flow_predict_x0(x_t: torch.Tensor, sigmas: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """x0 = x_sigma - sigma v."""
+    return x_t - _per_example(sigmas, x_t.dim()) * velocity
+
+
+def flow_predict_epsilon(x_t: torch.Tensor, sigmas: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """eps = x_sigma + (1 - sigma) v."""
+    return x_t + (1 - _per_example(sigmas, x_t.dim())) * velocity
+
+
+def flow_velocity_from_x0(x_t: torch.Tensor, sigmas: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """v = (x_sigma - x0) / sigma (sigma > 0)."""
+    return (x_t - x0) / _per_example(sigmas, x_t.dim())
+
+
+def flow_velocity_from_epsilon(x_t: torch.Tensor, sigmas: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+    """v = (eps - x_sigma) / (1 - sigma) (sigma < 1)."""
+    return (epsilon - x_t) / (1 - _per_example(sigmas, x_t.dim()))
+
+
+def sample_flow_sigmas(train_sigmas: torch.Tensor, batch_size: int, weighting_scheme: str = "uniform",
+                       logit_mean: float = 0.0, logit_std: float = 1.0, device=None) -> torch.Tensor:
+    """Training noise levels (B,) on the flow scheduler's grid of T levels.
+
+    `train_sigmas` (T,) is a FlowMatchEulerDiscreteScheduler's `sigmas` before `set_timesteps`: shift(k / T) for
+    k = T..1, shift(s) = shift s / (1 + (shift - 1) s), so that training sees the levels sampling visits. u in (0, 1)
+    is the unshifted level: uniform, or logit-normal (sigmoid of N(logit_mean, logit_std^2), Esser et al., 2024;
+    logit_mean > 0 favours noisier levels); it picks the grid level k = ceil(u T).
+    """
+    if weighting_scheme not in WEIGHTING_SCHEMES:
+        # diffusers' compute_density_for_timestep_sampling silently draws uniformly for a name it does not know
+        raise ValueError(f"`weighting_scheme` must be one of {WEIGHTING_SCHEMES}, got {weighting_scheme!r}")
+    if weighting_scheme == "logit_normal" and not logit_std > 0:
+        raise ValueError(f"`logit_std` must be a positive number, got {logit_std!r}")
+    num_levels = len(train_sigmas)
+    u = compute_density_for_timestep_sampling(weighting_scheme, batch_size, logit_mean, logit_std, device=device)
+    levels = torch.ceil(u * num_levels).long().clamp(1, num_levels)  # k in 1..T (u = 0 or 1 in float32 too)
+    return train_sigmas.to(u.device)[num_levels - levels]  # the grid is descending: k sits at index T - k

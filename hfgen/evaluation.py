@@ -1,7 +1,7 @@
 """`evaluate_pipeline`: the Fréchet distance between an hfgen pipeline's samples and real images (and, with
 `sample_metrics`, KID, precision/recall, density/coverage, class accuracy and a memorisation check in the same
-features: hfgen.sample_metrics), and the family's likelihood bound where it has one, for any dataset of
-(image, label) items, in memory or not."""
+features: hfgen.sample_metrics), and the family's likelihood bound where it has one (not a flow-matching model's:
+the DDPM variational bound does not apply to it), for any dataset of (image, label) items, in memory or not."""
 
 import logging
 
@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from .data import image_batches
+from .diffusion import FLOW_MATCHING
 from .features import (AUTO, DEFAULT_FEATURE_EXTRACTOR, ClassifierFeatures, load_feature_extractor,
                        resolve_feature_extractor)
 from .frechet import (
@@ -172,7 +173,8 @@ def evaluate_pipeline(
         pipeline_kwargs: more arguments for the pipeline's call, e.g. {"num_inference_steps": 50}.
         vlb_num_images, vlb_num_timesteps: for a diffusion pipeline, the variational bound in bits/dim
             ("test_bits_per_dim") on the first that many of the real images (0: none), with all T terms or a
-            sampled estimate.
+            sampled estimate. A flow-matching pipeline has no such bound (docs/maths.md §6.9): none is reported
+            (a warning says "not applicable"), and `vlb_num_timesteps` is refused.
         fd: False skips sampling and the FD (and `sample_metrics`): likelihood bounds only.
         num_workers: DataLoader workers that read `dataset` (and `train_dataset`).
         sample_metrics: True adds the metrics above to "fd".
@@ -188,6 +190,10 @@ def evaluate_pipeline(
     length = None if isinstance(dataset, IterableDataset) else len(dataset)
     if length is not None and num_samples > length:
         raise ValueError(f"`num_samples` ({num_samples}) exceeds the {length} images of `dataset`")
+    flow = getattr(pipeline, "objective", None) == FLOW_MATCHING
+    if flow and likelihood and vlb_num_timesteps is not None:
+        raise ValueError(f"`vlb_num_timesteps` ({vlb_num_timesteps}) sets the DDPM variational bound, which does not "
+                         "apply to this flow-matching pipeline: leave it out")
     num_classes = pipeline.num_classes
     if num_classes and dataset.num_classes != num_classes:
         raise ValueError(f"the pipeline generates {num_classes} classes but `dataset` has {dataset.num_classes}: "
@@ -230,7 +236,10 @@ def evaluate_pipeline(
     if likelihood and isinstance(model, VAEModel):
         batches = image_batches(dataset, batch_size=LIKELIHOOD_BATCH_SIZE, num_workers=num_workers, shuffle=False)
         metrics.update(evaluate_vae(model.eval(), batches, num_importance_samples, seed))
-    if likelihood and vlb_num_images and pipeline.denoises_pixels:
+    if likelihood and vlb_num_images and pipeline.denoises_pixels and flow:
+        logger.warning("test_bits_per_dim: not applicable to a flow-matching model (the DDPM variational bound assumes "
+                       "the DDPM forward process; docs/maths.md §6.9): not reported")
+    elif likelihood and vlb_num_images and pipeline.denoises_pixels:
         batches = _image_batches(dataset, min(vlb_num_images, num_samples), seed, LIKELIHOOD_BATCH_SIZE, num_workers,
                                  argument="vlb_num_images")
         images, labels = map(torch.cat, zip(*batches))

@@ -1,9 +1,10 @@
-"""Ancestral and fast sampling from a diffusion model (docs/maths.md §6.6), with classifier-free guidance (§6.7)."""
+"""Ancestral and fast sampling from a diffusion model (docs/maths.md §6.6) or a flow-matching model (§6.9), with
+classifier-free guidance (§6.7)."""
 
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
-from hfgen.diffusion import classes_of, null_class_labels
+from hfgen.diffusion import FLOW_MATCHING, check_objective, classes_of, null_class_labels, scheduler_objective
 from hfgen.image_processing import SYMMETRIC
 from hfgen.models import ViTDenoiser
 from hfgen.utils import check_positive_int
@@ -13,11 +14,18 @@ from .pipeline_utils import GenerativePipeline
 
 class DDPMPipeline(GenerativePipeline):
     r"""Samples x_T ~ N(0, I) and denoises it step by step with `unet` (a UNet2DModel or a ViTDenoiser) and
-    `scheduler`.
+    `scheduler`: a DDPM, or a flow-matching model (docs/maths.md §6.9).
 
     Folders interoperate with `diffusers.DDPMPipeline` (an unconditional hfgen folder loads there, and a folder
     saved by diffusers loads here). Any diffusers scheduler plugs in, as diffusers users swap them:
     `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.
+
+    Flow matching: this class serves flow-matching models too, despite its name. Their denoiser predicts the velocity
+    eps - x0 and their scheduler is one of diffusers' flow schedulers, `FlowMatchEulerDiscreteScheduler` (as
+    hfgen's trainer saves it) or `FlowMatchHeunDiscreteScheduler`, swapped in the same way; the same loop integrates
+    the flow from noise (sigma = 1) to data (sigma = 0), and guidance combines velocities as it combines noise
+    predictions. `objective` ("ddpm" or "flow_matching", saved in model_index.json by hfgen's trainer) is what the
+    denoiser was trained for: a scheduler of the other kind is refused, since it would sample noise.
 
     Class conditioning: a denoiser with `num_class_embeds = K + 1` generates K classes; hfgen trains the last
     id K as the null class ("no label", label dropout), which classifier-free guidance needs. `label_dropout`
@@ -33,13 +41,34 @@ class DDPMPipeline(GenerativePipeline):
         ```
     """
 
-    family = "ddpm"
+    families = {"ddpm": "ddpm", FLOW_MATCHING: "flow-matching"}  # objective -> the model card's tag
 
-    def __init__(self, unet: UNet2DModel | ViTDenoiser, scheduler: SchedulerMixin, label_dropout: float | None = None):
+    def __init__(self, unet: UNet2DModel | ViTDenoiser, scheduler: SchedulerMixin, label_dropout: float | None = None,
+                 objective: str | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         if label_dropout is not None:  # unknown for folders saved elsewhere (diffusers, older hfgen)
             self.register_to_config(label_dropout=float(label_dropout))
+        if objective is not None:  # unknown for folders saved elsewhere: the scheduler's kind is all there is
+            self.register_to_config(objective=check_objective(objective))
+            self.check_scheduler()
+
+    @property
+    def objective(self) -> str:
+        """"ddpm" or "flow_matching": what the denoiser was trained for (else what the scheduler samples)."""
+        return self.config.get("objective") or scheduler_objective(self.scheduler)
+
+    @property
+    def family(self) -> str:
+        return self.families[self.objective]
+
+    def check_scheduler(self) -> None:
+        """A scheduler of the kind the denoiser was trained for: DDPM-family, or a flow scheduler for flow matching."""
+        if scheduler_objective(self.scheduler) != self.objective:
+            wanted = ("a flow scheduler (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)"
+                      if self.objective == FLOW_MATCHING else "a DDPM-family scheduler (DDPM, DDIM, DPM-Solver++, ...)")
+            raise ValueError(f"`scheduler` is a {type(self.scheduler).__name__}, but the denoiser was trained with "
+                             f"objective {self.objective!r}: it samples with {wanted}")
 
     @property
     def generative_model(self):
@@ -67,7 +96,8 @@ class DDPMPipeline(GenerativePipeline):
         return sample
 
     def denoise(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None, guidance_scale: float):
-        """The model's prediction at one step; with guidance: eps(x, null) + w (eps(x, y) - eps(x, null))."""
+        """The model's prediction at one step (eps, x0, v or, for flow matching, the velocity); with guidance:
+        f(x, null) + w (f(x, y) - f(x, null)), which is linear in the prediction, so right for every kind (§6.7)."""
         if class_labels is None:
             return self.unet(sample, timestep).sample
         if guidance_scale == 1.0:
@@ -96,7 +126,8 @@ class DDPMPipeline(GenerativePipeline):
             batch_size: number of images; None means one per class label, or 1.
             class_labels: for a class-conditional denoiser: an int or one per image.
             guidance_scale: classifier-free guidance weight w (1: the conditional model alone).
-            num_inference_steps: denoising steps, at most (and by default) the scheduler's training steps.
+            num_inference_steps: denoising steps, at most (and by default) the scheduler's training steps (a
+                flow scheduler's are integration steps: Heun evaluates the denoiser about twice per step).
             generator: the same generator state gives the same images.
             latents: x_T of shape (B, C, H, W) instead of fresh noise.
             output_type: "pil", "np" (B, H, W, C) or "pt" (B, C, H, W), values in [0, 1].
@@ -109,6 +140,7 @@ class DDPMPipeline(GenerativePipeline):
             raise ValueError(f"`guidance_scale` {guidance_scale}: this denoiser was trained with label_dropout 0, so its "
                              "null class was never trained and guidance would use an untrained embedding; sample with "
                              "guidance_scale=1, or train with --label_dropout 0.1")
+        self.check_scheduler()
         num_train_timesteps = self.scheduler.config.num_train_timesteps
         num_inference_steps = num_train_timesteps if num_inference_steps is None else num_inference_steps
         check_positive_int("num_inference_steps", num_inference_steps)
@@ -117,6 +149,7 @@ class DDPMPipeline(GenerativePipeline):
                              f"got {num_inference_steps}")
         sample = self.prepare_latents(batch_size, generator, latents)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        # a flow scheduler's timesteps are floats sigma * T, passed to the denoiser as they are (as in training)
         for timestep in self.progress_bar(self.scheduler.timesteps):
             prediction = self.denoise(sample, timestep, labels, guidance_scale)
             sample = self.scheduler.step(prediction, timestep, sample, generator=generator).prev_sample

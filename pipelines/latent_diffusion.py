@@ -1,4 +1,5 @@
-"""Latent diffusion (docs/maths.md §7): diffusion in the latent space of a VAE, then decoding."""
+"""Latent diffusion (docs/maths.md §7): diffusion or flow matching (§6.9) in the latent space of a VAE, then
+decoding."""
 
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
@@ -14,6 +15,9 @@ class LatentDiffusionPipeline(DDPMPipeline):
     `DDPMPipeline` does (class labels, classifier-free guidance, any diffusers scheduler), and decodes
     x = vae.decode(z_0 / scaling_factor).
 
+    It serves latent flow-matching models too (`objective="flow_matching"`, a flow scheduler such as
+    `FlowMatchEulerDiscreteScheduler`), exactly as `DDPMPipeline` does: the flow then runs on the latents.
+
     The denoiser is trained on z = scaling_factor * (z ~ q(z|x)), with the factor computed from the training data
     so that the scaled latents have unit variance (`hfgen.latent_tools.latent_scaling_factor`); it is part of
     the pipeline's config (model_index.json), so a folder without it does not load.
@@ -27,13 +31,13 @@ class LatentDiffusionPipeline(DDPMPipeline):
         ```
     """
 
-    family = "ldm"
+    families = {"ddpm": "ldm", "flow_matching": "latent-flow-matching"}
 
     denoises_pixels = False
 
     def __init__(self, vae: VAEModel, unet: UNet2DModel | ViTDenoiser, scheduler: SchedulerMixin,
-                 scaling_factor: float | None = None, label_dropout: float | None = None):
-        super().__init__(unet, scheduler, label_dropout)
+                 scaling_factor: float | None = None, label_dropout: float | None = None, objective: str | None = None):
+        super().__init__(unet, scheduler, label_dropout, objective)
         if scaling_factor is None:
             raise ValueError("`scaling_factor` is missing: the latents' scale the denoiser was trained on; compute it "
                              "with hfgen.latent_tools.latent_scaling_factor(hfgen.latent_tools.encode_images(vae, images))")

@@ -40,7 +40,11 @@ DDPM_FLAGS = ["--block_out_channels", "8", "16", "--num_train_timesteps", "20", 
               "--eval_vlb_num_images", "20", "--train_batch_size", "32", "--eval_num_samples", "50",
               "--max_train_steps", "4", "--checkpointing_steps", "1", "--lr_scheduler", "linear",
               "--learning_rate", str(LEARNING_RATE)]
-LDM_FLAGS = [*DDPM_FLAGS[:-4], "--max_train_steps", "3", "--checkpointing_steps", "3", "--resolution", "32"]
+# latent diffusion trains with flow matching and EMA here (docs/maths.md §6.9): the 2-process run of that objective,
+# whose folder has no variational bound to evaluate; the DDPM objective's is the ddpm run
+LDM_FLAGS = ["--block_out_channels", "8", "16", "--num_train_timesteps", "20", "--num_inference_steps", "2",
+             "--train_batch_size", "32", "--eval_num_samples", "50", "--max_train_steps", "3", "--checkpointing_steps", "3",
+             "--resolution", "32", "--objective", "flow_matching", "--use_ema"]
 # `hfgen evaluate` flags that repeat the trainer's final evaluation of each run
 SAMPLE_METRICS = ["--sample_metrics", "--memorisation"]  # as the trainers' final evaluation computes them
 EVALUATE_FLAGS = {
