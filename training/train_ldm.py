@@ -1,4 +1,5 @@
-"""Trains latent diffusion (docs/maths.md §7): a VAE first stage, then a DDPM on its scaled latents.
+"""Trains latent diffusion (docs/maths.md §7): a VAE first stage, then a DDPM or a flow-matching model (§6.9,
+`--objective flow_matching`) on its scaled latents.
 
     hfgen train ldm --output_dir hfgen-ldm-mnist                          # both stages, one command
     hfgen train ldm --output_dir ldm --vae_path hfgen-ldm-mnist/first_stage  # reuse a trained VAE
@@ -9,7 +10,7 @@ S = resolution / 2 ** len(--vae_hidden_dims); 4x8x8 for the default 32 px digits
 `train_vae.py` into OUTPUT_DIR/first_stage, a VAE pipeline folder with its own card. The second stage is
 `train_ddpm.py`'s trainer on latents: the training images are encoded once, their posteriors q(z|x) cached,
 and every batch draws z ~ q(z|x), scaled by the factor that gives the training latents unit variance (stored in
-the pipeline's config). Every DDPM flag applies to the second stage.
+the pipeline's config). Every DDPM flag (`train_ddpm.py`, --objective included) applies to the second stage.
 
 The posteriors are encoded once, in chunks, into a memory-mapped cache on disk (`hfgen.latent_cache`, under
 --latent_cache_dir), which later runs with the same first stage and data reuse. Images are center-cropped, since
@@ -20,9 +21,9 @@ import argparse
 import os
 
 import torch
-from diffusers import DDPMScheduler
 
 from hfgen.data import image_batches
+from hfgen.diffusion import DDPM, FLOW_MATCHING
 from hfgen.latent_cache import LatentDataset, encode_to_cache
 from hfgen.models import VAEModel
 from hfgen.models.vae import LIKELIHOODS
@@ -46,7 +47,8 @@ SECOND_STAGE_ONLY = frozenset({
 
 
 def parse_args(argv=None):
-    parser = diffusion_parser("Train latent diffusion: a VAE first stage, then a DDPM on its latents.")
+    parser = diffusion_parser("Train latent diffusion: a VAE first stage, then a DDPM or flow-matching model on "
+                              "its latents.")
     add = parser.add_argument
     add("--vae_path", default=None,
         help="A trained first stage: a VAE pipeline folder or Hub repo id, or a saved VAEModel folder. "
@@ -57,6 +59,8 @@ def parse_args(argv=None):
     add("--vae_learning_rate", type=float, default=2e-3, help="First stage: learning rate.")
     add("--vae_train_batch_size", type=int, default=100, help="First stage: batch size per process.")
     add("--vae_likelihood", default="bernoulli", choices=LIKELIHOODS, help="First stage: decoder.")
+    add("--vae_eval_importance_samples", type=int, default=100,
+        help="First stage: K of its IWAE bound on the test split, reported on its card (1: the ELBO alone, cheapest).")
     add("--latent_cache_dir", default=None,
         help="Where the training latents are cached on disk (default: $HFGEN_CACHE/latents), reused by later runs.")
     # Latents are encoded once per image: a random crop cannot be cached, so images are always center-cropped.
@@ -76,6 +80,7 @@ def first_stage_args(args) -> argparse.Namespace:
     vae_args.latent_channels, vae_args.likelihood = args.vae_latent_channels, args.vae_likelihood
     vae_args.num_epochs, vae_args.learning_rate = args.vae_num_epochs, args.vae_learning_rate
     vae_args.train_batch_size = args.vae_train_batch_size
+    vae_args.eval_importance_samples = args.vae_eval_importance_samples
     vae_args.resume_from_checkpoint = "latest" if args.resume_from_checkpoint else None  # an interrupted first stage continues
     return vae_args
 
@@ -97,10 +102,12 @@ def load_first_stage(path: str) -> VAEModel:
 
 
 class LDMTrainer(DDPMTrainer):
-    family = "ldm"
+    families = {DDPM: "ldm", FLOW_MATCHING: "latent-flow-matching"}
+    clip_sample = False  # scaled latents have unit variance, not the [-1, 1] range of images: z0 is not clipped
     size_name = "the VAE's latent size"
     flag_checks = {**DDPMTrainer.flag_checks, "vae_learning_rate": check_positive_number,
-                   **dict.fromkeys(("vae_latent_channels", "vae_num_epochs", "vae_train_batch_size"), check_positive_int)}
+                   **dict.fromkeys(("vae_latent_channels", "vae_num_epochs", "vae_train_batch_size",
+                                     "vae_eval_importance_samples"), check_positive_int)}
 
     @classmethod
     def check_args(cls, args):
@@ -132,10 +139,7 @@ class LDMTrainer(DDPMTrainer):
                                      show_progress=self.accelerator.is_local_main_process)
         self.latent_dataset = LatentDataset(folder, unaugmented.labels, unaugmented.id2label, seed=self.args.seed)
         self.scaling_factor = self.latent_dataset.scaling_factor
-        models = super().build_models()
-        # scaled latents have unit variance, not the [-1, 1] range of images: the sampler must not clip z0 to it
-        self.noise_scheduler = DDPMScheduler.from_config(self.noise_scheduler.config, clip_sample=False)
-        return models
+        return super().build_models()
 
     def sample_shape(self):
         return tuple(self.vae.latent_shape)
@@ -150,7 +154,7 @@ class LDMTrainer(DDPMTrainer):
     def build_pipeline(self):
         pipeline = super().build_pipeline()
         return LatentDiffusionPipeline(self.vae, pipeline.unet, pipeline.scheduler, self.scaling_factor,
-                                       pipeline.config.get("label_dropout"))
+                                       pipeline.config.get("label_dropout"), self.args.objective)
 
     def evaluate(self, pipeline, num_samples, likelihood=True):
         metrics = super().evaluate(pipeline, num_samples, likelihood)
@@ -162,9 +166,9 @@ class LDMTrainer(DDPMTrainer):
         kind = "class-conditional latent diffusion" if self.num_classes else "latent diffusion"
         return (f"{kind.capitalize()} trained with hfgen on `{self.args.dataset_name}`: a conv VAE first stage with "
                 f"{'x'.join(map(str, self.vae.latent_shape))} latents (scaling factor {self.scaling_factor:.4f}), "
-                f"and a denoiser in its latent space ({self.args.prediction_type} prediction). FD with "
+                f"and a denoiser in its latent space ({self.objective_description()}). FD with "
                 f"{self.args.num_inference_steps} denoising steps; first_stage_reconstruction_mse is the mean squared "
-                "pixel error of test images decoded from their posterior means.")
+                f"pixel error of test images decoded from their posterior means.{self.likelihood_note()}")
 
 
 @torch.no_grad()
