@@ -32,7 +32,10 @@ setup(
         "tensorboard": ["tensorboard"],
         # FID proper (Inception-v3): torch-fidelity pulls torchvision, which must match the installed torch build
         "fid": ["torch-fidelity"],
-        "test": ["pytest>=8", "tensorboard"],
+        # `hfgen demo` and --push_demo (gradio_client calls a running app)
+        "demo": ["gradio>=6,<7", "gradio_client"],
+        # the browser test drives Debian's chromium through its chromedriver (.ci/run installs both)
+        "test": ["pytest>=8", "tensorboard", "gradio>=6,<7", "gradio_client", "selenium>=4"],
     },
     entry_points={"console_scripts": ["hfgen=hfgen.cli:main"]},
 )

@@ -1,4 +1,5 @@
-"""The `hfgen` command: `hfgen train <family> ...`, `hfgen sample <folder> ...` and `hfgen evaluate <folder> ...`.
+"""The `hfgen` command: `hfgen train <family> ...`, `hfgen sample <folder> ...`, `hfgen evaluate <folder> ...` and
+`hfgen demo <folder> ...`.
 
 `hfgen train vae ARGS` runs exactly what `accelerate launch -m hfgen.training.train_vae ARGS` runs.
 """
@@ -158,6 +159,34 @@ def evaluate(argv) -> dict[str, float]:
     return metrics
 
 
+def demo(argv) -> str | None:
+    parser = CommandParser(prog="hfgen demo", description='A Gradio app for a pipeline folder or Hub id, or (with '
+                           '--write_space) the Space that runs it. Needs gradio: pip install "hfgen[demo]".')
+    parser.add_argument("pretrained", help="A pipeline folder or a Hub repo id.")
+    parser.add_argument("--port", type=int, default=None, help="Server port (default: the first free from 7860).")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every interface).")
+    parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link.")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--write_space", default=None, metavar="DIR",
+                        help="Write a Gradio Space (app.py, requirements.txt, README.md) into DIR instead of serving.")
+    parser.add_argument("--hub_model_id", default=None,
+                        help="With --write_space: the Hub repo the Space loads the model from (default: the Hub id "
+                             "given as the pipeline).")
+    args = parser.parse_args(argv)
+    if args.hub_model_id and not args.write_space:
+        raise ValueError("`--hub_model_id` names the model repo of a Space: it needs `--write_space DIR`")
+
+    from hfgen import demo as demo_app  # an ImportError here says how to install gradio
+
+    if args.write_space:
+        folder = demo_app.write_space(args.pretrained, args.write_space, args.hub_model_id)
+        print(f"wrote the Space into {folder}; run it with `python {os.path.join(folder, 'app.py')}`")
+        return folder
+    demo_app.build_demo(args.pretrained, args.device).launch(server_name=args.host, server_port=args.port,
+                                                            share=args.share)
+    return None
+
+
 # Errors of the user's input (hfgen's checks raise these, naming the argument): one line, exit status 2.
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 DEBUG_FLAG, DEBUG_ENV = "--debug", "HFGEN_DEBUG"
@@ -196,8 +225,8 @@ def main(argv=None) -> None:
 
 
 def dispatch(argv) -> None:
-    usage = (f"usage: hfgen train {{{','.join(TRAINERS)}}} ARGS | hfgen sample FOLDER ARGS | hfgen evaluate FOLDER ARGS  "
-             "(-h after each for its flags)")
+    usage = (f"usage: hfgen train {{{','.join(TRAINERS)}}} ARGS | hfgen sample FOLDER ARGS | hfgen evaluate FOLDER ARGS | "
+             "hfgen demo FOLDER ARGS  (-h after each for its flags)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return
@@ -210,6 +239,8 @@ def dispatch(argv) -> None:
         sample(rest)
     elif command == "evaluate":
         evaluate(rest)
+    elif command == "demo":
+        demo(rest)
     else:
         raise ValueError(f"unknown command {command!r}; {usage}")
 

@@ -183,3 +183,13 @@ def push_folder(folder: str, repo_id: str, token: str | None = None, private: bo
         ignore_patterns=PUSH_IGNORE_PATTERNS,
     )
     return str(commit)
+
+
+def push_space(folder: str, repo_id: str, token: str | None = None, private: bool | None = None,
+               commit_message: str = "Upload hfgen demo") -> str:
+    """Uploads a folder written by `hfgen.demo.write_space` as the Gradio Space `repo_id`; returns the commit URL."""
+    token = push_token(token)
+    repo = create_repo(repo_id, token=token, private=private, repo_type="space", space_sdk="gradio", exist_ok=True)
+    commit = upload_folder(repo_id=repo.repo_id, repo_type="space", folder_path=folder, token=token,
+                           commit_message=commit_message)
+    return str(commit)

@@ -3,8 +3,10 @@
 The real `huggingface_hub` client can create model repos on it, commit to them and download from them.
 Repos live in memory: `server.repos[repo_id]` is the list of commits, oldest first, each a dict
 path -> bytes holding the whole tree at that commit; `server.shas[repo_id]` holds their commit ids.
+A Space is kept under the id "spaces/namespace/name", with its SDK in `server.space_sdks`.
 
-Endpoints (model repos only; `{repo}` is "namespace/name", `{rev}` is "main" or a commit id):
+Endpoints (model repos, and Spaces through `/api/spaces/...` for the `/api/models/...` routes; `{repo}` is
+"namespace/name", `{rev}` is "main" or a commit id):
 
     POST      /api/repos/create                       create a repo (409 if it exists)     [token]
     POST      /api/validate-yaml                      accept any model card
@@ -30,19 +32,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 REPO = r"(?P<repo>[^/]+/[^/]+)"
+KIND = r"(?P<kind>models|spaces)"
 REV = r"(?P<rev>[^/]+)"
 # (method, path pattern, handler method name, needs a token); the first match wins.
 ROUTES = [
     ("POST", r"/api/repos/create", "create_repo", True),
     ("POST", r"/api/validate-yaml", "validate_yaml", False),
-    ("POST", rf"/api/models/{REPO}/preupload/{REV}", "preupload", True),
-    ("POST", rf"/api/models/{REPO}/commit/{REV}", "commit", True),
-    ("GET", rf"/api/models/{REPO}/revision/{REV}", "repo_info", False),
-    ("GET", rf"/api/models/{REPO}/tree/{REV}(?:/(?P<path>.*))?", "tree", False),
-    ("GET", rf"/api/models/{REPO}", "repo_info", False),
+    ("POST", rf"/api/{KIND}/{REPO}/preupload/{REV}", "preupload", True),
+    ("POST", rf"/api/{KIND}/{REPO}/commit/{REV}", "commit", True),
+    ("GET", rf"/api/{KIND}/{REPO}/revision/{REV}", "repo_info", False),
+    ("GET", rf"/api/{KIND}/{REPO}/tree/{REV}(?:/(?P<path>.*))?", "tree", False),
+    ("GET", rf"/api/{KIND}/{REPO}", "repo_info", False),
     ("HEAD", rf"/{REPO}/resolve/{REV}/(?P<path>.+)", "resolve", False),
     ("GET", rf"/{REPO}/resolve/{REV}/(?P<path>.+)", "resolve", False),
 ]
+
+
+def repo_key(repo: str, kind: str = "models") -> str:
+    """Where a repo of the route's kind is kept in `HubServer.repos`: a model under its id, a Space under spaces/."""
+    return repo if kind == "models" else f"spaces/{repo}"
 
 
 def git_blob_id(data: bytes) -> str:
@@ -67,6 +75,7 @@ class HubServer:
         self.repos: dict[str, list[dict[str, bytes]]] = {}
         self.shas: dict[str, list[str]] = {}
         self.messages: dict[str, list[str]] = {}
+        self.space_sdks: dict[str, str] = {}
         self.requests: list[tuple[str, str]] = []
         self.unknown_requests: list[tuple[str, str]] = []
         self.lock = threading.RLock()  # held by every request handler and by the state helpers
@@ -219,17 +228,23 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def create_repo(self, body: bytes):
         payload = json.loads(body or b"{}")
-        if payload.get("type", "model") != "model":
-            raise HubError(400, f"Test Hub only has model repos, not {payload['type']!r}")
+        kind = payload.get("type", "model")
+        if kind not in ("model", "space"):
+            raise HubError(400, f"Test Hub only has model repos and Spaces, not {kind!r}")
+        if kind == "space" and not payload.get("sdk"):
+            raise HubError(400, "A Space needs an sdk (gradio, docker or static)")
         repo_id = f"{payload.get('organization') or self.hub.default_namespace}/{payload['name']}"
-        self.hub.create_repo(repo_id)
-        return 200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id}
+        key = repo_key(repo_id, kind + "s")
+        self.hub.create_repo(key)
+        if kind == "space":
+            self.hub.space_sdks[key] = payload["sdk"]
+        return 200, {"url": f"{self.hub.url}/{key}", "name": repo_id}
 
     def validate_yaml(self, body: bytes):
         return 200, {"errors": [], "warnings": []}
 
-    def preupload(self, body: bytes, repo: str, rev: str):
-        sha, tree = self.hub._lookup(repo, rev)
+    def preupload(self, body: bytes, kind: str, repo: str, rev: str):
+        sha, tree = self.hub._lookup(repo_key(repo, kind), rev)
         files = [
             {
                 "path": file["path"],
@@ -242,9 +257,10 @@ class HubHandler(BaseHTTPRequestHandler):
         ]
         return 200, {"files": files, "commitOid": sha}
 
-    def commit(self, body: bytes, repo: str, rev: str):
+    def commit(self, body: bytes, kind: str, repo: str, rev: str):
         if rev != "main":
             raise HubError(400, f"Test Hub commits only to main, not to {rev!r}")
+        repo = repo_key(repo, kind)
         head, tree = self.hub._lookup(repo, rev)
         tree, message = dict(tree), "commit"
         for line in body.splitlines():
@@ -277,8 +293,8 @@ class HubHandler(BaseHTTPRequestHandler):
             "pullRequestUrl": None,
         }
 
-    def repo_info(self, body: bytes, repo: str, rev: str = "main"):
-        sha, tree = self.hub._lookup(repo, rev)
+    def repo_info(self, body: bytes, kind: str, repo: str, rev: str = "main"):
+        sha, tree = self.hub._lookup(repo_key(repo, kind), rev)
         return 200, {
             "_id": repo,
             "id": repo,
@@ -292,8 +308,8 @@ class HubHandler(BaseHTTPRequestHandler):
             "siblings": [{"rfilename": path} for path in sorted(tree)],
         }
 
-    def tree(self, body: bytes, repo: str, rev: str, path: str = ""):
-        _, tree = self.hub._lookup(repo, rev)
+    def tree(self, body: bytes, kind: str, repo: str, rev: str, path: str = ""):
+        _, tree = self.hub._lookup(repo_key(repo, kind), rev)
         prefix = path.strip("/") + "/" if path.strip("/") else ""
         recursive = self.query.get("recursive", "false").lower() in ("1", "true")
         files = {p: data for p, data in tree.items() if p.startswith(prefix)}

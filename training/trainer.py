@@ -130,6 +130,9 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     add("--hub_model_id", default=None, help="Repository on the Hub, e.g. user/hfgen-vae-mnist.")
     add("--hub_token", default=None)
     add("--hub_private_repo", action="store_true")
+    add("--push_demo", action="store_true",
+        help='With --push_to_hub: also push a Gradio demo of the model as the Space <hub_model_id>-demo (pip install '
+             '"hfgen[demo]").')
     return parser
 
 
@@ -177,9 +180,22 @@ def check_training_args(args: argparse.Namespace, flag_checks: dict | None = Non
         raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. user/my-model)")
     if args.push_to_hub and not (args.hub_token or get_token()):
         raise ValueError("`--push_to_hub` needs a Hub token: pass `--hub_token`, set HF_TOKEN or run `hf auth login`")
+    if args.push_demo:
+        check_push_demo(args)
     if args.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ValueError('`--logger tensorboard` needs tensorboard: pip install "hfgen[tensorboard]"')
     check_output_dir(args)
+
+
+def check_push_demo(args: argparse.Namespace) -> None:
+    """--push_demo pushes a Space beside the pushed model, which its app loads by the model's full id."""
+    if not args.push_to_hub:
+        raise ValueError("`--push_demo` pushes a demo Space beside the model pushed to the Hub: it needs `--push_to_hub`")
+    if args.hub_model_id.count("/") != 1:
+        raise ValueError(f"`--push_demo`: the demo loads the model by its full Hub id, so `--hub_model_id` must be "
+                         f"user/name, got {args.hub_model_id!r}")
+    if importlib.util.find_spec("gradio") is None:
+        raise ValueError('`--push_demo` writes a Gradio app, which needs gradio: pip install "hfgen[demo]"')
 
 
 def check_output_dir(args: argparse.Namespace) -> None:
@@ -753,6 +769,11 @@ class Trainer:
         if args.push_to_hub:
             url = push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo or None)
             logger.info("pushed to %s", url)
+        if args.push_demo:
+            from hfgen.demo import push_demo
+
+            url = push_demo(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo or None)
+            logger.info("pushed the demo Space to %s", url)
 
     # ----- checkpoints --------------------------------------------------------------------------------------
 

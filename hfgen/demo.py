@@ -1,0 +1,307 @@
+"""A Gradio demo for any hfgen pipeline (`hfgen demo FOLDER_OR_REPO`), and the Space that runs it.
+
+The page offers what the pipeline can do, read from the pipeline itself: the arguments its call takes (class
+labels, denoising steps, guidance), its scheduler (DDPM-family or flow-matching samplers) and a VAE's or a GAN's
+latent-space tools. The pipeline checks every input; its ValueError is shown in the page as a `gr.Error`.
+"""
+
+import functools
+import inspect
+import json
+import math
+import os
+import tempfile
+import zipfile
+
+try:
+    import gradio as gr
+except ImportError as error:
+    raise ImportError('the hfgen demo needs gradio: pip install "hfgen[demo]"') from error
+import PIL.Image
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                       FlowMatchHeunDiscreteScheduler)
+
+from hfgen import AutoPipeline, GANPipeline, VAEPipeline, __version__
+from hfgen.diffusion import FLOW_MATCHING, scheduler_objective
+from hfgen.hub_utils import METRICS_FILE, SAMPLE_GRID, push_space
+from hfgen.pipelines.pipeline_utils import GenerativePipeline, resolve_pretrained_path
+from hfgen.utils import check_non_negative_int
+
+# name -> (scheduler class, config overrides): what a diffusion pipeline's sampler can be swapped for
+DDPM_SCHEDULERS = {"DDPM": (DDPMScheduler, {}), "DDIM": (DDIMScheduler, {}),
+                   "DPM-Solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"})}
+FLOW_SCHEDULERS = {"FlowMatchEuler": (FlowMatchEulerDiscreteScheduler, {}),
+                   "FlowMatchHeun": (FlowMatchHeunDiscreteScheduler, {})}
+DEFAULT_STEPS = 50
+SPACE_SUFFIX = "-demo"
+
+
+def scheduler_choices(scheduler) -> dict[str, tuple[type, dict]]:
+    """The samplers that fit a pipeline's scheduler: flow-matching ones for a flow scheduler, the DDPM
+    family's otherwise (they share the noise schedule). A saved scheduler of another class comes first, as it is."""
+    choices = FLOW_SCHEDULERS if scheduler_objective(scheduler) == FLOW_MATCHING else DDPM_SCHEDULERS
+    if any(type(scheduler) is cls for cls, _ in choices.values()):
+        return choices
+    return {type(scheduler).__name__: (type(scheduler), {}), **choices}
+
+
+def saved_scheduler_name(scheduler, choices: dict) -> str:
+    return next(name for name, (cls, _) in choices.items() if type(scheduler) is cls)
+
+
+def shows_errors(function):
+    """The pipeline's ValueError or TypeError becomes a `gr.Error`: its message in the page, no traceback."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (ValueError, TypeError) as error:
+            raise gr.Error(str(error)) from error
+    return wrapper
+
+
+def label_names(pipeline) -> list[str]:
+    """A conditional pipeline's classes as the names its `class_labels` takes: id2label's, else the ids."""
+    if pipeline.id2label:
+        return [pipeline.id2label[key] for key in sorted(pipeline.id2label, key=int)]
+    return [str(index) for index in range(pipeline.num_classes)]
+
+
+def class_label(pipeline, choice):
+    """A class typed or chosen in the page -> what the pipeline's `class_labels` takes (it checks the value)."""
+    if choice is None or str(choice).strip() == "":
+        raise ValueError(f"`class_labels`: choose one of the model's {pipeline.num_classes} classes")
+    choice = str(choice).strip()
+    return int(choice) if not pipeline.id2label and choice.lstrip("-").isdigit() else choice
+
+
+def load(pretrained, device: str = "cpu") -> tuple[GenerativePipeline, str | None]:
+    """A pipeline, or a folder or Hub id loaded with AutoPipeline -> (pipeline, its local folder or None)."""
+    if isinstance(pretrained, GenerativePipeline):
+        return pretrained, None
+    folder = resolve_pretrained_path(pretrained)
+    return AutoPipeline.from_pretrained(folder).to(device), folder
+
+
+def card_panel(folder: str | None) -> None:
+    """The model card's metrics and sample grid, when the folder has them."""
+    if folder is None:
+        return
+    metrics_file = os.path.join(folder, METRICS_FILE)
+    if os.path.isfile(metrics_file):
+        with open(metrics_file, encoding="utf-8") as file:
+            metrics = json.load(file)
+        rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items())
+        gr.Markdown(f"### Model card metrics\n\n| metric | value |\n| --- | --- |\n{rows}", elem_id="card-metrics")
+    grid = os.path.join(folder, SAMPLE_GRID)
+    if os.path.isfile(grid):
+        gr.Image(grid, label="Samples from training", interactive=False, elem_id="card-grid")
+
+
+def save_zip(images, folder: str) -> str:
+    """The images as PNGs in one zip file, for the download."""
+    path = os.path.join(folder, "samples.zip")
+    with zipfile.ZipFile(path, "w") as archive:
+        for index, image in enumerate(images):
+            with archive.open(f"sample-{index:03d}.png", "w") as file:
+                image.save(file, format="PNG")
+    return path
+
+
+def generator(seed) -> torch.Generator:
+    check_non_negative_int("seed", seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def sample_tab(pipeline) -> None:
+    """Number of images and seed for every family; class, sampler, steps and guidance where the call takes them."""
+    parameters = inspect.signature(pipeline.__call__).parameters
+    downloads = tempfile.mkdtemp(prefix="hfgen-demo-")
+    with gr.Row():
+        num_images = gr.Number(16, precision=0, label="Number of images", elem_id="num-images")
+        seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
+    # call argument -> (component, value in the page -> argument); a text-conditioned pipeline's `prompt` and
+    # `negative_prompt` boxes belong here, keyed on its call's parameters like these
+    controls = {}
+    if pipeline.num_classes and "class_labels" in parameters:
+        names = label_names(pipeline)
+        controls["class_labels"] = (gr.Dropdown(names, value=names[0], allow_custom_value=True, label="Class",
+                                                elem_id="class"), functools.partial(class_label, pipeline))
+    if "num_inference_steps" in parameters:
+        choices = scheduler_choices(pipeline.scheduler)
+        saved = pipeline.scheduler
+
+        def scheduler(name):
+            cls, overrides = choices[name]
+            return cls.from_config(saved.config, **overrides)
+
+        controls["scheduler"] = (gr.Dropdown(list(choices), value=saved_scheduler_name(saved, choices),
+                                             label="Scheduler", elem_id="scheduler"), scheduler)
+        num_train_timesteps = saved.config.num_train_timesteps
+        controls["num_inference_steps"] = (gr.Slider(1, num_train_timesteps, min(DEFAULT_STEPS, num_train_timesteps),
+                                                     step=1, label="Denoising steps", elem_id="steps"), int)
+    if "guidance_scale" in parameters and pipeline.num_classes and (pipeline.config.get("label_dropout") or 0) > 0:
+        controls["guidance_scale"] = (gr.Slider(1.0, 10.0, 1.0, step=0.5, label="Guidance scale",
+                                                elem_id="guidance"), float)
+    button = gr.Button("Sample", variant="primary", elem_id="sample-button")
+    gallery = gr.Gallery(label="Samples", columns=4, format="png", elem_id="samples")
+    download = gr.File(label="Download the images", elem_id="download")
+
+    @shows_errors
+    def sample(num_images, seed, *values, progress=gr.Progress(track_tqdm=True)):
+        kwargs = {name: convert(value) for (name, (_, convert)), value in zip(controls.items(), values)}
+        if "scheduler" in kwargs:
+            pipeline.scheduler = kwargs.pop("scheduler")  # events run one at a time (gradio's default)
+        images = pipeline(num_images, generator=generator(seed), **kwargs).images
+        return images, save_zip(images, downloads)
+
+    # named after the call's arguments, so that the API (gradio_client) reads like the pipeline
+    parameter = functools.partial(inspect.Parameter, kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    sample.__signature__ = inspect.Signature(
+        [parameter(name) for name in ("num_images", "seed", *controls)]
+        + [inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress(track_tqdm=True))])
+    button.click(sample, [num_images, seed, *(component for component, _ in controls.values())], [gallery, download],
+                 api_name="sample")
+
+
+def image_input(label: str, elem_id: str):
+    # image_mode=None keeps the uploaded mode: the pipeline converts and checks it
+    return gr.Image(type="pil", image_mode=None, sources=["upload", "clipboard"], label=label, elem_id=elem_id)
+
+
+def drawn_image(sketch, size: int):
+    """A sketchpad drawing (white strokes on black) -> a grey image of the model's size; None if nothing is drawn."""
+    composite = (sketch or {}).get("composite")
+    if composite is None:
+        return None
+    background = PIL.Image.new("RGBA", composite.size, "black")
+    flat = PIL.Image.alpha_composite(background, composite.convert("RGBA")).convert("L")
+    return None if flat.getbbox() is None else flat.resize((size, size), PIL.Image.Resampling.LANCZOS)
+
+
+def vae_tabs(pipeline: VAEPipeline) -> None:
+    """Reconstruction of an uploaded or drawn image, interpolation between two images, traversal of a latent."""
+    if pipeline.num_classes:
+        return  # a CVAE's tools need a class in every call; its samples are in the sample tab
+    size, latent_dim = pipeline.sample_size, math.prod(pipeline.latent_shape)
+    with gr.Tab("Reconstruct"):
+        with gr.Row():
+            upload = image_input(f"Upload an image ({size}x{size})", "vae-image")
+            blank = PIL.Image.new("RGBA", (10 * size, 10 * size), "black")
+            sketch = gr.Sketchpad({"background": blank, "layers": [], "composite": None}, type="pil",
+                                  canvas_size=(10 * size, 10 * size), label="... or draw one",
+                                  brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff"), elem_id="sketch")
+            reconstruction = gr.Image(label="Reconstruction", format="png", elem_id="reconstruction")
+        button = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct-button")
+
+        @shows_errors
+        def reconstruct(image, drawing):
+            image = image if image is not None else drawn_image(drawing, size)
+            if image is None:
+                raise ValueError("`images`: upload or draw an image first")
+            return pipeline.reconstruct(image).images[0]
+
+        button.click(reconstruct, [upload, sketch], reconstruction, api_name="reconstruct")
+    with gr.Tab("Interpolate"):
+        with gr.Row():
+            image_a, image_b = image_input("From", "image-a"), image_input("To", "image-b")
+        with gr.Row():
+            num_steps = gr.Slider(2, 16, 8, step=1, label="Steps")
+            method = gr.Radio(["linear", "spherical"], value="linear", label="Path")
+        button = gr.Button("Interpolate", variant="primary")
+        path = gr.Gallery(label="Interpolation", columns=6, format="png")
+        button.click(shows_errors(lambda a, b, steps, how: pipeline.interpolate(a, b, int(steps), how).images),
+                     [image_a, image_b, num_steps, method], path, api_name="interpolate")
+    with gr.Tab("Traverse"):
+        with gr.Row():
+            dim = gr.Slider(0, latent_dim - 1, 0, step=1, label="Latent dimension", elem_id="dim")
+            extent = gr.Slider(0.5, 5.0, 3.0, step=0.5, label="Range (±)")
+            start = image_input("Start from this image (else z = 0)", "traverse-image")
+        sweep = gr.Gallery(label="Traversal", columns=7, format="png")
+
+        @shows_errors
+        def traverse(dim, extent, image):
+            values = torch.linspace(-extent, extent, 7).tolist()
+            return pipeline.traverse(int(dim), values, image=image).images
+
+        gr.on([dim.release, extent.release, start.change], traverse, [dim, extent, start], sweep, api_name="traverse")
+
+
+def gan_tab(pipeline: GANPipeline) -> None:
+    """Images along the path between two prior samples drawn from the seed."""
+    with gr.Tab("Interpolate"):
+        with gr.Row():
+            seed = gr.Number(0, precision=0, label="Seed")
+            num_steps = gr.Slider(2, 16, 8, step=1, label="Steps")
+            method = gr.Radio(["linear", "spherical"], value="spherical", label="Path")
+        button = gr.Button("Interpolate", variant="primary")
+        path = gr.Gallery(label="Interpolation", columns=6, format="png")
+        button.click(shows_errors(lambda seed, steps, how: pipeline.interpolate(
+            int(steps), how, generator=generator(seed)).images), [seed, num_steps, method], path, api_name="interpolate")
+
+
+def build_demo(pretrained, device: str = "cpu") -> "gr.Blocks":
+    """A Gradio app for a pipeline, or for a pipeline folder or Hub id (loaded with AutoPipeline)."""
+    pipeline, folder = load(pretrained, device)
+    name = os.path.basename(os.path.normpath(str(pretrained))) if folder else type(pipeline).__name__
+    classes = f", {pipeline.num_classes} classes" if pipeline.num_classes else ""
+    with gr.Blocks(title=f"hfgen: {name}") as demo:
+        gr.Markdown(f"# {name}\nAn hfgen {type(pipeline).__name__} ({pipeline.family}{classes}), "
+                    f"{pipeline.sample_size}x{pipeline.sample_size} images.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Tab("Sample"):
+                    sample_tab(pipeline)
+                if isinstance(pipeline, VAEPipeline):
+                    vae_tabs(pipeline)
+                if isinstance(pipeline, GANPipeline):
+                    gan_tab(pipeline)
+            if folder is not None:
+                with gr.Column(scale=1):
+                    card_panel(folder)
+    return demo
+
+
+APP = '''"""The hfgen demo of {model_id} (written by `hfgen demo --write_space`)."""
+
+from hfgen.demo import build_demo
+
+demo = build_demo({model_id!r})
+
+if __name__ == "__main__":
+    demo.launch()
+'''
+
+
+def write_space(pretrained, out_dir: str, model_id: str | None = None) -> str:
+    """Writes a Gradio Space that runs `build_demo(model_id)`: app.py, requirements.txt and a README.md whose
+    metadata says `sdk: gradio` and names the model repo. `model_id` defaults to `pretrained` when that is a Hub id;
+    a local folder needs the id it is (or will be) pushed to. Returns `out_dir`."""
+    from huggingface_hub import SpaceCard, SpaceCardData
+
+    if os.path.isdir(os.path.expanduser(str(pretrained))):
+        resolve_pretrained_path(pretrained)  # a pipeline folder, checked
+    elif model_id is None:
+        model_id = str(pretrained)
+    if model_id is None or str(model_id).count("/") != 1:
+        raise ValueError(f"`model_id` must be the Hub repo id (user/name) the Space loads the model from, got "
+                         f"{model_id!r}: a Space cannot read the local folder {str(pretrained)!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "app.py"), "w", encoding="utf-8") as file:
+        file.write(APP.format(model_id=model_id))
+    with open(os.path.join(out_dir, "requirements.txt"), "w", encoding="utf-8") as file:
+        file.write(f"hfgen=={__version__}\n")  # gradio itself comes with the Space's sdk_version
+    data = SpaceCardData(title=f"{model_id.split('/')[-1]} demo", sdk="gradio", sdk_version=gr.__version__,
+                         app_file="app.py", models=[model_id], tags=["hfgen"])
+    SpaceCard(f"---\n{data.to_yaml()}\n---\n\n# {model_id} demo\n\nA Gradio demo of the hfgen model "
+              f"[{model_id}](https://huggingface.co/{model_id}), written by `hfgen demo --write_space`.\n"
+              ).save(os.path.join(out_dir, "README.md"))
+    return out_dir
+
+
+def push_demo(pretrained, model_id: str, token: str | None = None, private: bool | None = None) -> str:
+    """Writes the demo Space of `model_id` and pushes it as the Space repo `<model_id>-demo`; returns the commit URL."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_space(pretrained, folder, model_id)
+        return push_space(folder, model_id + SPACE_SUFFIX, token=token, private=private)
