@@ -103,6 +103,7 @@ def test_resume_continues_the_adversarial_run_bit_identically(tmp_path, monkeypa
         (["--resolution", "30"], "`sample_size` 30 cannot be produced by the dcgan architecture"),
         (["--gradient_accumulation_steps", "2"], "`--gradient_accumulation_steps` must be 1 for GANs"),
         (["--r1_gamma", "-1"], "`--r1_gamma` must be a finite number >= 0"),
+        (["--diff_augment", "flip"], "`--diff_augment` must be 'none' or a comma-separated list of color, "),
     ],
 )
 def test_bad_flags_are_clear_errors(tmp_path, flags, message):
@@ -115,8 +116,24 @@ def test_unknown_loss_flag_names_the_argument():
         parse_args(["--output_dir", "x", "--loss", "wasserstein"])
 
 
-@pytest.mark.parametrize("loss", ["minimax", "hinge"])
-def test_every_objective_and_r1_and_spectral_norm_train(tmp_path, loss):
+@pytest.mark.parametrize("loss, augment", [("minimax", "none"), ("hinge", "color,translation,cutout")])
+def test_every_objective_and_r1_and_spectral_norm_train(tmp_path, loss, augment):
     main(quick_training_args(tmp_path, *SMALL, "--max_train_steps", "3", "--loss", loss, "--r1_gamma", "1",
-                             "--spectral_norm", "--train_batch_size", "32"))
+                             "--spectral_norm", "--train_batch_size", "32", "--diff_augment", augment))
     assert GANPipeline.from_pretrained(tmp_path).discriminator.config.spectral_norm
+
+
+def test_diff_augment_reaches_everything_the_discriminator_sees(tmp_path, monkeypatch):
+    from hfgen.training import train_gan
+
+    seen = []
+
+    def spy(images, policy):
+        seen.append((tuple(images.shape), policy))
+        return images
+
+    monkeypatch.setattr(train_gan, "diff_augment", spy)
+    main(quick_training_args(tmp_path, *SMALL, "--max_train_steps", "2", "--train_batch_size", "32",
+                             "--diff_augment", "translation,cutout", "--save_images_epochs", "0"))
+    # per step: the real and the fake batch of D's step, and the fake batch of G's step
+    assert seen == [((32, 1, 28, 28), ("translation", "cutout"))] * 6

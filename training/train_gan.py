@@ -9,6 +9,7 @@ of them the generator takes one descent step (the outer loop). A training step i
 
 import torch
 
+from hfgen.augment import DIFF_AUGMENTATIONS, diff_augment, parse_policy
 from hfgen.image_processing import SYMMETRIC, from_unit_range
 from hfgen.losses import GAN_LOSSES, discriminator_loss, generator_loss, r1_penalty
 from hfgen.models import Discriminator, Generator
@@ -34,6 +35,9 @@ def parse_args(argv=None):
     add("--discriminator_adam_beta2", type=float, default=None, help="Defaults to --adam_beta2.")
     add("--r1_gamma", type=float, default=0.0, help="Weight of the R1 penalty gamma/2 E||grad D(x)||^2 (0: off).")
     add("--spectral_norm", action="store_true", help="Spectral normalisation in the discriminator.")
+    add("--diff_augment", default="none",
+        help=f"Differentiable augmentation of everything D sees (DiffAugment): 'none' or a comma-separated list of "
+             f"{', '.join(DIFF_AUGMENTATIONS)}, e.g. color,translation,cutout.")
     # DCGAN's settings: Adam(2e-4, betas (0.5, 0.999)), batch 64
     parser.set_defaults(learning_rate=2e-4, adam_beta1=0.5, train_batch_size=64, num_epochs=5)
     return parser.parse_args(argv)
@@ -43,7 +47,7 @@ class GANTrainer(Trainer):
     family = "gan"
     ema_model_names = ("generator",)
     flag_checks = {**dict.fromkeys(("latent_dim", "base_channels", "d_steps"), check_positive_int),
-                   "r1_gamma": check_non_negative_number,
+                   "r1_gamma": check_non_negative_number, "diff_augment": parse_policy,
                    "discriminator_learning_rate": optional(check_positive_number),
                    **dict.fromkeys(("discriminator_adam_beta1", "discriminator_adam_beta2"), optional(check_probability))}
 
@@ -90,8 +94,9 @@ class GANTrainer(Trainer):
             fake = generator(torch.randn(latent_shape, device=real.device), labels).sample
         if args.r1_gamma:
             real.requires_grad_(True)
-        real_logits = self.models["discriminator"](real, labels).logits
-        fake_logits = self.models["discriminator"](fake, labels).logits
+        augment = self.augment
+        real_logits = self.models["discriminator"](augment(real), labels).logits
+        fake_logits = self.models["discriminator"](augment(fake), labels).logits
         d_loss = discriminator_loss(real_logits, fake_logits, args.loss)
         if args.r1_gamma:
             d_loss = d_loss + args.r1_gamma / 2 * r1_penalty(real_logits, real)
@@ -103,11 +108,15 @@ class GANTrainer(Trainer):
         if (self.global_step + 1) % args.d_steps == 0:
             discriminator.requires_grad_(False)
             fake = self.models["generator"](torch.randn(latent_shape, device=real.device), labels).sample
-            g_loss = generator_loss(discriminator(fake, labels).logits, args.loss)
+            g_loss = generator_loss(discriminator(augment(fake), labels).logits, args.loss)
             self.optimize("generator", g_loss)
             discriminator.requires_grad_(True)
             logs["g_loss"] = g_loss.detach()
         return logs
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """What D sees of real and generated images: their DiffAugment under --diff_augment, else themselves."""
+        return diff_augment(images, parse_policy("--diff_augment", self.args.diff_augment))
 
     def build_pipeline(self):
         generator, discriminator = self.sampling_model("generator"), self.unwrap("discriminator")
