@@ -134,7 +134,7 @@ FAMILIES = {
     "cddpm": ("train_ddpm", hfgen.DDPMPipeline, "ddpm", ["--block_out_channels", "8", "16", "--num_inference_steps", "2",
                                                          "--num_train_timesteps", "20", "--eval_vlb_num_images", "4",
                                                          "--conditional"]),
-    "ldm": ("train_ldm", hfgen.LatentDiffusionPipeline, "ldm", ["--vae_num_epochs", "1", "--vae_hidden_dims", "8", "16",
+    "ldm": ("train_ldm", hfgen.LatentDiffusionPipeline, "ldm", ["--vae_num_epochs", "1", "--vae_eval_importance_samples", "2", "--vae_hidden_dims", "8", "16",
                                                                "--block_out_channels", "8", "16", "--num_inference_steps",
                                                                "2", "--num_train_timesteps", "20"]),
 }

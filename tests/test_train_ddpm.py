@@ -29,7 +29,7 @@ def denoising_error(unet, images, alphas_cumprod):
 def test_training_lowers_the_denoising_error_and_writes_a_loadable_folder(tmp_path, mnist_test):
     # a little wider and longer than TINY, and 20 denoising steps, so that samples and FD move too (~40 s)
     main(quick_training_args(tmp_path, *TINY, "--max_train_steps", "150", "--block_out_channels", "16", "32",
-                             "--num_inference_steps", "20", "--eval_num_samples", "100"))
+                             "--train_batch_size", "32", "--num_inference_steps", "20", "--eval_num_samples", "100"))
     pipe = DDPMPipeline.from_pretrained(tmp_path)
     assert isinstance(AutoPipeline.from_pretrained(tmp_path), DDPMPipeline)
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from hfgen.training.train_ldm import LDMTrainer, main, reconstruction_mse
 pytestmark = pytest.mark.slow  # real runs: a first stage trained once for the module
 
 # a small first stage (4x8x8 latents of 32 px digits) and a small denoiser, 20 denoising steps for FD
-TINY = ["--vae_num_epochs", "4", "--block_out_channels", "32", "64", "--learning_rate", "2e-3",
+TINY = ["--vae_num_epochs", "4", "--vae_eval_importance_samples", "2", "--block_out_channels", "32", "64", "--learning_rate", "2e-3",
         "--num_inference_steps", "20", "--eval_num_samples", "200"]
 
 

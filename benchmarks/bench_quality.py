@@ -1,0 +1,565 @@
+"""Samples per CPU-minute: FD against training time for every family's README recipe and for peer baselines.
+
+Every contender trains in its own process (`--threads` torch threads, default 2: the 2 cores) on the 4,000
+training digits of `hfgen:mnist`. Its clock runs from the start of the command (data, models, a latent-diffusion
+first stage included) and stops while a snapshot is evaluated: at each mark (--marks, in minutes, the last one the
+budget) the run samples N images with the contender's own sampler (N=--num_samples at the budget,
+--curve_num_samples before it) and computes their FD in the features of `hfgen:digit-classifier` against the 1,000
+test digits at the contender's resolution. A run whose
+recipe ends before the budget is evaluated once more at its end. What a mark's sampler needs fitted after
+training (the VAE's Gaussian mixture) is timed and added to that mark's x, not to the running clock.
+
+Contenders (`CONTENDERS`):
+  - hfgen: the README commands, as `RECIPES` (each family's trainer, `--logger none`, no sample grids, no
+    periodic checkpoints; FD of DDPMs with DPM-Solver++ and of flow models with their saved Euler sampler, at 20
+    steps; EMA weights where the recipe keeps an EMA);
+  - plain-vae: pytorch/examples' vae/main.py (MLP 784-400-20, Bernoulli decoder, Adam 1e-3, batch 128), prior
+    samples;
+  - pythae-vae: pythae's VAE with its default MLP nets and trainer defaults (`pip install pythae`, for this
+    benchmark only), sampled by pythae's own GaussianMixtureSampler fitted after training, with the 100
+    components of hfgen's VAE recipe (pythae's default is 10);
+  - plain-dcgan: a DCGAN loop in the style of pytorch/examples' dcgan/main.py, for 28 px (100-d z, BCE,
+    Adam 2e-4 / 0.5, batch 64, N(0, 0.02) init);
+  - diffusers-loop: diffusers' examples/unconditional_image_generation/train_unconditional.py as a loop, with
+    the diffusers course's MNIST U-Net (widths 32 64 64, 2 layers per block, attention in the two inner blocks),
+    its defaults (batch 16, AdamW 1e-4 (0.95, 0.999), weight decay 1e-6, cosine schedule with 500 warm-up steps
+    over its 100 epochs, EMA with warm-up) and the same DPM-Solver++ 20-step sampler for FD (its script samples
+    with DDPM-1000, ~5 s per image here).
+
+    python benchmarks/bench_quality.py --write                         # every contender, 10 minutes each
+    python benchmarks/bench_quality.py --only hfgen-ddpm diffusers-loop --marks 0.5 1   # a short look
+    python benchmarks/bench_quality.py --no_train --write            # re-draw from the recorded results
+
+Results (one JSON line per snapshot) accumulate in --results, so contenders can run in separate sessions;
+--write redraws benchmarks/figures/quality_vs_time.png and the BENCHMARKS.md section from all of them.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import BENCHMARKS_MD, environment_lines, load_average, markers, write_section  # noqa: E402
+
+FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
+RESULTS = os.path.join(FIGURES, "quality_vs_time.json")
+FEATURES = "hfgen:digit-classifier"
+FD_SOLVER_STEPS = 20
+
+# The README's commands (without --output_dir): the recipes the benchmark measures.
+RECIPES = {
+    "hfgen-vae": ("vae", "--num_epochs 1200 --latent_sampler gmm --latent_sampler_components 100"),
+    "hfgen-cvae": ("vae", "--num_epochs 1200 --conditional"),
+    "hfgen-gan": ("gan", "--num_epochs 60 --use_ema"),
+    "hfgen-cgan": ("gan", "--num_epochs 60 --use_ema --conditional"),
+    "hfgen-ddpm": ("ddpm", "--num_epochs 10 --use_ema"),
+    "hfgen-flow": ("ddpm", "--num_epochs 10 --use_ema --objective flow_matching"),
+    "hfgen-cond-ddpm": ("ddpm", "--num_epochs 10 --use_ema --conditional"),
+    "hfgen-ldm": ("ldm", "--num_epochs 40 --use_ema"),
+}
+PEERS = ("plain-vae", "pythae-vae", "plain-dcgan", "diffusers-loop")
+CONTENDERS = (*RECIPES, *PEERS)
+# which peer each hfgen family is compared with (the conditional ones with the unconditional peer)
+PEER_OF = {"hfgen-vae": "pythae-vae", "hfgen-cvae": "pythae-vae", "hfgen-gan": "plain-dcgan",
+           "hfgen-cgan": "plain-dcgan", "hfgen-ddpm": "diffusers-loop", "hfgen-flow": "diffusers-loop",
+           "hfgen-cond-ddpm": "diffusers-loop", "hfgen-ldm": "diffusers-loop"}
+TARGETS = {"hfgen-vae": 50, "hfgen-cvae": 50, "hfgen-gan": 50, "hfgen-cgan": 50, "hfgen-ddpm": 25, "hfgen-flow": 25,
+           "hfgen-cond-ddpm": 25, "hfgen-ldm": 20}
+
+
+class BudgetReached(Exception):
+    """The contender's last mark was evaluated: training stops."""
+
+
+class Clock:
+    """Training seconds since the start, without the time spent evaluating snapshots.
+
+    `check(snapshot)` is called before every training step: at each passed mark it pauses, calls
+    `snapshot(mark_seconds) -> extra_seconds` (the fitting a sampler needs, added to that mark's x only), and
+    raises BudgetReached after the last one.
+    """
+
+    def __init__(self, marks_seconds, num_samples: int, curve_num_samples: int, record):
+        self.start, self.paused = time.perf_counter(), 0.0
+        self.pending = sorted(marks_seconds)
+        self.final_num_samples, self.curve_num_samples = num_samples, curve_num_samples
+        self.record = record  # f(training_seconds, snapshot), snapshot() -> (samples, extra_seconds)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+    @property
+    def num_samples(self) -> int:
+        """What the next snapshot samples: N at the budget (and at a recipe's end), fewer at earlier marks."""
+        return self.curve_num_samples if len(self.pending) > 1 else self.final_num_samples
+
+    def check(self, snapshot) -> None:
+        if self.pending and self.seconds() >= self.pending[0]:
+            self.evaluate(snapshot)
+            while self.pending and self.seconds() >= self.pending[0]:
+                self.pending.pop(0)
+        if not self.pending:
+            raise BudgetReached
+
+    def evaluate(self, snapshot) -> None:
+        seconds, paused_at = self.seconds(), time.perf_counter()
+        self.record(seconds, snapshot)
+        self.paused += time.perf_counter() - paused_at
+        if self.pending:
+            self.pending.pop(0)
+
+
+# ----- evaluation, shared by every contender ----------------------------------------------------------------
+
+
+def test_images(resolution: int) -> torch.Tensor:
+    from hfgen.data import image_batches, open_image_source
+
+    dataset = open_image_source("hfgen:mnist").dataset("test", resolution, 1, center_crop=True)
+    return torch.cat([images for images, _ in image_batches(dataset, len(dataset), shuffle=False)])
+
+
+class Evaluator:
+    """FD of (N, 1, H, W) samples in [0, 1] against the test digits at H; quantised to 8 bits like saved images."""
+
+    def __init__(self):
+        from hfgen.features import load_feature_extractor
+
+        self.extractor = load_feature_extractor(FEATURES).eval()
+        self.real = {}
+
+    def fd(self, samples: torch.Tensor) -> float:
+        from hfgen.frechet import frechet_distance
+
+        size = samples.shape[-1]
+        if size not in self.real:
+            self.real[size] = test_images(size)
+        samples = (samples.clamp(0, 1) * 255).round() / 255
+        return frechet_distance(self.real[size], samples.float(), self.extractor)
+
+
+def sample_in_batches(sample, num_samples: int, batch_size: int = 250) -> torch.Tensor:
+    """sample(n, first_index) -> (n, C, H, W) in [0, 1], called in batches; seeded per batch by the caller."""
+    with torch.no_grad():
+        return torch.cat([sample(min(batch_size, num_samples - start), start)
+                          for start in range(0, num_samples, batch_size)])
+
+
+def pipeline_sampler(pipeline, num_classes: int, **call_kwargs):
+    """Samples of an hfgen pipeline; class-balanced labels for a conditional one."""
+    def sample(n, start):
+        labels = [(start + i) % num_classes for i in range(n)] if num_classes else None
+        generator = torch.Generator().manual_seed(start)
+        return pipeline(n, class_labels=labels, generator=generator, output_type="pt", **call_kwargs).images
+    return sample
+
+
+# ----- hfgen contenders -------------------------------------------------------------------------------------
+
+
+def run_hfgen(name: str, clock: Clock, output_dir: str) -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    from hfgen.pipelines import VAEPipeline
+    from hfgen.training import train_ddpm, train_gan, train_ldm, train_vae
+
+    family, flags = RECIPES[name]
+    module = {"vae": train_vae, "gan": train_gan, "ddpm": train_ddpm, "ldm": train_ldm}[family]
+    trainer_class = {"vae": train_vae.VAETrainer, "gan": train_gan.GANTrainer, "ddpm": train_ddpm.DDPMTrainer,
+                     "ldm": train_ldm.LDMTrainer}[family]
+    argv = ["--output_dir", output_dir, *flags.split(), "--logger", "none", "--save_images_epochs", "0",
+            "--feature_extractor", "none", "--checkpointing_steps", str(10 ** 9)]
+    args = module.parse_args(argv)
+
+    def snapshot(trainer):
+        extra = 0.0
+        for model in trainer.models.values():
+            model.eval()
+        pipeline = trainer.build_pipeline()
+        call_kwargs = {}
+        if family in ("ddpm", "ldm"):
+            call_kwargs["num_inference_steps"] = FD_SOLVER_STEPS
+            if pipeline.objective == "ddpm":  # a flow model keeps its Euler sampler
+                pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config,
+                                                                             algorithm_type="dpmsolver++")
+        if family == "vae" and args.latent_sampler != "none":
+            fit_start = time.perf_counter()
+            pipeline = VAEPipeline(pipeline.vae, latent_sampler=trainer.fit_latent_sampler(pipeline.vae))
+            extra = time.perf_counter() - fit_start
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()
+        samples = sample_in_batches(pipeline_sampler(pipeline, pipeline.num_classes, **call_kwargs),
+                                    clock.num_samples)
+        for model in trainer.models.values():
+            model.train()
+        return samples, extra
+
+    class ClockedTrainer(trainer_class):
+        def training_step(self, images, labels):
+            clock.check(lambda: snapshot(self))
+            return super().training_step(images, labels)
+
+        def save_output(self):  # the recipe ended before the budget: its end is the last mark
+            clock.pending = clock.pending[-1:]
+            clock.evaluate(lambda: snapshot(self))
+
+    if family == "ldm":
+        trainer_class.check_args(args)
+        args.vae_path = os.path.join(output_dir, train_ldm.FIRST_STAGE)
+        train_ldm.train_first_stage(args)  # on the clock
+    ClockedTrainer(args).train()
+
+
+# ----- peers ------------------------------------------------------------------------------------------------
+
+
+def training_digits(resolution: int = 28) -> torch.Tensor:
+    from hfgen.data import load_image_dataset
+
+    return load_image_dataset("hfgen:mnist", "train", resolution).images  # (4000, 1, R, R) in [0, 1]
+
+
+def shuffled_batches(images: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """Endless epochs of shuffled full batches."""
+    while True:
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield images[order[start:start + batch_size]]
+
+
+def run_plain_vae(clock: Clock) -> None:
+    from torch import nn
+    import torch.nn.functional as F
+
+    class VAE(nn.Module):  # pytorch/examples vae/main.py
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc21, self.fc22 = nn.Linear(784, 400), nn.Linear(400, 20), nn.Linear(400, 20)
+            self.fc3, self.fc4 = nn.Linear(20, 400), nn.Linear(400, 784)
+
+        def encode(self, x):
+            h = F.relu(self.fc1(x))
+            return self.fc21(h), self.fc22(h)
+
+        def decode(self, z):
+            return torch.sigmoid(self.fc4(F.relu(self.fc3(z))))
+
+        def forward(self, x):
+            mu, logvar = self.encode(x.view(-1, 784))
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            return self.decode(z), mu, logvar
+
+    torch.manual_seed(0)
+    data, model = training_digits(), VAE()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def snapshot():
+        def sample(n, start):
+            return model.decode(torch.randn(n, 20, generator=torch.Generator().manual_seed(start))).view(n, 1, 28, 28)
+        return sample_in_batches(sample, clock.num_samples), 0.0
+
+    for batch in shuffled_batches(data, 128, torch.Generator().manual_seed(0)):
+        clock.check(snapshot)
+        recon, mu, logvar = model(batch)
+        bce = F.binary_cross_entropy(recon, batch.view(-1, 784), reduction="sum")
+        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        optimizer.zero_grad()
+        (bce + kld).backward()
+        optimizer.step()
+
+
+def run_pythae_vae(clock: Clock, output_dir: str) -> None:
+    import numpy as np
+    from pythae.models import VAE, VAEConfig
+    from pythae.samplers import GaussianMixtureSampler, GaussianMixtureSamplerConfig
+    from pythae.pipelines import TrainingPipeline
+    from pythae.trainers import BaseTrainerConfig
+    from pythae.trainers.training_callbacks import TrainingCallback
+
+    torch.manual_seed(0)
+    data = training_digits().numpy().astype(np.float32)
+    model = VAE(VAEConfig(input_dim=(1, 28, 28), latent_dim=16))
+    config = BaseTrainerConfig(output_dir=output_dir, num_epochs=10 ** 4, seed=0, no_cuda=True)
+
+    def snapshot():
+        fit_start = time.perf_counter()
+        model.eval()
+        sampler = GaussianMixtureSampler(model, GaussianMixtureSamplerConfig(n_components=100))
+        sampler.fit(data)
+        extra = time.perf_counter() - fit_start
+        torch.manual_seed(0)
+        samples = sampler.sample(num_samples=clock.num_samples, batch_size=250)
+        model.train()
+        return samples.reshape(-1, 1, 28, 28), extra
+
+    class Marks(TrainingCallback):
+        def on_train_step_begin(self, training_config, **kwargs):
+            clock.check(snapshot)
+
+    TrainingPipeline(model=model, training_config=config)(train_data=data, callbacks=[Marks()])
+
+
+def run_plain_dcgan(clock: Clock) -> None:
+    from torch import nn
+
+    nz = 100
+    generator_net = nn.Sequential(
+        nn.ConvTranspose2d(nz, 256, 7, 1, 0, bias=False), nn.BatchNorm2d(256), nn.ReLU(True),
+        nn.ConvTranspose2d(256, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(True),
+        nn.ConvTranspose2d(128, 1, 4, 2, 1, bias=False), nn.Tanh())
+    discriminator_net = nn.Sequential(
+        nn.Conv2d(1, 64, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True),
+        nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.LeakyReLU(0.2, True),
+        nn.Conv2d(128, 1, 7, 1, 0, bias=False))
+
+    def weights_init(module):  # pytorch/examples dcgan
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.normal_(module.weight, 1.0, 0.02)
+            nn.init.zeros_(module.bias)
+
+    torch.manual_seed(0)
+    generator_net.apply(weights_init)
+    discriminator_net.apply(weights_init)
+    criterion = nn.BCEWithLogitsLoss()
+    opt_d = torch.optim.Adam(discriminator_net.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(generator_net.parameters(), lr=2e-4, betas=(0.5, 0.999))
+
+    def snapshot():
+        generator_net.eval()
+
+        def sample(n, start):
+            z = torch.randn(n, nz, 1, 1, generator=torch.Generator().manual_seed(start))
+            return (generator_net(z) + 1) / 2
+        samples = sample_in_batches(sample, clock.num_samples)
+        generator_net.train()
+        return samples, 0.0
+
+    data = training_digits() * 2 - 1
+    for real in shuffled_batches(data, 64, torch.Generator().manual_seed(0)):
+        clock.check(snapshot)
+        ones, zeros = torch.ones(len(real)), torch.zeros(len(real))
+        fake = generator_net(torch.randn(len(real), nz, 1, 1))
+        opt_d.zero_grad()
+        d_loss = (criterion(discriminator_net(real).view(-1), ones)
+                  + criterion(discriminator_net(fake.detach()).view(-1), zeros))
+        d_loss.backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        criterion(discriminator_net(fake).view(-1), ones).backward()
+        opt_g.step()
+
+
+def run_diffusers_loop(clock: Clock) -> None:
+    import copy
+
+    import torch.nn.functional as F
+    from diffusers import DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    model = UNet2DModel(  # the diffusers course, unit 1 ("Diffusion Models from Scratch")
+        sample_size=28, in_channels=1, out_channels=1, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    data = training_digits() * 2 - 1
+    batch_size, num_epochs = 16, 100
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500,
+                                 num_training_steps=num_epochs * (len(data) // batch_size))
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
+                   model_cls=UNet2DModel, model_config=model.config)
+
+    def snapshot():
+        unet = copy.deepcopy(model)
+        ema.copy_to(unet.parameters())
+        unet.eval()
+        solver = DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++")
+        pipeline = DDPMPipeline(unet=unet, scheduler=solver)
+        pipeline.set_progress_bar_config(disable=True)
+
+        def sample(n, start):
+            images = pipeline(n, generator=torch.Generator().manual_seed(start), num_inference_steps=FD_SOLVER_STEPS,
+                              output_type="np").images
+            return torch.from_numpy(images).permute(0, 3, 1, 2)
+        return sample_in_batches(sample, clock.num_samples), 0.0
+
+    for clean in shuffled_batches(data, batch_size, torch.Generator().manual_seed(0)):
+        clock.check(snapshot)
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(clean),))
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        loss = F.mse_loss(model(noisy, timesteps).sample, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # accelerator.clip_grad_norm_ in the script
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        ema.step(model.parameters())
+
+
+# ----- the worker and the driver ----------------------------------------------------------------------------
+
+
+def worker(args) -> None:
+    """Trains one contender under the clock, appending one JSON line per mark to --results."""
+    torch.set_num_threads(args.threads)
+    evaluator = Evaluator()
+    load_before = load_average()
+
+    def record(seconds, snapshot):
+        samples, extra = snapshot()
+        fd = evaluator.fd(samples)
+        row = {"contender": args.worker, "train_seconds": round(seconds + extra, 1), "fit_seconds": round(extra, 1),
+               "fd": round(fd, 2), "num_samples": len(samples), "threads": args.threads,
+               "load_before": round(load_before, 2), "load_now": round(load_average(), 2),
+               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+        print(json.dumps(row), flush=True)
+        with open(args.results, "a") as file:
+            file.write(json.dumps(row) + "\n")
+        if args.grids:
+            from hfgen.image_processing import image_grid
+
+            os.makedirs(args.grids, exist_ok=True)
+            grid = image_grid([to_pil(image) for image in samples[:64]])
+            grid.save(os.path.join(args.grids, f"{args.worker}-{round(seconds / 60, 1)}min.png"))
+
+    clock = Clock([60 * minutes for minutes in args.marks], args.num_samples, args.curve_num_samples, record)
+    with tempfile.TemporaryDirectory() as output_dir, contextlib.suppress(BudgetReached):
+        if args.worker in RECIPES:
+            run_hfgen(args.worker, clock, output_dir)
+        elif args.worker == "plain-vae":
+            run_plain_vae(clock)
+        elif args.worker == "pythae-vae":
+            run_pythae_vae(clock, output_dir)
+        elif args.worker == "plain-dcgan":
+            run_plain_dcgan(clock)
+        else:
+            run_diffusers_loop(clock)
+
+
+def to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray((image[0].clamp(0, 1) * 255).round().byte().numpy())
+
+
+def read_results(path: str) -> dict[str, list[dict]]:
+    """contender -> its rows, from the latest run of each (the rows after its last restart at the first mark)."""
+    runs: dict[str, list[dict]] = {}
+    if not os.path.exists(path):
+        return runs
+    with open(path) as file:
+        for line in file:
+            row = json.loads(line)
+            rows = runs.setdefault(row["contender"], [])
+            if rows and row["train_seconds"] <= rows[-1]["train_seconds"]:
+                rows.clear()  # a later run of the same contender replaces the earlier one
+            rows.append(row)
+    return runs
+
+
+def fd_at(rows: list[dict], seconds: float) -> float | None:
+    """FD at the last mark at or before `seconds` (None if none)."""
+    passed = [row["fd"] for row in rows if row["train_seconds"] <= seconds * 1.05]
+    return passed[-1] if passed else None
+
+
+def draw(runs: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name, rows in runs.items():
+        style = "-o" if name.startswith("hfgen") else "--s"
+        axes.plot([row["train_seconds"] / 60 for row in rows], [row["fd"] for row in rows], style, label=name)
+    axes.set_yscale("log")
+    axes.set_xlabel(f"training minutes on {next(iter(runs.values()))[0]['threads']} threads (evaluation excluded)")
+    axes.set_ylabel("FD vs test digits (digit-classifier features, N=1000)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def section(runs: dict, budget_minutes: float, environment: list[str]) -> str:
+    start, end = markers("quality")
+    budget = budget_minutes * 60
+    lines = [start, "## Samples per CPU-minute: FD against training time (`benchmarks/bench_quality.py`)", "",
+             "Each contender trains alone in its own process on the 4,000 training digits; its clock runs from the "
+             "start of the command and stops while snapshots are evaluated. FD against the 1,000 test digits, of "
+             "N=1000 samples at the budget and N=500 at the earlier marks (FD is biased upwards at smaller N), "
+             f"in `{FEATURES}` features; DDPMs sampled with DPM-Solver++ and flow models with their Euler sampler, "
+             f"at {FD_SOLVER_STEPS} steps. "
+             "See the script's docstring for every contender's recipe.", "",
+             f"| contender | recipe | FD at each mark (minutes: FD) | FD at {budget_minutes:g} min | peer | "
+             "peer's FD | ratio peer / hfgen (target ≥ 1.5) | target FD |", "|---|---|---|---|---|---|---|---|"]
+    for name, rows in runs.items():
+        recipe = f"`hfgen train {RECIPES[name][0]} {RECIPES[name][1]}`" if name in RECIPES else "peer"
+        marks = ", ".join(f"{row['train_seconds'] / 60:.1f}: {row['fd']:.1f}" for row in rows)
+        final = fd_at(rows, budget)
+        peer = PEER_OF.get(name)
+        peer_fd = fd_at(runs.get(peer, []), budget) if peer else None
+        ratio = f"{peer_fd / final:.2f}" if final and peer_fd else "–"
+        target = TARGETS.get(name)
+        target_text = (f"≤ {target}: {'met' if final is not None and final <= target else 'not met'}"
+                       if target else "–")
+        lines.append(f"| {name} | {recipe} | {marks} | {final if final is not None else '–'} | {peer or '–'} | "
+                     f"{peer_fd if peer_fd is not None else '–'} | {ratio} | {target_text} |")
+    lines += ["", "![FD against training minutes](benchmarks/figures/quality_vs_time.png)", "", *environment, end]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="+", choices=CONTENDERS, default=None, help="Run these contenders only.")
+    parser.add_argument("--marks", type=float, nargs="+", default=[1, 2.5, 5, 10],
+                        help="Training minutes at which FD is measured; the last is the budget.")
+    parser.add_argument("--num_samples", type=int, default=1000, help="Samples for FD at the last mark.")
+    parser.add_argument("--curve_num_samples", type=int, default=500, help="Samples for FD at the earlier marks.")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default=RESULTS, help="JSON lines, appended to.")
+    parser.add_argument("--grids", default=None, help="Also save a grid of 64 samples per mark into this folder.")
+    parser.add_argument("--no_train", action="store_true", help="Only redraw from --results.")
+    parser.add_argument("--write", action="store_true", help="Write the figure and the BENCHMARKS.md section.")
+    parser.add_argument("--worker", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if any(minutes <= 0 for minutes in args.marks):
+        parser.error("--marks must be positive minutes")
+    if args.worker:
+        return worker(args)
+    load_before = load_average()
+    if not args.no_train:
+        for name in args.only or CONTENDERS:
+            print(f"--- {name}", file=sys.stderr, flush=True)
+            command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--marks", *map(str, args.marks),
+                       "--num_samples", str(args.num_samples), "--curve_num_samples", str(args.curve_num_samples),
+                       "--threads", str(args.threads),
+                       "--results", args.results, *(["--grids", args.grids] if args.grids else [])]
+            # progress bars off (tqdm reads TQDM_DISABLE); the worker prints one line per mark
+            subprocess.run(command, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    runs = read_results(args.results)
+    if args.write and runs:
+        draw(runs, os.path.join(FIGURES, "quality_vs_time.png"))
+        environment = environment_lines("bench_quality.py", args.threads, load_before, load_average())
+        write_section("quality", section(runs, max(args.marks), environment))
+        print(f"wrote {BENCHMARKS_MD}", file=sys.stderr)
+    elif runs:
+        print(section(runs, max(args.marks), []))
+
+
+if __name__ == "__main__":
+    main()
