@@ -470,10 +470,10 @@ def read_results(path: str) -> dict[str, list[dict]]:
     return runs
 
 
-def fd_at(rows: list[dict], seconds: float) -> float | None:
-    """FD at the last mark at or before `seconds` (None if none)."""
-    passed = [row["fd"] for row in rows if row["train_seconds"] <= seconds * 1.05]
-    return passed[-1] if passed else None
+def final_fd(rows: list[dict], num_samples: int) -> float | None:
+    """FD at the budget, or at the recipe's end before it: the last row, if it was sampled with the final N (a run
+    stopped early has none)."""
+    return rows[-1]["fd"] if rows and rows[-1]["num_samples"] >= num_samples else None
 
 
 def draw(runs: dict, path: str) -> None:
@@ -487,17 +487,16 @@ def draw(runs: dict, path: str) -> None:
         style = "-o" if name.startswith("hfgen") else "--s"
         axes.plot([row["train_seconds"] / 60 for row in rows], [row["fd"] for row in rows], style, label=name)
     axes.set_yscale("log")
-    axes.set_xlabel(f"training minutes on {next(iter(runs.values()))[0]['threads']} threads (evaluation excluded)")
-    axes.set_ylabel("FD vs test digits (digit-classifier features, N=1000)")
+    axes.set_xlabel("training minutes (evaluation excluded; threads per contender in BENCHMARKS.md)")
+    axes.set_ylabel("FD vs test digits (digit-classifier features; N=1000 at the end, 500 before)")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
 
-def section(runs: dict, budget_minutes: float, environment: list[str]) -> str:
+def section(runs: dict, budget_minutes: float, num_samples: int, environment: list[str]) -> str:
     start, end = markers("quality")
-    budget = budget_minutes * 60
     lines = [start, "## Samples per CPU-minute: FD against training time (`benchmarks/bench_quality.py`)", "",
              "Each contender trains alone in its own process on the 4,000 training digits; its clock runs from the "
              "start of the command and stops while snapshots are evaluated. FD against the 1,000 test digits, of "
@@ -505,19 +504,20 @@ def section(runs: dict, budget_minutes: float, environment: list[str]) -> str:
              f"in `{FEATURES}` features; DDPMs sampled with DPM-Solver++ and flow models with their Euler sampler, "
              f"at {FD_SOLVER_STEPS} steps. "
              "See the script's docstring for every contender's recipe.", "",
-             f"| contender | recipe | FD at each mark (minutes: FD) | FD at {budget_minutes:g} min | peer | "
-             "peer's FD | ratio peer / hfgen (target ≥ 1.5) | target FD |", "|---|---|---|---|---|---|---|---|"]
+             f"| contender | recipe | threads | FD at each mark (minutes: FD) | FD at {budget_minutes:g} min or the "
+             "recipe's end | peer | peer's FD | ratio peer / hfgen (target ≥ 1.5) | target FD |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in runs.items():
         recipe = f"`hfgen train {RECIPES[name][0]} {RECIPES[name][1]}`" if name in RECIPES else "peer"
         marks = ", ".join(f"{row['train_seconds'] / 60:.1f}: {row['fd']:.1f}" for row in rows)
-        final = fd_at(rows, budget)
+        final = final_fd(rows, num_samples)
         peer = PEER_OF.get(name)
-        peer_fd = fd_at(runs.get(peer, []), budget) if peer else None
+        peer_fd = final_fd(runs.get(peer, []), num_samples) if peer else None
         ratio = f"{peer_fd / final:.2f}" if final and peer_fd else "–"
         target = TARGETS.get(name)
-        target_text = (f"≤ {target}: {'met' if final is not None and final <= target else 'not met'}"
-                       if target else "–")
-        lines.append(f"| {name} | {recipe} | {marks} | {final if final is not None else '–'} | {peer or '–'} | "
+        target_text = "–" if not target else (f"≤ {target}: run not finished" if final is None else
+                                              f"≤ {target}: {'met' if final <= target else 'not met'}")
+        lines.append(f"| {name} | {recipe} | {rows[-1]['threads']} | {marks} | {final if final is not None else '–'} | {peer or '–'} | "
                      f"{peer_fd if peer_fd is not None else '–'} | {ratio} | {target_text} |")
     lines += ["", "![FD against training minutes](benchmarks/figures/quality_vs_time.png)", "", *environment, end]
     return "\n".join(lines)
@@ -555,10 +555,10 @@ def main(argv=None) -> None:
     if args.write and runs:
         draw(runs, os.path.join(FIGURES, "quality_vs_time.png"))
         environment = environment_lines("bench_quality.py", args.threads, load_before, load_average())
-        write_section("quality", section(runs, max(args.marks), environment))
+        write_section("quality", section(runs, max(args.marks), args.num_samples, environment))
         print(f"wrote {BENCHMARKS_MD}", file=sys.stderr)
     elif runs:
-        print(section(runs, max(args.marks), []))
+        print(section(runs, max(args.marks), args.num_samples, []))
 
 
 if __name__ == "__main__":
