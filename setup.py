@@ -35,7 +35,7 @@ setup(
         # `hfgen demo` and --push_demo (gradio_client calls a running app)
         "demo": ["gradio>=6,<7", "gradio_client"],
         # the browser test drives Debian's chromium through its chromedriver (.ci/run installs both)
-        "test": ["pytest>=8", "tensorboard", "gradio>=6,<7", "gradio_client", "selenium>=4"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "tensorboard", "gradio>=6,<7", "gradio_client", "selenium>=4"],
     },
     entry_points={"console_scripts": ["hfgen=hfgen.cli:main"]},
 )

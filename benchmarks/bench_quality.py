@@ -60,7 +60,7 @@ RECIPES = {
     "hfgen-gan": ("gan", "--num_epochs 60 --use_ema"),
     "hfgen-cgan": ("gan", "--num_epochs 60 --use_ema --conditional"),
     "hfgen-ddpm": ("ddpm", "--num_epochs 10 --use_ema"),
-    "hfgen-flow": ("ddpm", "--num_epochs 10 --use_ema --objective flow_matching"),
+    "hfgen-flow": ("ddpm", "--num_epochs 14 --use_ema --objective flow_matching"),
     "hfgen-cond-ddpm": ("ddpm", "--num_epochs 10 --use_ema --conditional"),
     "hfgen-ldm": ("ldm", "--num_epochs 40 --use_ema"),
 }

@@ -41,6 +41,11 @@ def sample(argv) -> str:
     parser.add_argument("--num_images", type=int, default=16)
     parser.add_argument("--class_labels", nargs="+", default=None,
                         help="Labels (ids or names) for conditional models, one per image or one for all.")
+    parser.add_argument("--prompt", nargs="+", default=None,
+                        help="Text-to-image pipelines: one prompt for all images, or one per image.")
+    parser.add_argument("--negative_prompt", default=None, help="With --guidance_scale: contrasted with the prompt.")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Classifier-free guidance weight.")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="Denoising steps of a diffusion pipeline.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default="samples.png", help="PNG file for the grid.")
@@ -60,7 +65,11 @@ def sample(argv) -> str:
         labels = [int(label) if label.isdigit() else label for label in labels]
         labels = labels * args.num_images if len(labels) == 1 else labels
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    images = pipeline(args.num_images, class_labels=labels, generator=generator).images
+    options = {name: getattr(args, name) for name in ("guidance_scale", "num_inference_steps", "negative_prompt")
+               if getattr(args, name) is not None}
+    if args.prompt is not None:  # a pipeline without a text encoder refuses `prompt` with a clear error
+        options["prompt"] = args.prompt * args.num_images if len(args.prompt) == 1 else args.prompt
+    images = pipeline(args.num_images, class_labels=labels, generator=generator, **options).images
     image_grid(images).save(args.output)
     print(f"wrote {len(images)} samples to {args.output}")
     return args.output
@@ -97,6 +106,18 @@ def evaluate(argv) -> dict[str, float]:
     parser.add_argument("--memorisation", action="store_true",
                         help="With --sample_metrics on the test split: the share of samples closer to the training "
                              "images than test images are (reads the whole train split).")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="Text-to-image: guidance of the prompt-following samples (default 3 for a model trained "
+                             "with prompt dropout, else 1).")
+    parser.add_argument("--prompts_per_digit", type=int, default=20,
+                        help="Text-to-image on hfgen's captioned digits: images per digit of each prompt set.")
+    parser.add_argument("--caption_column", default=None,
+                        help="Text-to-image: the dataset's caption column, for --clip_model (the bundled digits: "
+                             "hfgen's captions, always).")
+    parser.add_argument("--clip_model", default=None,
+                        help="Text-to-image: CLIP score of samples of the dataset's captions with this CLIP model (Hub "
+                             "id or folder, e.g. openai/clip-vit-base-patch32).")
+    parser.add_argument("--num_clip_images", type=int, default=100, help="Images of the CLIP score.")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--write_card", action="store_true",
                         help="Merge the metrics into the folder's README.md model card and metrics.json.")
@@ -120,8 +141,16 @@ def evaluate(argv) -> dict[str, float]:
     from hfgen.sample_metrics import MEMORISATION_QUANTILE
 
     pipeline = AutoPipeline.from_pretrained(args.pretrained).to(args.device)
-    dataset = load_image_dataset(args.dataset_name, args.split, pipeline.sample_size,
-                                 args.train_data_dir)
+    text_to_image = hasattr(pipeline, "encode_prompt")
+    bundled = args.train_data_dir is None and args.dataset_name.startswith("hfgen:")
+    if not text_to_image:
+        given = [flag for flag in ("guidance_scale", "caption_column", "clip_model") if getattr(args, flag)]
+        if given:
+            raise ValueError(f"`--{given[0]}` measures how a text-to-image pipeline follows prompts; "
+                             f"{args.pretrained!r} holds a {type(pipeline).__name__}")
+    caption_column = ("text" if bundled else args.caption_column) if text_to_image else None
+    dataset = load_image_dataset(args.dataset_name, args.split, pipeline.sample_size, args.train_data_dir,
+                                 caption_column=caption_column)
     # the dataset is loaded at the pipeline's size, so its image shape is that of the samples
     choice = resolve_feature_extractor(args.feature_extractor, dataset.image_shape)
     if choice is None:
@@ -145,6 +174,8 @@ def evaluate(argv) -> dict[str, float]:
                                 vlb_num_images=args.vlb_num_images, vlb_num_timesteps=args.vlb_num_timesteps,
                                 fd=feature_extractor is not None, sample_metrics=args.sample_metrics,
                                 nearest_k=args.nearest_k, train_dataset=train_dataset)
+    if text_to_image and (bundled or args.clip_model):
+        metrics.update(prompt_following_metrics(args, pipeline, dataset, feature_extractor, bundled, pipeline_kwargs))
     print(json.dumps(metrics, indent=2))
     if args.write_card:
         dataset_name = args.train_data_dir or args.dataset_name
@@ -157,6 +188,25 @@ def evaluate(argv) -> dict[str, float]:
                                   metric_args={name: value for name, value in metric_args.items() if name in metrics})
         print(f"wrote the metrics into {os.path.join(args.pretrained, 'README.md')} and metrics.json", file=sys.stderr)
     return metrics
+
+
+def prompt_following_metrics(args, pipeline, dataset, feature_extractor, bundled: bool, pipeline_kwargs) -> dict:
+    """`hfgen evaluate`'s prompt-following metrics of a text-to-image pipeline (hfgen.prompt_following)."""
+    from hfgen.data import load_image_dataset
+    from hfgen.features import ClassifierFeatures
+    from hfgen.prompt_following import digit_classifier_for, evaluate_prompt_following, resolve_guidance_scale
+
+    classifier = None
+    if bundled:
+        if isinstance(feature_extractor, ClassifierFeatures):
+            classifier = feature_extractor.classifier
+        else:
+            train = load_image_dataset(args.dataset_name, "train", pipeline.sample_size)
+            classifier = digit_classifier_for(train, load_image_dataset(args.dataset_name, "test", pipeline.sample_size))
+    guidance_scale = resolve_guidance_scale(args.guidance_scale, pipeline.config.get("prompt_dropout"))
+    return evaluate_prompt_following(pipeline, dataset, classifier and classifier.to(args.device), args.clip_model,
+                                     args.prompts_per_digit, args.num_clip_images, args.seed, args.batch_size,
+                                     {**pipeline_kwargs, "guidance_scale": guidance_scale})
 
 
 def demo(argv) -> str | None:

@@ -74,11 +74,17 @@ def evaluate_vae(vae, dataloader, num_importance_samples: int = 100, seed: int =
 def diffusion_bits_per_dim(pipeline, images: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0,
                            num_timesteps: int | None = None, batch_size: int = LIKELIHOOD_BATCH_SIZE) -> float:
     """The variational bound of a diffusion pipeline (`hfgen.diffusion.variational_bound`) on 8-bit images in
-    [0, 1], (N, C, H, W), averaged: bits per dimension. `num_timesteps` None sums all T terms."""
+    [0, 1], (N, C, H, W), averaged: bits per dimension. `num_timesteps` None sums all T terms. A text-to-image
+    pipeline's bound is the unconditional one, given the empty prompt."""
     denoiser = pipeline.generative_model.eval()
     conditional = pipeline.num_classes > 0
 
+    # a text-to-image denoiser's bound is its unconditional one: given the empty prompt's states
+    empty_prompt = pipeline.encode_prompt([""]) if hasattr(pipeline, "encode_prompt") else None
+
     def predict(x_t, timesteps, class_labels):
+        if empty_prompt is not None:
+            return denoiser(x_t, timesteps, encoder_hidden_states=empty_prompt.expand(len(x_t), -1, -1)).sample
         return denoiser(x_t, timesteps, class_labels=class_labels).sample
 
     generator = torch.Generator().manual_seed(seed)

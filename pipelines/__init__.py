@@ -6,10 +6,12 @@ from .ddpm import DDPMPipeline
 from .gan import GANPipeline
 from .latent_diffusion import LatentDiffusionPipeline
 from .pipeline_utils import GenerativePipeline
+from .text_to_image import LatentTextToImagePipeline, TextToImagePipeline
 from .vae import VAEPipeline
 
 PIPELINES = {pipeline.__name__: pipeline for pipeline in (
-    VAEPipeline, GANPipeline, ConditionalPipeline, DDPMPipeline, LatentDiffusionPipeline)}
+    VAEPipeline, GANPipeline, ConditionalPipeline, DDPMPipeline, LatentDiffusionPipeline, TextToImagePipeline,
+    LatentTextToImagePipeline)}
 
 __all__ = ["AutoPipeline", "ConditionalPipeline", "DDPMPipeline", "GANPipeline", "GenerativePipeline", "LatentDiffusionPipeline",
-           "VAEPipeline", "PIPELINES"]
+           "LatentTextToImagePipeline", "TextToImagePipeline", "VAEPipeline", "PIPELINES"]

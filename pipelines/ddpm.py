@@ -107,6 +107,33 @@ class DDPMPipeline(GenerativePipeline):
         conditional, unconditional = both.chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
 
+    def check_num_inference_steps(self, num_inference_steps: int | None) -> int:
+        """The number of sampling steps: by default (and at most) the scheduler's training steps."""
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        num_inference_steps = num_train_timesteps if num_inference_steps is None else num_inference_steps
+        check_positive_int("num_inference_steps", num_inference_steps)
+        if num_inference_steps > num_train_timesteps:
+            raise ValueError(f"`num_inference_steps` must be at most the {num_train_timesteps} training steps, "
+                             f"got {num_inference_steps}")
+        return num_inference_steps
+
+    def reverse_process(self, sample: torch.Tensor, condition, guidance_scale: float, num_inference_steps: int,
+                        generator) -> torch.Tensor:
+        """x_T (B, *latent_shape) -> x_0, each step's prediction from `denoise(sample, t, condition, guidance_scale)`."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        # a flow scheduler's timesteps are floats sigma * T, passed to the denoiser as they are (as in training)
+        for timestep in self.progress_bar(self.scheduler.timesteps):
+            prediction = self.denoise(sample, timestep, condition, guidance_scale)
+            sample = self.scheduler.step(prediction, timestep, sample, generator=generator).prev_sample
+        return sample
+
+    def check_guidance_trained(self, guidance_scale: float, dropout: str, unconditional: str) -> None:
+        """Guidance contrasts with the unconditional input, which the `dropout` config entry trained (None: unknown)."""
+        if guidance_scale != 1.0 and self.config.get(dropout) == 0:
+            raise ValueError(f"`guidance_scale` {guidance_scale}: this denoiser was trained with {dropout} 0, so "
+                             f"{unconditional} was never trained as the unconditional input; sample with "
+                             f"guidance_scale=1, or train with --{dropout} 0.1")
+
     @torch.no_grad()
     def __call__(
         self,
@@ -119,6 +146,7 @@ class DDPMPipeline(GenerativePipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        prompt=None,
     ):
         r"""Runs the reverse process.
 
@@ -131,26 +159,19 @@ class DDPMPipeline(GenerativePipeline):
             generator: the same generator state gives the same images.
             latents: x_T of shape (B, C, H, W) instead of fresh noise.
             output_type: "pil", "np" (B, H, W, C) or "pt" (B, C, H, W), values in [0, 1].
+            prompt: refused: text prompts need a text-to-image pipeline (`TextToImagePipeline`).
         """
+        if prompt is not None:
+            raise ValueError(f"`prompt` {prompt!r}: this {type(self).__name__} has no text encoder; prompts need a "
+                             "text-to-image pipeline (TextToImagePipeline, LatentTextToImagePipeline, trained with "
+                             "--caption_column). Condition this one with `class_labels`")
         labels, batch_size = self.prepare_class_labels(class_labels, batch_size)
         if guidance_scale != 1.0 and labels is None:
             raise ValueError(f"`guidance_scale` {guidance_scale} needs `class_labels` and a class-conditional denoiser "
                              "trained with a null class")
-        if guidance_scale != 1.0 and self.config.get("label_dropout") == 0:
-            raise ValueError(f"`guidance_scale` {guidance_scale}: this denoiser was trained with label_dropout 0, so its "
-                             "null class was never trained and guidance would use an untrained embedding; sample with "
-                             "guidance_scale=1, or train with --label_dropout 0.1")
+        self.check_guidance_trained(guidance_scale, "label_dropout", "its null class")
         self.check_scheduler()
-        num_train_timesteps = self.scheduler.config.num_train_timesteps
-        num_inference_steps = num_train_timesteps if num_inference_steps is None else num_inference_steps
-        check_positive_int("num_inference_steps", num_inference_steps)
-        if num_inference_steps > num_train_timesteps:
-            raise ValueError(f"`num_inference_steps` must be at most the {num_train_timesteps} training steps, "
-                             f"got {num_inference_steps}")
+        num_inference_steps = self.check_num_inference_steps(num_inference_steps)
         sample = self.prepare_latents(batch_size, generator, latents)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        # a flow scheduler's timesteps are floats sigma * T, passed to the denoiser as they are (as in training)
-        for timestep in self.progress_bar(self.scheduler.timesteps):
-            prediction = self.denoise(sample, timestep, labels, guidance_scale)
-            sample = self.scheduler.step(prediction, timestep, sample, generator=generator).prev_sample
+        sample = self.reverse_process(sample, labels, guidance_scale, num_inference_steps, generator)
         return self.output(self.to_images(sample), output_type, return_dict)

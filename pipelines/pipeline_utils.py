@@ -45,8 +45,12 @@ def resolve_pretrained_path(pretrained_model_name_or_path, **hub_kwargs) -> str:
     return path
 
 
+TEXT_COMPONENTS = ("text_encoder", "tokenizer")  # the only components a transformers class may fill
+
+
 def read_model_index(index_file: str) -> dict:
-    """A pipeline folder's model_index.json, checked: valid JSON whose components are hfgen's or diffusers' classes."""
+    """A pipeline folder's model_index.json, checked: valid JSON whose components are hfgen's or diffusers' classes,
+    or, for the text components, transformers' ones."""
     try:
         with open(index_file, encoding="utf-8") as file:
             index = json.load(file)
@@ -57,10 +61,12 @@ def read_model_index(index_file: str) -> dict:
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
             continue
-        library = str(entry[0])
-        if library.split(".")[0] not in ("hfgen", "diffusers"):
-            raise ValueError(f"{index_file} names {entry[1]!r} from {library!r} for the component {name!r}; hfgen "
-                             "pipelines hold hfgen models and diffusers models and schedulers")
+        library = str(entry[0]).split(".")[0]
+        allowed = ("hfgen", "diffusers", "transformers") if name in TEXT_COMPONENTS else ("hfgen", "diffusers")
+        if library not in allowed:
+            raise ValueError(f"{index_file} names {entry[1]!r} from {entry[0]!r} for the component {name!r}; hfgen "
+                             "pipelines hold hfgen models and diffusers models and schedulers (and transformers "
+                             f"classes only as {' and '.join(TEXT_COMPONENTS)})")
     return index
 
 

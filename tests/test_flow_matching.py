@@ -4,10 +4,9 @@ short training runs (pixels and latents, U-Net and ViT) that learn, guide, resum
 import json
 import logging
 
-import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
                        ModelMixin, UNet2DModel)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput

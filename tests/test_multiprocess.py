@@ -20,7 +20,8 @@ import torch
 from helpers import Interrupted, interrupt_after, quick_training_args
 from safetensors.torch import load_file
 
-from hfgen import AutoPipeline, ConditionalPipeline, DDPMPipeline, LatentDiffusionPipeline, VAEModel, VAEPipeline
+from hfgen import (AutoPipeline, ConditionalPipeline, DDPMPipeline, LatentTextToImagePipeline, VAEModel,
+                   VAEPipeline)
 from hfgen.cli import evaluate
 from hfgen.training.trainer import TRAINER_STATE, list_checkpoints
 
@@ -40,18 +41,20 @@ DDPM_FLAGS = ["--block_out_channels", "8", "16", "--num_train_timesteps", "20", 
               "--eval_vlb_num_images", "20", "--train_batch_size", "32", "--eval_num_samples", "50",
               "--max_train_steps", "4", "--checkpointing_steps", "1", "--lr_scheduler", "linear",
               "--learning_rate", str(LEARNING_RATE)]
-# latent diffusion trains with flow matching and EMA here (docs/maths.md §6.9): the 2-process run of that objective,
-# whose folder has no variational bound to evaluate; the DDPM objective's is the ddpm run
+# latent diffusion trains text-to-image with flow matching and EMA here (docs/maths.md §6.7, §6.9): the 2-process run
+# of captions (the small text encoder trains with the denoiser, both averaged) and of that objective, whose folder has
+# no variational bound to evaluate; the DDPM objective's is the ddpm run
 LDM_FLAGS = ["--block_out_channels", "8", "16", "--num_train_timesteps", "20", "--num_inference_steps", "2",
              "--train_batch_size", "32", "--eval_num_samples", "50", "--max_train_steps", "3", "--checkpointing_steps", "3",
-             "--resolution", "32", "--objective", "flow_matching", "--use_ema"]
+             "--resolution", "32", "--objective", "flow_matching", "--use_ema", "--caption_column", "text",
+             "--text_encoder_hidden_size", "16", "--text_encoder_layers", "1", "--eval_prompts_per_digit", "1"]
 # `hfgen evaluate` flags that repeat the trainer's final evaluation of each run
 SAMPLE_METRICS = ["--sample_metrics", "--memorisation"]  # as the trainers' final evaluation computes them
 EVALUATE_FLAGS = {
     "vae": ["--num_samples", "50", "--num_importance_samples", "1", *SAMPLE_METRICS],
     "gan": ["--num_samples", "50", *SAMPLE_METRICS],
     "ddpm": ["--num_samples", "50", "--num_inference_steps", "2", "--vlb_num_images", "20", *SAMPLE_METRICS],
-    "ldm": ["--num_samples", "50", "--num_inference_steps", "2", *SAMPLE_METRICS],
+    "ldm": ["--num_samples", "50", "--num_inference_steps", "2", "--prompts_per_digit", "1", *SAMPLE_METRICS],
 }
 
 
@@ -138,7 +141,7 @@ def ddpm_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ldm_run(tmp_path_factory):
-    """Latent diffusion in 2 processes on an (untrained) conv VAE first stage with 4x8x8 latents."""
+    """Text-to-image latent diffusion in 2 processes on an (untrained) conv VAE first stage with 4x8x8 latents."""
     output_dir = tmp_path_factory.mktemp("ldm-2proc") / "out"
     torch.manual_seed(0)
     first_stage = VAEModel(sample_size=32, architecture="conv", hidden_dims=(8, 16), latent_channels=4)
@@ -167,7 +170,7 @@ def run_folder(request, family: str):
 
 @pytest.mark.parametrize("family, pipeline_class, size", [
     ("vae", VAEPipeline, 28), ("gan", ConditionalPipeline, 28), ("ddpm", DDPMPipeline, 28),
-    ("ldm", LatentDiffusionPipeline, 32),
+    ("ldm", LatentTextToImagePipeline, 32),
 ])
 def test_two_process_run_writes_a_loadable_pipeline(request, family, pipeline_class, size):
     pipe = AutoPipeline.from_pretrained(run_folder(request, family))

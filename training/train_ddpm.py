@@ -1,9 +1,10 @@
-"""Trains a DDPM (docs/maths.md §6) or a flow-matching model (§6.9) with a U-Net or ViT denoiser, unconditional or
-class-conditional.
+"""Trains a DDPM (docs/maths.md §6) or a flow-matching model (§6.9) with a U-Net or ViT denoiser, unconditional,
+class-conditional or text-conditioned.
 
     accelerate launch -m hfgen.training.train_ddpm --output_dir hfgen-ddpm-mnist
     hfgen train ddpm --output_dir hfgen-ddpm-mnist --conditional --label_dropout 0.1
     hfgen train ddpm --output_dir hfgen-flow-mnist --objective flow_matching --weighting_scheme logit_normal
+    hfgen train ddpm --output_dir hfgen-t2i-digits --caption_column text --prompt_dropout 0.1
 
 --objective ddpm (the default): the denoiser regresses onto --prediction_type (noise eps, the clean image
 x0 = "sample", or v) and the saved scheduler is a DDPMScheduler carrying the same prediction_type.
@@ -11,11 +12,15 @@ x0 = "sample", or v) and the saved scheduler is a DDPMScheduler carrying the sam
 levels drawn by --weighting_scheme and shifted by --flow_shift; the saved scheduler is a
 FlowMatchEulerDiscreteScheduler with the same shift and number of timesteps. Either way training and sampling cannot
 disagree. The flags of one objective are refused with the other.
+
+Text conditioning (--caption_column: a folder's metadata.jsonl column, a Hub dataset's column, or "text" for hfgen's
+captions of the bundled digits): the denoiser (a UNet2DConditionModel, or the ViT with cross-attention) attends to a
+text encoder's token states (training/text_conditioning.py); the output is a TextToImagePipeline.
 """
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.training_utils import compute_snr
 
 from hfgen.diffusion import (
@@ -27,6 +32,7 @@ from hfgen.pipelines import DDPMPipeline
 
 from hfgen.utils import check_non_negative_int, check_positive_int, check_positive_number, check_probability
 
+from .text_conditioning import TEXT_FLAG_CHECKS, TextConditionedTraining, add_text_arguments
 from .trainer import Trainer, optional, training_parser
 
 # The flags of one objective: flag -> (its objective, its value there when not given). Given with the other objective
@@ -75,6 +81,7 @@ def diffusion_parser(description: str):
              "matching).")
     add("--eval_vlb_num_timesteps", type=int, default=None,
         help="DDPM only: sampled KL terms of the bound (default: all T, exact but T denoiser calls per image).")
+    add_text_arguments(parser)
     parser.set_defaults(learning_rate=1e-3, train_batch_size=64, num_epochs=5)
     return parser
 
@@ -104,11 +111,11 @@ def resolve_objective_flags(args) -> None:
             setattr(args, name, default)
 
 
-class DDPMTrainer(Trainer):
-    ema_model_names = ("unet",)
+class DDPMTrainer(TextConditionedTraining, Trainer):
     flag_checks = {
         **dict.fromkeys(("layers_per_block", "patch_size", "vit_hidden_size", "vit_layers", "vit_heads",
                          "num_train_timesteps", "num_inference_steps"), check_positive_int),
+        **TEXT_FLAG_CHECKS,
         "label_dropout": check_probability, "snr_gamma": optional(check_positive_number),
         "eval_vlb_num_images": optional(check_non_negative_int), "eval_vlb_num_timesteps": optional(check_positive_int),
         "logit_std": optional(check_positive_number), "flow_shift": optional(check_positive_number),
@@ -125,6 +132,7 @@ class DDPMTrainer(Trainer):
     def check_args(cls, args):
         resolve_objective_flags(args)
         super().check_args(args)
+        cls.check_text_args(args)
 
     def build_noise_scheduler(self):
         """The objective's diffusers scheduler: the training schedule, and (a fresh copy) the saved sampler."""
@@ -139,24 +147,30 @@ class DDPMTrainer(Trainer):
         channels, size, _ = self.sample_shape()
         self.noise_scheduler = self.build_noise_scheduler()
         num_class_embeds = class_embeddings_for(self.num_classes)  # the null class K included
+        text_models = self.build_text_encoder()  # with --caption_column; sets cross_attention_dim
         if args.denoiser == "vit":
             unet = ViTDenoiser(sample_size=size, in_channels=channels, out_channels=channels,
                                patch_size=args.patch_size, hidden_size=args.vit_hidden_size,
-                               num_layers=args.vit_layers, num_heads=args.vit_heads, num_class_embeds=num_class_embeds)
-            return {"unet": unet}
+                               num_layers=args.vit_layers, num_heads=args.vit_heads, num_class_embeds=num_class_embeds,
+                               cross_attention_dim=self.cross_attention_dim)
+            return {"unet": unet, **text_models}
         downsample = 2 ** (len(args.block_out_channels) - 1)
         if size % downsample:
             raise ValueError(f"{self.size_name} {size} must be divisible by {downsample} for "
                              f"{len(args.block_out_channels)} U-Net blocks (`--block_out_channels`)")
-        unet = UNet2DModel(
-            sample_size=size, in_channels=channels, out_channels=channels,
-            block_out_channels=tuple(args.block_out_channels), layers_per_block=args.layers_per_block,
-            down_block_types=("DownBlock2D",) * len(args.block_out_channels),
-            up_block_types=("UpBlock2D",) * len(args.block_out_channels),
-            norm_num_groups=min(8, args.block_out_channels[0]),
-            num_class_embeds=num_class_embeds,
-        )
-        return {"unet": unet}
+        num_blocks = len(args.block_out_channels)
+        shared = dict(sample_size=size, in_channels=channels, out_channels=channels,
+                      block_out_channels=tuple(args.block_out_channels), layers_per_block=args.layers_per_block,
+                      norm_num_groups=min(8, args.block_out_channels[0]))
+        if self.text_conditioned:  # cross-attention to the text encoder's states in every block
+            unet = UNet2DConditionModel(
+                **shared, down_block_types=("CrossAttnDownBlock2D",) * num_blocks,
+                up_block_types=("CrossAttnUpBlock2D",) * num_blocks, attention_head_dim=args.attention_head_dim,
+                cross_attention_dim=self.cross_attention_dim)
+        else:
+            unet = UNet2DModel(**shared, down_block_types=("DownBlock2D",) * num_blocks,
+                               up_block_types=("UpBlock2D",) * num_blocks, num_class_embeds=num_class_embeds)
+        return {"unet": unet, **text_models}
 
     size_name = "`--resolution`"  # what sets the denoiser's input size, for error messages
 
@@ -186,10 +200,7 @@ class DDPMTrainer(Trainer):
         x0 = self.clean_sample(images)
         noise = torch.randn_like(x0)
         x_t, timesteps, target = self.corrupt(x0, noise)
-        if labels is not None and args.label_dropout:
-            dropped = torch.rand(labels.shape, device=labels.device) < args.label_dropout
-            labels = torch.where(dropped, null_class_labels(labels, self.num_classes), labels)
-        prediction = self.models["unet"](x_t, timesteps, class_labels=labels).sample
+        prediction = self.models["unet"](x_t, timesteps, **self.conditioning(labels)).sample
         if args.snr_gamma is None:
             loss = F.mse_loss(prediction.float(), target.float())
         else:  # min-SNR-gamma weighting (Hang et al., 2023), per the prediction type
@@ -202,6 +213,16 @@ class DDPMTrainer(Trainer):
         self.optimize("unet", loss)
         return {"loss": loss.detach()}
 
+    def conditioning(self, labels: torch.Tensor | None) -> dict:
+        """The denoiser's conditioning keywords for a batch's labels (B,), or captions' token ids (B, L), with
+        label or prompt dropout."""
+        if self.text_conditioned:
+            return self.text_conditioning(labels)
+        if labels is not None and self.args.label_dropout:
+            dropped = torch.rand(labels.shape, device=labels.device) < self.args.label_dropout
+            labels = torch.where(dropped, null_class_labels(labels, self.num_classes), labels)
+        return {"class_labels": labels}
+
     def pipeline_kwargs(self):
         return {"num_inference_steps": self.args.num_inference_steps}
 
@@ -211,6 +232,8 @@ class DDPMTrainer(Trainer):
 
     def build_pipeline(self):
         scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config)  # fresh: sampling changes it
+        if self.text_conditioned:
+            return self.text_pipeline(self.sampling_model("unet"), scheduler)
         return DDPMPipeline(self.sampling_model("unet"), scheduler,
                             label_dropout=self.args.label_dropout if self.num_classes else None,
                             objective=self.args.objective)
@@ -235,7 +258,9 @@ class DDPMTrainer(Trainer):
         flow = self.args.objective == FLOW_MATCHING
         kind = "flow-matching model" if flow else "DDPM"
         kind = f"class-conditional {kind}" if self.num_classes else kind
-        denoiser = "hfgen ViTDenoiser" if self.args.denoiser == "vit" else "diffusers UNet2DModel"
+        kind = f"text-to-image {kind} ({self.text_description()})" if self.text_conditioned else kind
+        denoiser = "hfgen ViTDenoiser" if self.args.denoiser == "vit" else (
+            "diffusers UNet2DConditionModel" if self.text_conditioned else "diffusers UNet2DModel")
         pipeline = " `DDPMPipeline` serves flow-matching models too." if flow else ""
         return (f"A {kind} ({denoiser}, {self.objective_description()}) trained with hfgen on "
                 f"`{self.args.dataset_name}`; FD with {self.args.num_inference_steps} "

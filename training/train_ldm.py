@@ -27,7 +27,7 @@ from hfgen.diffusion import DDPM, FLOW_MATCHING
 from hfgen.latent_cache import LatentDataset, encode_to_cache
 from hfgen.models import VAEModel
 from hfgen.models.vae import LIKELIHOODS
-from hfgen.pipelines import AutoPipeline, LatentDiffusionPipeline
+from hfgen.pipelines import AutoPipeline, LatentDiffusionPipeline, LatentTextToImagePipeline
 
 from . import train_vae
 from .train_ddpm import DDPMTrainer, diffusion_parser
@@ -39,7 +39,7 @@ FIRST_STAGE = "first_stage"
 # Shared flags that configure the second stage only; every other shared flag (data, seed, precision, logging,
 # evaluation, checkpointing, ...) reaches the first stage too, so that a new shared flag cannot be lost on the way.
 SECOND_STAGE_ONLY = frozenset({
-    "output_dir", "num_epochs", "max_train_steps", "learning_rate", "conditional", "train_batch_size",
+    "output_dir", "num_epochs", "max_train_steps", "learning_rate", "conditional", "caption_column", "train_batch_size",
     "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "max_grad_norm", "use_ema", "ema_max_decay", "ema_inv_gamma", "ema_power", "resume_from_checkpoint",
     "eval_fd_steps", "eval_fd_num_samples", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo",
@@ -137,7 +137,9 @@ class LDMTrainer(DDPMTrainer):
             folder = encode_to_cache(self.vae, unaugmented, cache_dir, flips=self.args.random_flip,
                                      batch_size=self.args.eval_batch_size, num_workers=self.args.dataloader_num_workers,
                                      show_progress=self.accelerator.is_local_main_process)
-        self.latent_dataset = LatentDataset(folder, unaugmented.labels, unaugmented.id2label, seed=self.args.seed)
+        # a batch's second element: the class labels, or with --caption_column the captions' token ids
+        conditions = self.caption_ids if self.text_conditioned else unaugmented.labels
+        self.latent_dataset = LatentDataset(folder, conditions, unaugmented.id2label, seed=self.args.seed)
         self.scaling_factor = self.latent_dataset.scaling_factor
         return super().build_models()
 
@@ -153,6 +155,10 @@ class LDMTrainer(DDPMTrainer):
 
     def build_pipeline(self):
         pipeline = super().build_pipeline()
+        if self.text_conditioned:
+            return LatentTextToImagePipeline(self.vae, pipeline.unet, pipeline.scheduler, pipeline.text_encoder,
+                                             pipeline.tokenizer, self.scaling_factor, self.args.prompt_dropout,
+                                             self.args.objective)
         return LatentDiffusionPipeline(self.vae, pipeline.unet, pipeline.scheduler, self.scaling_factor,
                                        pipeline.config.get("label_dropout"), self.args.objective)
 
@@ -164,7 +170,8 @@ class LDMTrainer(DDPMTrainer):
 
     def model_card_description(self):
         kind = "class-conditional latent diffusion" if self.num_classes else "latent diffusion"
-        return (f"{kind.capitalize()} trained with hfgen on `{self.args.dataset_name}`: a conv VAE first stage with "
+        kind = f"text-to-image latent diffusion ({self.text_description()})" if self.text_conditioned else kind
+        return (f"{kind[0].upper() + kind[1:]} trained with hfgen on `{self.args.dataset_name}`: a conv VAE first stage with "
                 f"{'x'.join(map(str, self.vae.latent_shape))} latents (scaling factor {self.scaling_factor:.4f}), "
                 f"and a denoiser in its latent space ({self.objective_description()}). FD with "
                 f"{self.args.num_inference_steps} denoising steps; first_stage_reconstruction_mse is the mean squared "

@@ -448,6 +448,12 @@ class Trainer:
         """The pipeline to save, from the unwrapped models."""
         raise NotImplementedError
 
+    @property
+    def conditions_on_batches(self) -> bool:
+        """Whether `training_step` gets the batches' second element: the class labels under --conditional (a
+        family with its own conditioning, e.g. captions' token ids, extends this)."""
+        return self.args.conditional
+
     def training_data(self):
         """The `ImageDataset` the training batches come from (after `build_models`): the training images, or
         what a family derives from them once (latent diffusion: the images' latents)."""
@@ -540,7 +546,8 @@ class Trainer:
         accelerator.backward(loss)
         if not accelerator.sync_gradients:
             return  # accumulating: the update comes with the last micro-batch
-        parameters = list(self.models[name].parameters())
+        # what optimizer `name` steps: its model's parameters, or more (a text encoder trained with a denoiser)
+        parameters = [parameter for group in self.optimizers[name].param_groups for parameter in group["params"]]
         if self.args.max_grad_norm:
             norm = accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
         else:
@@ -560,8 +567,11 @@ class Trainer:
     def model_configs(self) -> dict:
         """name -> the JSON form of each model's config (diffusers' private `_` entries left out), as checkpoints
         record it."""
-        configs = {name: {key: value for key, value in self.unwrap(name).config.items() if not key.startswith("_")}
-                   for name in self.models}
+        def as_dict(config):  # diffusers' FrozenDict, or a transformers PretrainedConfig
+            return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+        configs = {name: {key: value for key, value in as_dict(self.unwrap(name).config).items()
+                          if not key.startswith("_")} for name in self.models}
         return json.loads(json.dumps(configs, default=str))
 
     def stop_non_finite(self, what: str) -> None:
@@ -654,7 +664,7 @@ class Trainer:
             num_batches += 1
             num_skipped_images += args.train_batch_size - len(images)
             images, labels = images.to(accelerator.device), labels.to(accelerator.device)
-            labels = labels if args.conditional else None
+            labels = labels if self.conditions_on_batches else None
             with accelerator.accumulate(*models):
                 logs = self.training_step(images, labels)
             if not accelerator.sync_gradients:

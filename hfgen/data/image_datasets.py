@@ -6,9 +6,12 @@
 - `StreamingImageDataset`: the same over a streamed `datasets.IterableDataset`, this process's shard only.
 
 All three have `image_shape`, `num_classes`, `id2label`, `fingerprint` (identifies the images and their
-evaluation transform, for caches) and `set_epoch(epoch)` (the epoch's random augmentation).
+evaluation transform, for caches) and `set_epoch(epoch)` (the epoch's random augmentation). The two map-style ones
+also have `captions` (a list of strings, or None without a caption column) and `with_labels(conditions)`: the same
+images, each item's second element replaced by row i of `conditions` (text conditioning: the captions' token ids).
 """
 
+import copy
 import hashlib
 import itertools
 import logging
@@ -36,6 +39,14 @@ class _Augmented:
     def num_classes(self) -> int:
         return len(self.id2label) if self.id2label else 0
 
+    def with_labels(self, conditions: torch.Tensor):
+        """A shallow copy whose item i is (image i, conditions[i]); conditions: (N, ...)."""
+        if len(conditions) != len(self):
+            raise ValueError(f"`conditions` must hold one row per image ({len(self)}), got {len(conditions)}")
+        dataset = copy.copy(self)
+        dataset.conditions = conditions
+        return dataset
+
 
 class ImageDataset(_Augmented, Dataset):
     """Images in memory. images: (N, C, H, W) float in [0, 1]; labels: (N,) long; id2label: {"0": name, ...} or None.
@@ -45,10 +56,14 @@ class ImageDataset(_Augmented, Dataset):
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, id2label: dict[str, str] | None = None,
-                 random_flip: bool = False, augment: bool = False, seed: int = 0, name: str | None = None):
+                 random_flip: bool = False, augment: bool = False, seed: int = 0, name: str | None = None,
+                 captions: list[str] | None = None):
         if images.dim() != 4 or len(images) != len(labels):
             raise ValueError(f"images must be (N, C, H, W) with one label each, got {tuple(images.shape)} and {len(labels)} labels")
-        self.images, self.labels, self.id2label = images, labels, id2label
+        if captions is not None and len(captions) != len(images):
+            raise ValueError(f"`captions` must hold one caption per image ({len(images)}), got {len(captions)}")
+        self.images, self.labels, self.id2label, self.captions = images, labels, id2label, captions
+        self.conditions = labels
         self.random_flip, self.augment, self.seed = random_flip, augment, seed
         self._fingerprint = name
 
@@ -56,7 +71,7 @@ class ImageDataset(_Augmented, Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        return self.images[index], self.labels[index]
+        return self.images[index], self.conditions[index]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -81,6 +96,7 @@ class _ImageRows(_Augmented):
         self.caption_column = caption_column  # kept with the rows for text conditioning
         self.id2label, self.transform, self.seed, self.augment = id2label, transform, seed, augment
         self.skip_corrupt_images = skip_corrupt_images
+        self.conditions = None  # see `with_labels`
         self.fingerprint = hashlib.sha1(f"{fingerprint}|{transform}".encode()).hexdigest()
 
     @property
@@ -98,6 +114,8 @@ class _ImageRows(_Augmented):
                 raise CorruptImageError(f"{error} (pass --skip_corrupt_images to skip such files)") from error
             logger.warning("skipped a corrupt image: %s", error)
             return None
+        if self.conditions is not None:
+            return image, self.conditions[index]
         label = row[self.label_column] if self.label_column else 0
         return image, torch.tensor(label, dtype=torch.long)
 
@@ -118,6 +136,18 @@ class ImageFileDataset(_ImageRows, Dataset):
         if not self.label_column:
             return torch.zeros(len(self), dtype=torch.long)
         return torch.as_tensor(self.rows.with_format("numpy")[self.label_column], dtype=torch.long)
+
+    @property
+    def captions(self) -> list[str] | None:
+        """The caption column (read alone, no image is decoded), or None without one."""
+        if not self.caption_column:
+            return None
+        captions = self.rows[self.caption_column]
+        missing = next((i for i, caption in enumerate(captions) if not isinstance(caption, str)), None)
+        if missing is not None:
+            raise ValueError(f"row {missing} of the caption column {self.caption_column!r} holds "
+                             f"{captions[missing]!r}, not a string: every training image needs a caption")
+        return captions
 
 
 class StreamingImageDataset(_ImageRows, IterableDataset):

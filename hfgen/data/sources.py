@@ -39,6 +39,7 @@ LABEL_COLUMNS = ("label", "labels")
 IMAGE_EXTENSIONS = frozenset(ext for ext, name in PIL.Image.registered_extensions().items() if name in PIL.Image.OPEN)
 SHUFFLE_BUFFER = 1000  # examples in the shuffle buffer of a streamed dataset
 NUM_PROBED_IMAGES = 32  # image headers read up front to check the resolution against
+BUNDLED_CAPTION_COLUMN = "text"  # the bundled digits' captions (hfgen.text), as image folders' metadata.jsonl names them
 
 
 # ----- the bundled digits -----------------------------------------------------------------------------------
@@ -62,14 +63,34 @@ def _bundled_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class BundledSource:
-    """hfgen:mnist (4,000 train / 1,000 test real MNIST digits) or hfgen:digits (scikit-learn's 8x8, 80/20)."""
+    """hfgen:mnist (4,000 train / 1,000 test real MNIST digits) or hfgen:digits (scikit-learn's 8x8, 80/20).
+
+    With `caption_column="text"` every image also has a caption written by hfgen (`hfgen.text.digit_captions`: the
+    digit's name and its measured thickness, slant and size, split at the training images' tertiles).
+    """
 
     splits = SPLITS
     test_split = "test"
     num_channels = 1
 
-    def __init__(self, name: str, max_train_samples: int | None = None):
-        self.name, self.max_train_samples = name, max_train_samples
+    def __init__(self, name: str, max_train_samples: int | None = None, caption_column: str | None = None):
+        if caption_column not in (None, BUNDLED_CAPTION_COLUMN):
+            raise ValueError(f"`caption_column` of the bundled {name} must be {BUNDLED_CAPTION_COLUMN!r} (hfgen's "
+                             f"captions of the digits), got {caption_column!r}")
+        self.name, self.max_train_samples, self.caption_column = name, max_train_samples, caption_column
+
+    def captions(self, split: str) -> list[str]:
+        """hfgen's captions of the split's images, in order, with the training images' tertiles as thresholds."""
+        from hfgen.text import attribute_thresholds, digit_attributes, digit_captions
+
+        images, labels = _bundled_arrays(self.name)
+        num_train = len(labels) - self._num_test(len(labels))
+        thresholds = attribute_thresholds(digit_attributes(images[:num_train]))
+        part = slice(num_train, None) if split == "test" else slice(0, num_train)
+        return digit_captions(images[part], labels[part], thresholds)
+
+    def _num_test(self, num_images: int) -> int:
+        return MNIST_NUM_TEST if self.name == "hfgen:mnist" else round(DIGITS_TEST_FRACTION * num_images)
 
     def dataset(self, split: str, resolution: int, num_channels: int | None = None, *, resize: bool = True,
                 center_crop: bool = False, random_flip: bool = False, augment: bool = False, seed: int = 0,
@@ -80,15 +101,18 @@ class BundledSource:
             raise ValueError(f"{self.name} is bundled as arrays and resized to `resolution`: `resize`=False (--no_resize) "
                              "applies to image files")
         images, labels = _bundled_arrays(self.name)
-        num_test = MNIST_NUM_TEST if self.name == "hfgen:mnist" else round(DIGITS_TEST_FRACTION * len(labels))
+        num_test = self._num_test(len(labels))
         part = slice(len(labels) - num_test, None) if split == "test" else slice(0, len(labels) - num_test)
         images, labels = torch.from_numpy(images[part]).unsqueeze(1), torch.from_numpy(labels[part])
+        captions = self.captions(split) if self.caption_column else None
         if split == "train" and self.max_train_samples:
             images, labels = images[:self.max_train_samples], labels[:self.max_train_samples]
+            captions = captions and captions[:self.max_train_samples]
         if images.shape[-1] != resolution:
             images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True).clamp(0, 1)
         return ImageDataset(images, labels, {str(i): str(i) for i in range(10)}, random_flip=random_flip,
-                            augment=augment, seed=seed, name=f"{self.name}|{split}|{len(labels)}|{resolution}")
+                            augment=augment, seed=seed, name=f"{self.name}|{split}|{len(labels)}|{resolution}",
+                            captions=captions)
 
 
 # ----- image folders ------------------------------------------------------------------------------------------
@@ -323,10 +347,10 @@ def open_image_source(dataset_name: str | None = "hfgen:mnist", train_data_dir: 
     if train_data_dir is None and dataset_name.startswith("hfgen:"):
         if dataset_name not in BUILTIN_DATASETS:
             raise ValueError(f"unknown built-in `dataset_name` {dataset_name!r}; built-ins are {', '.join(BUILTIN_DATASETS)}")
-        for name in ("validation_split", "streaming", "image_column", "caption_column", "dataset_config_name"):
+        for name in ("validation_split", "streaming", "image_column", "dataset_config_name"):
             if options.get(name):
                 raise ValueError(f"`{name}` does not apply to the bundled {dataset_name}")
-        return BundledSource(dataset_name, options.get("max_train_samples"))
+        return BundledSource(dataset_name, options.get("max_train_samples"), options.get("caption_column"))
     return DatasetsSource(dataset_name, train_data_dir, **options)
 
 
