@@ -62,16 +62,19 @@ RECIPES = {
     "hfgen-ddpm": ("ddpm", "--num_epochs 10 --use_ema"),
     "hfgen-flow": ("ddpm", "--num_epochs 14 --use_ema --objective flow_matching"),
     "hfgen-cond-ddpm": ("ddpm", "--num_epochs 10 --use_ema --conditional"),
+    "hfgen-cond-flow": ("ddpm", "--num_epochs 14 --use_ema --conditional --objective flow_matching"),
     "hfgen-ldm": ("ldm", "--num_epochs 40 --use_ema"),
+    "hfgen-ldm-flow": ("ldm", "--num_epochs 40 --use_ema --objective flow_matching"),
 }
 PEERS = ("plain-vae", "pythae-vae", "plain-dcgan", "diffusers-loop")
 CONTENDERS = (*RECIPES, *PEERS)
 # which peer each hfgen family is compared with (the conditional ones with the unconditional peer)
 PEER_OF = {"hfgen-vae": "pythae-vae", "hfgen-cvae": "pythae-vae", "hfgen-gan": "plain-dcgan",
            "hfgen-cgan": "plain-dcgan", "hfgen-ddpm": "diffusers-loop", "hfgen-flow": "diffusers-loop",
-           "hfgen-cond-ddpm": "diffusers-loop", "hfgen-ldm": "diffusers-loop"}
+           "hfgen-cond-ddpm": "diffusers-loop", "hfgen-cond-flow": "diffusers-loop", "hfgen-ldm": "diffusers-loop",
+           "hfgen-ldm-flow": "diffusers-loop"}
 TARGETS = {"hfgen-vae": 50, "hfgen-cvae": 50, "hfgen-gan": 50, "hfgen-cgan": 50, "hfgen-ddpm": 25, "hfgen-flow": 25,
-           "hfgen-cond-ddpm": 25, "hfgen-ldm": 20}
+           "hfgen-cond-ddpm": 25, "hfgen-cond-flow": 25, "hfgen-ldm": 20, "hfgen-ldm-flow": 20}
 
 
 class BudgetReached(Exception):

@@ -41,7 +41,7 @@ CONTENDERS = ("class", "text", "text, frozen encoder")
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train_steps", type=int, default=1500)
+    parser.add_argument("--train_steps", type=int, default=1000)
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--vae_epochs", type=int, default=6)
     parser.add_argument("--fd_samples", type=int, default=500)
@@ -190,7 +190,7 @@ def main():
              *environment_lines("bench_text.py", args.threads, load_before, load_after), "",
              "| conditioning | FD | digit accuracy | " + " | ".join(f"{a} separation (real) / accuracy" for a in ATTRIBUTES)
              + " | train s/step | sample s/image | U-Net params | text encoder params |",
-             "|---" * (6 + len(ATTRIBUTES)) + "|"]
+             "|---" * (7 + len(ATTRIBUTES)) + "|"]
     for name, row in rows.items():
         attributes = [(f"{row[f'{a}_separation']:.2f} ({row[f'real_{a}_separation']:.2f}) / {row[f'{a}_accuracy']:.2f}"
                        if f"{a}_separation" in row else "–") for a in ATTRIBUTES]
