@@ -1,6 +1,8 @@
 """Ancestral and fast sampling from a diffusion model (docs/maths.md §6.6) or a flow-matching model (§6.9), with
 classifier-free guidance (§6.7)."""
 
+import inspect
+
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
@@ -121,10 +123,18 @@ class DDPMPipeline(GenerativePipeline):
                         generator) -> torch.Tensor:
         """x_T (B, *latent_shape) -> x_0, each step's prediction from `denoise(sample, t, condition, guidance_scale)`."""
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        # the k-diffusion schedulers (Euler, Heun, ...) start from noise of scale sigma_max and rescale the denoiser's
+        # input; for the others (and the flow schedulers, which have neither) both are the identity
+        scheduler = self.scheduler
+        sample = sample * getattr(scheduler, "init_noise_sigma", 1.0)
+        # the stochastic schedulers draw their noise from `generator`; others (Heun, ...) take none
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         # a flow scheduler's timesteps are floats sigma * T, passed to the denoiser as they are (as in training)
         for timestep in self.progress_bar(self.scheduler.timesteps):
-            prediction = self.denoise(sample, timestep, condition, guidance_scale)
-            sample = self.scheduler.step(prediction, timestep, sample, generator=generator).prev_sample
+            model_input = scheduler.scale_model_input(sample, timestep) if hasattr(scheduler, "scale_model_input") \
+                else sample
+            prediction = self.denoise(model_input, timestep, condition, guidance_scale)
+            sample = self.scheduler.step(prediction, timestep, sample, **step_kwargs).prev_sample
         return sample
 
     def check_guidance_trained(self, guidance_scale: float, dropout: str, unconditional: str) -> None:

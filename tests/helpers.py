@@ -8,6 +8,8 @@ import PIL.Image
 import pytest
 import torch
 
+from hfgen import DDPMPipeline
+
 
 def quick_training_args(output_dir, *extra) -> list[str]:
     """Flags for short, quiet training runs in tests (any family)."""
@@ -107,3 +109,10 @@ class Identity(torch.nn.Module):
 
     def forward(self, images):
         return images.flatten(1)
+
+
+class RawSamples(DDPMPipeline):
+    """A DDPMPipeline that returns the integrated x_0 itself, not clipped to an image range."""
+
+    def output(self, images, output_type, return_dict):
+        return images

@@ -139,8 +139,11 @@ class DDPMTrainer(TextConditionedTraining, Trainer):
         args = self.args
         if args.objective == FLOW_MATCHING:
             return FlowMatchEulerDiscreteScheduler(num_train_timesteps=args.num_train_timesteps, shift=args.flow_shift)
-        return DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
-                             prediction_type=args.prediction_type, clip_sample=self.clip_sample)
+        # betas explicit: diffusers' from_config gives another scheduler class its own defaults for values a config
+        # left at the default (e.g. HeunDiscreteScheduler's 0.00085 / 0.012), until the config is saved and reloaded
+        return DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_start=1e-4, beta_end=0.02,
+                             beta_schedule=args.beta_schedule, prediction_type=args.prediction_type,
+                             clip_sample=self.clip_sample)
 
     def build_models(self):
         args = self.args
