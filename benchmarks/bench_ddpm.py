@@ -44,7 +44,6 @@ for each other); `--threads 1` is steadier on a shared machine. Progress goes to
 """
 
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -57,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import (
     benchmark_parser,
-    BENCHMARKS_MD, check_positive, environment_lines, finish, load_average, markers, run_alternately,
+    check_positive, environment_lines, finish, load_average, markers, run_alternately,
 )
 from hfgen import DDPMPipeline
 from hfgen.data import load_image_dataset

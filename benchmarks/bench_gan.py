@@ -35,7 +35,6 @@ a process busy on one of them makes single epochs of either trainer up to ~10x s
 other): compare the per-run medians and fastest epochs, or rerun on a quiet machine; `--threads 1` is steadier.
 """
 
-import os
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 
 from common import (
     benchmark_parser,
-    BENCHMARKS_MD, TARGET_RATIO, TIMING_HEADER, check_positive, environment_lines, finish, load_average, markers,
+    TARGET_RATIO, TIMING_HEADER, check_positive, environment_lines, finish, load_average, markers,
     mean_sd, ratio_sentence, run_alternately, timing_cells, timing_summary,
 )
 from hfgen import Discriminator, GANPipeline, Generator

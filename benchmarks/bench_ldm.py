@@ -66,7 +66,7 @@ from hfgen.latent_tools import encode_images
 from hfgen.evaluation import evaluate_pipeline
 from hfgen.features import DEFAULT_FEATURE_EXTRACTOR, load_feature_extractor
 from hfgen.frechet import frechet_distance
-from hfgen.training import train_ddpm, train_ldm, train_vae
+from hfgen.training import train_ddpm, train_ldm
 
 KEY = "ldm"  # the section <!-- ldm:start --> ... <!-- ldm:end --> of BENCHMARKS.md
 FIGURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures", "ldm_study.png")

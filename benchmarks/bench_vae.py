@@ -27,7 +27,6 @@ evaluated; the other rounds add timings.
 The trainer's progress bar and logs go to stderr; the results table goes to stdout.
 """
 
-import os
 import time
 
 import torch
@@ -36,7 +35,7 @@ from torch import nn
 
 from common import (
     benchmark_parser,
-    BENCHMARKS_MD, TARGET_RATIO, TIMING_HEADER, check_positive, environment_lines, finish, load_average, markers,
+    TARGET_RATIO, TIMING_HEADER, check_positive, environment_lines, finish, load_average, markers,
     mean_sd, ratio_sentence, run_alternately, timing_cells, timing_summary,
 )
 from hfgen import VAEModel, VAEPipeline
