@@ -121,9 +121,13 @@ def sample_tab(pipeline) -> None:
     with gr.Row():
         num_images = gr.Number(16, precision=0, label="Number of images", elem_id="num-images")
         seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
-    # call argument -> (component, value in the page -> argument); a text-conditioned pipeline's `prompt` and
-    # `negative_prompt` boxes belong here, keyed on its call's parameters like these
+    # call argument -> (component, value in the page -> argument), keyed on the call's parameters
     controls = {}
+    text_to_image = "prompt" in parameters and hasattr(pipeline, "encode_prompt")
+    if text_to_image:
+        controls["prompt"] = (gr.Textbox("", label="Prompt (empty: unconditional)", elem_id="prompt"), str)
+        controls["negative_prompt"] = (gr.Textbox("", label="Negative prompt (with guidance)",
+                                                  elem_id="negative-prompt"), lambda text: text or None)
     if pipeline.num_classes and "class_labels" in parameters:
         names = label_names(pipeline)
         controls["class_labels"] = (gr.Dropdown(names, value=names[0], allow_custom_value=True, label="Class",
@@ -141,7 +145,9 @@ def sample_tab(pipeline) -> None:
         num_train_timesteps = saved.config.num_train_timesteps
         controls["num_inference_steps"] = (gr.Slider(1, num_train_timesteps, min(DEFAULT_STEPS, num_train_timesteps),
                                                      step=1, label="Denoising steps", elem_id="steps"), int)
-    if "guidance_scale" in parameters and pipeline.num_classes and (pipeline.config.get("label_dropout") or 0) > 0:
+    guided = (pipeline.config.get("prompt_dropout") or 0) > 0 if text_to_image else (
+        pipeline.num_classes and (pipeline.config.get("label_dropout") or 0) > 0)
+    if "guidance_scale" in parameters and guided:
         controls["guidance_scale"] = (gr.Slider(1.0, 10.0, 1.0, step=0.5, label="Guidance scale",
                                                 elem_id="guidance"), float)
     button = gr.Button("Sample", variant="primary", elem_id="sample-button")

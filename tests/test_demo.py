@@ -125,6 +125,23 @@ def test_diffusion_app_offers_schedulers_steps_and_guidance():
         assert "guidance_scale" not in api(url)["/sample"]
 
 
+def test_text_to_image_app_takes_prompts_and_guidance():
+    from test_text_to_image import tiny_text_pipeline
+
+    pipe = tiny_text_pipeline()
+    with served(build_demo(pipe)) as url:
+        assert api(url)["/sample"] == ["num_images", "seed", "prompt", "negative_prompt", "scheduler",
+                                       "num_inference_steps", "guidance_scale"]
+        images, _ = Client(url, verbose=False).predict(2, 5, "a thick seven", "a one", "DDIM", 3, 2.0,
+                                                       api_name="/sample")
+    reference = tiny_text_pipeline()
+    reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config)
+    expected = reference(2, prompt="a thick seven", negative_prompt="a one", num_inference_steps=3,
+                         guidance_scale=2.0, generator=torch.manual_seed(5)).images
+    for got, want in zip(pixels(images), pixels(expected)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_scheduler_choices_follow_the_pipelines_scheduler():
     assert list(scheduler_choices(DDPMScheduler())) == ["DDPM", "DDIM", "DPM-Solver++"]
     assert list(scheduler_choices(DPMSolverMultistepScheduler())) == ["DDPM", "DDIM", "DPM-Solver++"]
