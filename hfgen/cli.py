@@ -201,10 +201,11 @@ def prompt_following_metrics(args, pipeline, dataset, feature_extractor, bundled
         if isinstance(feature_extractor, ClassifierFeatures):
             classifier = feature_extractor.classifier
         else:
-            train = load_image_dataset(args.dataset_name, "train", pipeline.sample_size)
-            classifier = digit_classifier_for(train, load_image_dataset(args.dataset_name, "test", pipeline.sample_size))
+            classifier = digit_classifier_for(load_image_dataset(args.dataset_name, "train", pipeline.sample_size), dataset)
     guidance_scale = resolve_guidance_scale(args.guidance_scale, pipeline.config.get("prompt_dropout"))
-    return evaluate_prompt_following(pipeline, dataset, classifier and classifier.to(args.device), args.clip_model,
+    if classifier is not None:
+        classifier = classifier.to(args.device)
+    return evaluate_prompt_following(pipeline, dataset, classifier, args.clip_model,
                                      args.prompts_per_digit, args.num_clip_images, args.seed, args.batch_size,
                                      {**pipeline_kwargs, "guidance_scale": guidance_scale})
 

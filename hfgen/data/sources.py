@@ -84,13 +84,14 @@ class BundledSource:
         from hfgen.text import attribute_thresholds, digit_attributes, digit_captions
 
         images, labels = _bundled_arrays(self.name)
-        num_train = len(labels) - self._num_test(len(labels))
-        thresholds = attribute_thresholds(digit_attributes(images[:num_train]))
-        part = slice(num_train, None) if split == "test" else slice(0, num_train)
+        thresholds = attribute_thresholds(digit_attributes(images[self._part("train", len(labels))]))
+        part = self._part(split, len(labels))
         return digit_captions(images[part], labels[part], thresholds)
 
-    def _num_test(self, num_images: int) -> int:
-        return MNIST_NUM_TEST if self.name == "hfgen:mnist" else round(DIGITS_TEST_FRACTION * num_images)
+    def _part(self, split: str, num_images: int) -> slice:
+        """The split's images among the bundled arrays: the test images come last."""
+        num_test = MNIST_NUM_TEST if self.name == "hfgen:mnist" else round(DIGITS_TEST_FRACTION * num_images)
+        return slice(num_images - num_test, None) if split == "test" else slice(0, num_images - num_test)
 
     def dataset(self, split: str, resolution: int, num_channels: int | None = None, *, resize: bool = True,
                 center_crop: bool = False, random_flip: bool = False, augment: bool = False, seed: int = 0,
@@ -101,8 +102,7 @@ class BundledSource:
             raise ValueError(f"{self.name} is bundled as arrays and resized to `resolution`: `resize`=False (--no_resize) "
                              "applies to image files")
         images, labels = _bundled_arrays(self.name)
-        num_test = self._num_test(len(labels))
-        part = slice(len(labels) - num_test, None) if split == "test" else slice(0, len(labels) - num_test)
+        part = self._part(split, len(labels))
         images, labels = torch.from_numpy(images[part]).unsqueeze(1), torch.from_numpy(labels[part])
         captions = self.captions(split) if self.caption_column else None
         if split == "train" and self.max_train_samples:
