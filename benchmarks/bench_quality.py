@@ -168,7 +168,7 @@ def pipeline_sampler(pipeline, num_classes: int, **call_kwargs):
 # ----- hfgen contenders -------------------------------------------------------------------------------------
 
 
-def run_hfgen(name: str, clock: Clock, output_dir: str) -> None:
+def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "") -> None:
     from diffusers import DPMSolverMultistepScheduler
 
     from hfgen.pipelines import VAEPipeline
@@ -178,7 +178,7 @@ def run_hfgen(name: str, clock: Clock, output_dir: str) -> None:
     module = {"vae": train_vae, "gan": train_gan, "ddpm": train_ddpm, "ldm": train_ldm}[family]
     trainer_class = {"vae": train_vae.VAETrainer, "gan": train_gan.GANTrainer, "ddpm": train_ddpm.DDPMTrainer,
                      "ldm": train_ldm.LDMTrainer}[family]
-    argv = ["--output_dir", output_dir, *flags.split(), "--logger", "none", "--save_images_epochs", "0",
+    argv = ["--output_dir", output_dir, *flags.split(), *extra_flags.split(), "--logger", "none", "--save_images_epochs", "0",
             "--feature_extractor", "none", "--checkpointing_steps", str(10 ** 9)]
     args = module.parse_args(argv)
 
@@ -428,7 +428,8 @@ def worker(args) -> None:
         row = {"contender": args.worker, "train_seconds": round(seconds + extra, 1), "fit_seconds": round(extra, 1),
                "fd": round(fd, 2), "num_samples": len(samples), "threads": args.threads,
                "load_before": round(load_before, 2), "load_now": round(load_average(), 2),
-               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               **({"extra_flags": args.extra_flags} if args.extra_flags else {})}
         print(json.dumps(row), flush=True)
         with open(args.results, "a") as file:
             file.write(json.dumps(row) + "\n")
@@ -442,7 +443,7 @@ def worker(args) -> None:
     clock = Clock([60 * minutes for minutes in args.marks], args.num_samples, args.curve_num_samples, record)
     with tempfile.TemporaryDirectory() as output_dir, contextlib.suppress(BudgetReached):
         if args.worker in RECIPES:
-            run_hfgen(args.worker, clock, output_dir)
+            run_hfgen(args.worker, clock, output_dir, args.extra_flags)
         elif args.worker == "plain-vae":
             run_plain_vae(clock)
         elif args.worker == "pythae-vae":
@@ -541,6 +542,9 @@ def main(argv=None) -> None:
     parser.add_argument("--grids", default=None, help="Also save a grid of 64 samples per mark into this folder.")
     parser.add_argument("--no_train", action="store_true", help="Only redraw from --results.")
     parser.add_argument("--write", action="store_true", help="Write the figure and the BENCHMARKS.md section.")
+    parser.add_argument("--extra_flags", default="",
+                        help="Trainer flags added to an hfgen recipe's (a lever tried; the rows record them). Use "
+                             "another --results file for such trials.")
     parser.add_argument("--worker", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if any(minutes <= 0 for minutes in args.marks):
@@ -553,7 +557,7 @@ def main(argv=None) -> None:
             print(f"--- {name}", file=sys.stderr, flush=True)
             command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--marks", *map(str, args.marks),
                        "--num_samples", str(args.num_samples), "--curve_num_samples", str(args.curve_num_samples),
-                       "--threads", str(args.threads),
+                       "--threads", str(args.threads), f"--extra_flags={args.extra_flags}",
                        "--results", args.results, *(["--grids", args.grids] if args.grids else [])]
             # progress bars off (tqdm reads TQDM_DISABLE); the worker prints one line per mark
             subprocess.run(command, check=True, env={**os.environ, "TQDM_DISABLE": "1"})

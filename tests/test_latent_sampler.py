@@ -128,7 +128,7 @@ def test_folder_saved_without_a_sampler_still_loads_with_the_same_prior_samples(
     expected = np.load(folder / "expected_samples_seed0.npy")
     for choice in (None, "prior"):
         images = pipe(2, latent_sampler=choice, generator=torch.manual_seed(0), output_type="np").images
-        np.testing.assert_array_equal(images, expected)
+        np.testing.assert_allclose(images, expected, rtol=0, atol=1e-6)  # float32 rounding differs between CPUs
 
 
 def test_push_to_hub_then_from_pretrained_keeps_the_sampler(hub_server):  # noqa: F811

@@ -47,6 +47,18 @@ def dcgan_upsamplings(sample_size: int) -> tuple[int, int]:
     )
 
 
+def dcgan_init(module: nn.Module) -> None:
+    """DCGAN's initialisation (Radford et al. 2016): conv and linear weights ~ N(0, 0.02), batch-norm scales
+    ~ N(1, 0.02), biases 0. For `module.apply`."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
 def _check_common(architecture, sample_size, channels, latent_dim, num_classes, id2label, data_dim):
     check_choice("architecture", architecture, ARCHITECTURES)
     check_positive_int("sample_size", sample_size)
@@ -116,6 +128,7 @@ class Generator(ModelMixin, ConfigMixin):
             layers.append(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=last))
             layers += [nn.Tanh()] if last else [nn.BatchNorm2d(c_out), nn.ReLU()]
         self.net = nn.Sequential(*layers)
+        self.apply(dcgan_init)
 
     data_range = SYMMETRIC  # images in [-1, 1]
 
@@ -191,7 +204,15 @@ class Discriminator(ModelMixin, ConfigMixin):
             self.features = nn.Sequential(*layers, nn.Flatten())
             num_features = widths[-1] * start * start
         self.score = norm(nn.Linear(num_features, 1))
-        self.class_embedding = norm(nn.Embedding(num_classes, num_features)) if num_classes else None
+        if architecture == "dcgan" and not spectral_norm:  # spectral norm rescales every weight itself
+            self.apply(dcgan_init)
+        self.class_embedding = None
+        if num_classes:
+            # Glorot-uniform, as the projection discriminator's reference code: nn.Embedding's N(0, 1) would make
+            # <embed(y), phi(x)> ~sqrt(num_features) times the unconditional score, so D starts on labels alone
+            embedding = nn.Embedding(num_classes, num_features)
+            nn.init.xavier_uniform_(embedding.weight)
+            self.class_embedding = norm(embedding)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
