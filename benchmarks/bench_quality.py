@@ -178,8 +178,8 @@ def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "") -
     module = {"vae": train_vae, "gan": train_gan, "ddpm": train_ddpm, "ldm": train_ldm}[family]
     trainer_class = {"vae": train_vae.VAETrainer, "gan": train_gan.GANTrainer, "ddpm": train_ddpm.DDPMTrainer,
                      "ldm": train_ldm.LDMTrainer}[family]
-    argv = ["--output_dir", output_dir, *flags.split(), *extra_flags.split(), "--logger", "none", "--save_images_epochs", "0",
-            "--feature_extractor", "none", "--checkpointing_steps", str(10 ** 9)]
+    argv = ["--output_dir", output_dir, *flags.split(), *extra_flags.split(), "--logger", "none",
+            "--save_images_epochs", "0", "--feature_extractor", "none", "--checkpointing_steps", str(10 ** 9)]
     args = module.parse_args(argv)
 
     def snapshot(trainer):
