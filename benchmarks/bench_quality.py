@@ -46,7 +46,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BENCHMARKS_MD, environment_lines, load_average, markers, write_section  # noqa: E402
+from common import BENCHMARKS_MD, cpu_model, environment_lines, load_average, markers, write_section  # noqa: E402
 
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 RESULTS = os.path.join(FIGURES, "quality_vs_time.json")
@@ -56,9 +56,9 @@ FD_SOLVER_STEPS = 20
 # The README's commands (without --output_dir): the recipes the benchmark measures.
 RECIPES = {
     "hfgen-vae": ("vae", "--num_epochs 1200 --latent_sampler gmm --latent_sampler_components 100"),
-    "hfgen-cvae": ("vae", "--num_epochs 1200 --conditional"),
-    "hfgen-gan": ("gan", "--num_epochs 60 --use_ema"),
-    "hfgen-cgan": ("gan", "--num_epochs 60 --use_ema --conditional"),
+    "hfgen-cvae": ("vae", "--num_epochs 1200 --conditional --latent_sampler gmm --latent_sampler_components 10"),
+    "hfgen-gan": ("gan", "--num_epochs 240 --use_ema"),
+    "hfgen-cgan": ("gan", "--num_epochs 240 --use_ema --conditional"),
     "hfgen-ddpm": ("ddpm", "--num_epochs 10 --use_ema"),
     "hfgen-flow": ("ddpm", "--num_epochs 14 --use_ema --objective flow_matching"),
     "hfgen-cond-ddpm": ("ddpm", "--num_epochs 10 --use_ema --conditional"),
@@ -171,7 +171,6 @@ def pipeline_sampler(pipeline, num_classes: int, **call_kwargs):
 def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "") -> None:
     from diffusers import DPMSolverMultistepScheduler
 
-    from hfgen.pipelines import VAEPipeline
     from hfgen.training import train_ddpm, train_gan, train_ldm, train_vae
 
     family, flags = RECIPES[name]
@@ -195,7 +194,8 @@ def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "") -
                                                                              algorithm_type="dpmsolver++")
         if family == "vae" and args.latent_sampler != "none":
             fit_start = time.perf_counter()
-            pipeline = VAEPipeline(pipeline.vae, latent_sampler=trainer.fit_latent_sampler(pipeline.vae))
+            vae = pipeline.generative_model
+            pipeline = trainer.pipeline_of(vae, trainer.fit_latent_sampler(vae))
             extra = time.perf_counter() - fit_start
         for component in pipeline.components.values():
             if isinstance(component, torch.nn.Module):
@@ -428,7 +428,7 @@ def worker(args) -> None:
         row = {"contender": args.worker, "train_seconds": round(seconds + extra, 1), "fit_seconds": round(extra, 1),
                "fd": round(fd, 2), "num_samples": len(samples), "threads": args.threads,
                "load_before": round(load_before, 2), "load_now": round(load_average(), 2),
-               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": cpu_model(),
                **({"extra_flags": args.extra_flags} if args.extra_flags else {})}
         print(json.dumps(row), flush=True)
         with open(args.results, "a") as file:
@@ -511,9 +511,9 @@ def section(runs: dict, budget_minutes: float, num_samples: int, environment: li
              f"in `{FEATURES}` features; DDPMs sampled with DPM-Solver++ and flow models with their Euler sampler, "
              f"at {FD_SOLVER_STEPS} steps. "
              "See the script's docstring for every contender's recipe.", "",
-             f"| contender | recipe | threads | FD at each mark (minutes: FD) | FD at {budget_minutes:g} min or the "
+             f"| contender | recipe | threads | CPU | FD at each mark (minutes: FD) | FD at {budget_minutes:g} min or the "
              "recipe's end | peer | peer's FD | ratio peer / hfgen (target ≥ 1.5) | target FD |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in runs.items():
         recipe = f"`hfgen train {RECIPES[name][0]} {RECIPES[name][1]}`" if name in RECIPES else "peer"
         marks = ", ".join(f"{row['train_seconds'] / 60:.1f}: {row['fd']:.1f}" for row in rows)
@@ -524,7 +524,8 @@ def section(runs: dict, budget_minutes: float, num_samples: int, environment: li
         target = TARGETS.get(name)
         target_text = "–" if not target else (f"≤ {target}: run not finished" if final is None else
                                               f"≤ {target}: {'met' if final <= target else 'not met'}")
-        lines.append(f"| {name} | {recipe} | {rows[-1]['threads']} | {marks} | {final if final is not None else '–'} | {peer or '–'} | "
+        cpu = rows[-1].get("cpu", "not recorded").replace("(R)", "")
+        lines.append(f"| {name} | {recipe} | {rows[-1]['threads']} | {cpu} | {marks} | {final if final is not None else '–'} | {peer or '–'} | "
                      f"{peer_fd if peer_fd is not None else '–'} | {ratio} | {target_text} |")
     lines += ["", "![FD against training minutes](benchmarks/figures/quality_vs_time.png)", "", *environment, end]
     return "\n".join(lines)

@@ -127,15 +127,19 @@ def mean_sd(values, digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            return next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def environment_lines(script: str, threads: int, load_before: float, load_after: float) -> list[str]:
     """The command, the software and machine, and the load average, as markdown bullets."""
     command = f"python benchmarks/{script} " + " ".join(sys.argv[1:])
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as file:
-            cpu = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     return [
         f"- command: `{command.strip()}`",
         f"- date: {datetime.date.today().isoformat()}; torch {torch.__version__}; "

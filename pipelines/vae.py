@@ -14,44 +14,23 @@ from .pipeline_utils import GenerativePipeline
 LATENT_SAMPLERS = ("fitted", "prior")
 
 
-class VAEPipeline(GenerativePipeline):
-    r"""Samples z ~ N(0, I), or from a latent sampler fitted to the aggregated posterior q(z), and decodes it with
-    a VAE; also encodes, reconstructs, interpolates and traverses.
-
-    Example:
-        ```py
-        >>> import torch
-        >>> from hfgen import VAEPipeline
-        >>> pipe = VAEPipeline.from_pretrained("hfgen-vae-mnist")
-        >>> images = pipe(16, generator=torch.manual_seed(0)).images  # 16 PIL images
-        >>> prior = pipe(16, latent_sampler="prior", generator=torch.manual_seed(0)).images  # z ~ N(0, I)
-        ```
-
-    Args:
-        vae: the `VAEModel` (a CVAE also works: pass `class_labels` to every call).
-        latent_sampler: optional; a fitted `GaussianMixtureSampler` over the VAE's flattened latents
-            (latent_dim = prod(vae.latent_shape)), for an unconditional VAE. When the pipeline has one, calls
-            sample from it unless they ask for `latent_sampler="prior"`.
-    """
-
-    family = "vae"
-
-    _optional_components = ["latent_sampler"]
-
-    def __init__(self, vae: VAEModel, latent_sampler: GaussianMixtureSampler | None = None):
-        super().__init__()
-        if latent_sampler is not None:
-            self._check_latent_sampler(vae, latent_sampler)
-        self.register_modules(vae=vae, latent_sampler=latent_sampler)
+class LatentSamplerMixin:
+    """Sampling from a pipeline's optional `latent_sampler` component: a `GaussianMixtureSampler` fitted to the
+    aggregated posterior of its VAE (`generative_model`), q(z), or q(z|y) for a CVAE (docs/maths.md §7.2)."""
 
     @staticmethod
-    def _check_latent_sampler(vae: VAEModel, latent_sampler) -> None:
+    def check_latent_sampler(vae, latent_sampler) -> None:
         if not isinstance(latent_sampler, GaussianMixtureSampler):
             raise TypeError("`latent_sampler` must be a GaussianMixtureSampler or None, got "
                             f"{type(latent_sampler).__name__}")
-        if vae.config.num_classes:
-            raise ValueError("`latent_sampler`: a fitted latent sampler models the q(z) of an unconditional VAE, but "
-                             f"`vae` is conditional (num_classes = {vae.config.num_classes}); a CVAE samples its prior")
+        if not isinstance(vae, VAEModel):
+            raise ValueError(f"`latent_sampler` samples a VAE's latents, but the model is a {type(vae).__name__}: "
+                             "pass latent_sampler=None")
+        num_classes, sampler_classes = vae.config.num_classes, latent_sampler.config.num_classes
+        if sampler_classes != num_classes:
+            raise ValueError(f"`latent_sampler` has num_classes {sampler_classes}, but the VAE has {num_classes}: a "
+                             "conditional VAE needs one mixture per class, GaussianMixtureSampler(num_classes=...) "
+                             "fitted with `class_labels`, and an unconditional VAE one mixture (num_classes=0)")
         latent_dim = math.prod(vae.latent_shape)
         if latent_sampler.config.latent_dim != latent_dim:
             raise ValueError(f"`latent_sampler` has latent_dim {latent_sampler.config.latent_dim}, but the VAE's "
@@ -68,9 +47,65 @@ class VAEPipeline(GenerativePipeline):
         if latent_sampler == "fitted" and self.latent_sampler is None:
             raise ValueError('`latent_sampler="fitted"` needs a fitted latent sampler, but this pipeline has none '
                              '(its `latent_sampler` component is None): train with `--latent_sampler gmm`, or pass '
-                             'VAEPipeline(vae, latent_sampler=GaussianMixtureSampler(...).fit(latents)); '
+                             f'{type(self).__name__}(..., latent_sampler=GaussianMixtureSampler(...).fit(latents)); '
                              'or sample the prior with latent_sampler="prior"')
         return latent_sampler
+
+    def latents_to_decode(self, batch_size, class_labels, generator, latents, latent_sampler):
+        """What a call decodes: draws of the fitted sampler under "fitted" (unless `latents` are given), else
+        `latents` as given (None: the skeleton draws prior noise)."""
+        if self.resolve_latent_sampler(latent_sampler) == "prior":
+            return latents
+        if latents is not None:
+            if latent_sampler == "fitted":
+                raise ValueError('`latents` are decoded as they are given, and `latent_sampler="fitted"` would draw '
+                                 'them: pass one of the two')
+            return latents
+        return self.sample_latents(batch_size, generator, class_labels)
+
+    def sample_latents(self, batch_size: int | None = None, generator=None, class_labels=None) -> torch.Tensor:
+        """Latents z ~ the fitted sampler (z_i ~ q(z|y_i) for a CVAE's `class_labels`), (B, *latent_shape) on the
+        pipeline's device (B = `batch_size`, else one per label, or 1): what `__call__` decodes for "fitted" with
+        the same `generator`."""
+        self.check_latent_sampler(self.generative_model, self.latent_sampler)
+        labels, batch_size = self.prepare_class_labels(class_labels, batch_size)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"`generator` is a list of {len(generator)} generators: it must hold one per image "
+                             f"({batch_size}), or be a single generator")
+        self.check_fits_in_memory(batch_size)
+        flat = self.latent_sampler.sample(batch_size, generator=generator, class_labels=labels)
+        return flat.view(batch_size, *self.latent_shape).to(self.device, self.generative_model.dtype)
+
+
+class VAEPipeline(LatentSamplerMixin, GenerativePipeline):
+    r"""Samples z ~ N(0, I), or from a latent sampler fitted to the aggregated posterior q(z), and decodes it with
+    a VAE; also encodes, reconstructs, interpolates and traverses.
+
+    Example:
+        ```py
+        >>> import torch
+        >>> from hfgen import VAEPipeline
+        >>> pipe = VAEPipeline.from_pretrained("hfgen-vae-mnist")
+        >>> images = pipe(16, generator=torch.manual_seed(0)).images  # 16 PIL images
+        >>> prior = pipe(16, latent_sampler="prior", generator=torch.manual_seed(0)).images  # z ~ N(0, I)
+        ```
+
+    Args:
+        vae: the `VAEModel` (a CVAE also works: pass `class_labels` to every call).
+        latent_sampler: optional; a fitted `GaussianMixtureSampler` over the VAE's flattened latents
+            (latent_dim = prod(vae.latent_shape); per class for a CVAE). When the pipeline has one, calls sample
+            from it unless they ask for `latent_sampler="prior"`.
+    """
+
+    family = "vae"
+
+    _optional_components = ["latent_sampler"]
+
+    def __init__(self, vae: VAEModel, latent_sampler: GaussianMixtureSampler | None = None):
+        super().__init__()
+        if latent_sampler is not None:
+            self.check_latent_sampler(vae, latent_sampler)
+        self.register_modules(vae=vae, latent_sampler=latent_sampler)
 
     @torch.no_grad()
     def __call__(
@@ -93,26 +128,9 @@ class VAEPipeline(GenerativePipeline):
 
         The other arguments are `GenerativePipeline.__call__`'s.
         """
-        if self.resolve_latent_sampler(latent_sampler) == "fitted":
-            if latents is None:
-                latents = self.sample_latents(batch_size, generator)
-            elif latent_sampler == "fitted":
-                raise ValueError('`latents` are decoded as they are given, and `latent_sampler="fitted"` would draw '
-                                 'them: pass one of the two')
+        latents = self.latents_to_decode(batch_size, class_labels, generator, latents, latent_sampler)
         return super().__call__(batch_size, class_labels=class_labels, generator=generator, latents=latents,
                                 output_type=output_type, return_dict=return_dict)
-
-    def sample_latents(self, batch_size: int | None = None, generator=None) -> torch.Tensor:
-        """Latents z ~ the fitted sampler, (B, *latent_shape) on the pipeline's device (B = `batch_size`, or 1):
-        what `__call__` decodes for "fitted" with the same `generator`."""
-        self._check_latent_sampler(self.vae, self.latent_sampler)
-        _, batch_size = self.prepare_class_labels(None, batch_size)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"`generator` is a list of {len(generator)} generators: it must hold one per image "
-                             f"({batch_size}), or be a single generator")
-        self.check_fits_in_memory(batch_size)
-        flat = self.latent_sampler.sample(batch_size, generator=generator)
-        return flat.view(batch_size, *self.latent_shape).to(self.device, self.vae.dtype)
 
     @property
     def generative_model(self):

@@ -10,7 +10,7 @@ import torch
 from helpers import quick_vae_args
 from hub_fixtures import hub_server  # noqa: F401  (the fixture)
 
-from hfgen import AutoPipeline, VAEModel, VAEPipeline
+from hfgen import AutoPipeline, ConditionalPipeline, Generator, VAEModel, VAEPipeline
 from hfgen.models import GaussianMixtureSampler
 
 # the mixture the fit must recover: 2-d, weights 0.3 / 0.7, unequal full covariances
@@ -83,6 +83,99 @@ def test_samples_are_reproducible_for_a_generator_and_do_not_depend_on_the_batch
     assert torch.equal(per_sample, one_by_one)
 
 
+CLASS_MEANS = torch.tensor([[-6.0, 0.0], [6.0, 0.0], [0.0, 6.0]], dtype=torch.float64)
+
+
+def labelled_clusters(per_class: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three well separated 2-d classes: class y is N(CLASS_MEANS[y], 0.5^2 I); -> latents (3n, 2), labels (3n,)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(per_class)
+    return CLASS_MEANS[labels] + 0.5 * torch.randn(len(labels), 2, generator=generator, dtype=torch.float64), labels
+
+
+def fitted_class_sampler(latent_dim: int = 2, num_classes: int = 3, **kwargs) -> GaussianMixtureSampler:
+    latents, labels = labelled_clusters()
+    if latent_dim != 2:
+        latents = torch.randn(len(labels), latent_dim, generator=torch.Generator().manual_seed(0))
+    return GaussianMixtureSampler(latent_dim=latent_dim, num_components=2, num_classes=num_classes,
+                                  **kwargs).fit(latents, class_labels=labels % num_classes)
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_a_per_class_mixture_samples_each_class_near_its_own_latents(covariance_type):
+    sampler = fitted_class_sampler(covariance_type=covariance_type)
+    assert sampler.weights.shape == (3, 2) and sampler.means.shape == (3, 2, 2)
+    assert int(sampler.num_fit_samples) == 1200
+    latents, fitted_labels = labelled_clusters()
+    labels = torch.tensor([2, 0, 1]).repeat(3000)
+    samples = sampler.sample(9000, generator=torch.Generator().manual_seed(1), class_labels=labels).double()
+    for label in range(3):  # each class's draws have the moments of that class's latents
+        of_class, fitted_to = samples[labels == label], latents[fitted_labels == label]
+        torch.testing.assert_close(of_class.mean(0), fitted_to.mean(0), atol=0.04, rtol=0)
+        torch.testing.assert_close(of_class.std(0), fitted_to.std(0), atol=0.04, rtol=0)
+    # log q(z|y) is each class's own density: a latent of class 0 is likely under y = 0 and not under y = 1
+    held_out, held_out_labels = labelled_clusters(per_class=1000, seed=2)
+    own = sampler.log_prob(held_out, class_labels=held_out_labels)
+    true = torch.distributions.Independent(torch.distributions.Normal(CLASS_MEANS[held_out_labels], 0.5), 1)
+    assert abs((true.log_prob(held_out) - own).mean().item()) < 0.03  # ~ KL(true || fitted), small
+    assert (sampler.log_prob(held_out, class_labels=(held_out_labels + 1) % 3) < own - 50).all()
+    # a sample depends on its own generator and label only, not on the batch it is drawn in
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    batch = sampler.sample(4, generator=generators, class_labels=[0, 1, 2, 0])
+    one_by_one = torch.cat([sampler.sample(1, generator=[torch.Generator().manual_seed(i)], class_labels=[label])
+                            for i, label in enumerate([0, 1, 2, 0])])
+    assert torch.equal(batch, one_by_one)
+
+
+def test_bad_class_labels_for_a_sampler_are_clear_errors():
+    latents, labels = labelled_clusters(per_class=5)
+    with pytest.raises(ValueError, match="`class_labels` are required: this model is conditional on 3 classes"):
+        GaussianMixtureSampler(latent_dim=2, num_components=2, num_classes=3).fit(latents)
+    with pytest.raises(ValueError, match="`class_labels` were given, but this model is unconditional"):
+        GaussianMixtureSampler(latent_dim=2, num_components=2).fit(latents, class_labels=labels)
+    with pytest.raises(ValueError, match="holds 0 latents of class 3, fewer than the 2 components"):
+        GaussianMixtureSampler(latent_dim=2, num_components=2, num_classes=4).fit(latents, class_labels=labels)
+    with pytest.raises(ValueError, match=r"`class_labels` must hold one label per example \(15\), got 14"):
+        GaussianMixtureSampler(latent_dim=2, num_components=2, num_classes=3).fit(latents, class_labels=labels[1:])
+    sampler = fitted_class_sampler()
+    with pytest.raises(ValueError, match=r"`class_labels` must lie in \[0, 2\], got values in \[0, 3\]"):
+        sampler.sample(2, class_labels=[0, 3])
+    with pytest.raises(ValueError, match="`class_labels` are required"):
+        sampler.sample(2)
+    with pytest.raises(ValueError, match="`num_classes` must be an integer >= 0, got -1"):
+        GaussianMixtureSampler(latent_dim=2, num_classes=-1)
+
+
+def test_conditional_pipeline_with_a_per_class_sampler_saves_loads_and_samples_each_class(tmp_path):
+    cvae = tiny_vae(num_classes=3)
+    pipe = ConditionalPipeline(cvae, latent_sampler=fitted_class_sampler(latent_dim=4))
+    pipe.save_pretrained(tmp_path)
+    loaded = AutoPipeline.from_pretrained(tmp_path)
+    assert isinstance(loaded, ConditionalPipeline) and loaded.latent_sampler.config.num_classes == 3
+    labels = [2, 0, 1, 1]
+    fitted = pipe(class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images  # the default
+    assert torch.equal(fitted, loaded(class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images)
+    # the fitted latents are the class mixtures' draws, decoded with the labels
+    latents = pipe.latent_sampler.sample(4, generator=torch.manual_seed(0), class_labels=labels)
+    decoded = cvae.decode(latents, torch.tensor(labels)).sample
+    torch.testing.assert_close(fitted, decoded, rtol=0, atol=1e-6)
+    # "prior" is exactly the pipeline without a sampler
+    prior = loaded(class_labels=labels, latent_sampler="prior", generator=torch.manual_seed(0), output_type="pt")
+    assert torch.equal(prior.images, ConditionalPipeline(cvae)(class_labels=labels, generator=torch.manual_seed(0),
+                                                               output_type="pt").images)
+    assert pipe.sample_latents(class_labels=labels).shape == (4, 4)
+
+    with pytest.raises(ValueError, match="`latent_sampler` has num_classes 0, but the VAE has 3"):
+        ConditionalPipeline(cvae, latent_sampler=fitted_sampler(4))
+    with pytest.raises(ValueError, match="`latent_sampler` has num_classes 3, but the VAE has 0"):
+        VAEPipeline(tiny_vae(), latent_sampler=fitted_class_sampler(latent_dim=4))
+    generator = Generator(sample_size=8, latent_dim=4, base_channels=4, num_classes=3)
+    with pytest.raises(ValueError, match="`latent_sampler` samples a VAE's latents, but the model is a Generator"):
+        ConditionalPipeline(generator, latent_sampler=fitted_class_sampler(latent_dim=4))
+    with pytest.raises(ValueError, match='`latent_sampler="fitted"` needs a fitted latent sampler'):
+        ConditionalPipeline(generator)(class_labels=[0], latent_sampler="fitted")
+
+
 def test_pipeline_with_a_sampler_saves_loads_and_gives_the_same_samples(tmp_path):
     vae = tiny_vae()
     pipe = VAEPipeline(vae, latent_sampler=fitted_sampler(4))
@@ -153,7 +246,7 @@ def test_bad_pipeline_and_sampler_input_is_a_clear_error():
         with_sampler(2, latents=torch.zeros(2, 4), latent_sampler="fitted")
     with pytest.raises(ValueError, match="one per image"):
         with_sampler(3, generator=[torch.manual_seed(0)])
-    with pytest.raises(ValueError, match="`vae` is conditional"):
+    with pytest.raises(ValueError, match="`latent_sampler` has num_classes 0, but the VAE has 3"):
         VAEPipeline(tiny_vae(num_classes=3), latent_sampler=fitted_sampler(4))
     with pytest.raises(ValueError, match="`latent_sampler` is not fitted"):
         VAEPipeline(tiny_vae(), latent_sampler=GaussianMixtureSampler(latent_dim=4))
@@ -183,7 +276,8 @@ def test_bad_pipeline_and_sampler_input_is_a_clear_error():
         (["--latent_sampler", "gmm", "--latent_sampler_components", "5000"],
          "`--latent_sampler_components` 5000 exceeds the 4000 training images"),
         (["--latent_sampler", "kde"], "invalid choice: 'kde'"),
-        (["--latent_sampler", "gmm", "--conditional"], "`--latent_sampler gmm` fits q\\(z\\) of an unconditional VAE"),
+        (["--latent_sampler", "gmm", "--conditional", "--latent_sampler_components", "500"],
+         r"`--latent_sampler_components` 500 exceeds the \d+ training images of class \d"),
     ],
 )
 def test_bad_latent_sampler_flags_are_clear_errors(tmp_path, flags, message):
@@ -236,3 +330,18 @@ def test_fitted_sampler_has_a_lower_fd_than_the_prior_on_the_digits(gmm_vae_dir,
           for choice in ("fitted", "prior")}
     print(f"FD of 300 samples, 3-epoch VAE: fitted {fd['fitted']:.1f}, prior {fd['prior']:.1f}")
     assert math.isfinite(fd["fitted"]) and fd["fitted"] < 0.8 * fd["prior"]
+
+
+def test_conditional_training_fits_one_mixture_per_class_and_reports_both_fds(tmp_path):
+    from hfgen.training.train_vae import main
+
+    folder = tmp_path / "out"
+    main(quick_vae_args(folder, "--num_epochs", "3", "--conditional", "--latent_sampler", "gmm",
+                        "--latent_sampler_components", "3"))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    print(f"FD of 200 samples, 3-epoch CVAE: fitted {metrics['fd']:.1f}, prior {metrics['fd_prior']:.1f}")
+    assert metrics["fd"] < metrics["fd_prior"]
+    assert "3-component Gaussian mixture per class" in (folder / "README.md").read_text()
+    sampler = ConditionalPipeline.from_pretrained(folder).latent_sampler
+    assert sampler.config.num_classes == 10 and sampler.weights.shape == (10, 3)
+    assert int(sampler.num_fit_samples) == 4000  # one latent per training digit, each fitted to its class

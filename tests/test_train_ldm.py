@@ -102,7 +102,8 @@ def test_every_shared_flag_reaches_the_first_stage_unless_it_configures_the_seco
     from hfgen.training.trainer import training_parser
 
     args = parse_args(["--output_dir", "out", "--random_flip", "--max_train_samples", "50", "--seed", "7",
-                       "--dataloader_num_workers", "2", "--learning_rate", "5e-4", "--vae_learning_rate", "1e-3"])
+                       "--dataloader_num_workers", "2", "--learning_rate", "5e-4", "--vae_learning_rate", "1e-3",
+                       "--vae_beta", "0.01"])
     vae_args = first_stage_args(args)
     shared = {action.dest for action in training_parser("")._actions} - {"help"}
     assert SECOND_STAGE_ONLY < shared  # no stale names
@@ -110,7 +111,7 @@ def test_every_shared_flag_reaches_the_first_stage_unless_it_configures_the_seco
         assert getattr(vae_args, name) == getattr(args, name), name
     assert vae_args.random_flip and vae_args.max_train_samples == 50 and vae_args.dataloader_num_workers == 2
     assert vae_args.learning_rate == 1e-3 and vae_args.output_dir == "out/first_stage"
-    assert vae_args.architecture == "conv" and vae_args.latent_channels == 4
+    assert vae_args.architecture == "conv" and vae_args.latent_channels == 4 and vae_args.beta == 0.01
 
 
 def test_the_latent_cache_is_on_disk_reused_and_keyed_by_first_stage_and_data(trained_ldm_dir, tmp_path, monkeypatch):

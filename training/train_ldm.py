@@ -31,7 +31,7 @@ from hfgen.pipelines import AutoPipeline, LatentDiffusionPipeline, LatentTextToI
 
 from . import train_vae
 from .train_ddpm import DDPMTrainer, diffusion_parser
-from hfgen.utils import check_positive_int, check_positive_number, hfgen_cache_dir
+from hfgen.utils import check_non_negative_number, check_positive_int, check_positive_number, hfgen_cache_dir
 
 from .trainer import training_parser
 
@@ -59,6 +59,9 @@ def parse_args(argv=None):
     add("--vae_learning_rate", type=float, default=2e-3, help="First stage: learning rate.")
     add("--vae_train_batch_size", type=int, default=100, help="First stage: batch size per process.")
     add("--vae_likelihood", default="bernoulli", choices=LIKELIHOODS, help="First stage: decoder.")
+    add("--vae_beta", type=float, default=1.0,
+        help="First stage: weight of its KL term (1: the ELBO). Below 1 the codes carry more of the image and "
+             "reconstruct better, and q(z) strays further from N(0, I); Stable Diffusion's VAE uses a tiny one.")
     add("--vae_eval_importance_samples", type=int, default=100,
         help="First stage: K of its IWAE bound on the test split, reported on its card (1: the ELBO alone, cheapest).")
     add("--latent_cache_dir", default=None,
@@ -79,7 +82,7 @@ def first_stage_args(args) -> argparse.Namespace:
     vae_args.architecture, vae_args.hidden_dims = "conv", args.vae_hidden_dims
     vae_args.latent_channels, vae_args.likelihood = args.vae_latent_channels, args.vae_likelihood
     vae_args.num_epochs, vae_args.learning_rate = args.vae_num_epochs, args.vae_learning_rate
-    vae_args.train_batch_size = args.vae_train_batch_size
+    vae_args.train_batch_size, vae_args.beta = args.vae_train_batch_size, args.vae_beta
     vae_args.eval_importance_samples = args.vae_eval_importance_samples
     vae_args.resume_from_checkpoint = "latest" if args.resume_from_checkpoint else None  # an interrupted first stage continues
     return vae_args
@@ -106,6 +109,7 @@ class LDMTrainer(DDPMTrainer):
     clip_sample = False  # scaled latents have unit variance, not the [-1, 1] range of images: z0 is not clipped
     size_name = "the VAE's latent size"
     flag_checks = {**DDPMTrainer.flag_checks, "vae_learning_rate": check_positive_number,
+                   "vae_beta": check_non_negative_number,
                    **dict.fromkeys(("vae_latent_channels", "vae_num_epochs", "vae_train_batch_size",
                                      "vae_eval_importance_samples"), check_positive_int)}
 

@@ -3,6 +3,7 @@
     accelerate launch -m hfgen.training.train_vae --output_dir hfgen-vae-mnist
     hfgen train vae --output_dir hfgen-cvae-mnist --conditional
     hfgen train vae --output_dir hfgen-vae-mnist --latent_sampler gmm   # + a Gaussian mixture fitted to q(z)
+    hfgen train vae --output_dir hfgen-cvae-mnist --conditional --latent_sampler gmm   # one per class, q(z|y)
 """
 
 import logging
@@ -46,10 +47,12 @@ def parse_args(argv=None):
     add("--eval_importance_samples", type=int, default=100, help="K of the IWAE bound on the test split.")
     add("--latent_sampler", default="none", choices=LATENT_SAMPLERS,
         help='"gmm": after training, fit a Gaussian mixture to the aggregated posterior q(z) (one z ~ q(z|x) per '
-             f'training image, at most {LATENT_SAMPLER_MAX_IMAGES:,}) and save it in the pipeline, which then samples '
-             'from it by default (docs/maths.md §7.2); the card reports FD for it ("fd") and for the prior '
-             '("fd_prior"). Unconditional VAEs only. "none": sample the prior N(0, I).')
-    add("--latent_sampler_components", type=int, default=10, help="Components K of the --latent_sampler mixture.")
+             f'training image, at most {LATENT_SAMPLER_MAX_IMAGES:,}; under --conditional one mixture per class, '
+             'fitted to q(z|y)) and save it in the pipeline, which then samples from it by default (docs/maths.md '
+             '§7.2); the card reports FD for it ("fd") and for the prior ("fd_prior"). "none": sample the prior '
+             'N(0, I).')
+    add("--latent_sampler_components", type=int, default=10,
+        help="Components K of the --latent_sampler mixture (of each class's mixture under --conditional).")
     add("--latent_sampler_covariance", default="full", choices=COVARIANCE_TYPES,
         help="Covariance of each mixture component: full, or diagonal (for large, e.g. spatial, latents).")
     return parser.parse_args(argv)
@@ -65,18 +68,19 @@ class VAETrainer(Trainer):
                    "latent_sampler_covariance": lambda name, value: check_choice(name, value, COVARIANCE_TYPES)}
     _latent_sampler = None  # (global_step, the sampler fitted at that step), fitted once at the end
 
-    @classmethod
-    def check_args(cls, args):
-        super().check_args(args)
-        if args.latent_sampler != "none" and args.conditional:
-            raise ValueError(f"`--latent_sampler {args.latent_sampler}` fits q(z) of an unconditional VAE; a "
-                             "`--conditional` VAE samples its prior: drop one of the two flags")
-
     def load_data(self):
         super().load_data()
         args, num_images = self.args, dataset_length(self.train_dataset)
         # checked now, not when the mixture is fitted at the end of training
-        if args.latent_sampler != "none" and num_images is not None and num_images < args.latent_sampler_components:
+        if args.latent_sampler == "none" or num_images is None:
+            return
+        if args.conditional:
+            counts = torch.bincount(self.train_dataset.labels[:LATENT_SAMPLER_MAX_IMAGES], minlength=self.num_classes)
+            label, count = int(counts.argmin()), int(counts.min())
+            if count < args.latent_sampler_components:
+                raise ValueError(f"`--latent_sampler_components` {args.latent_sampler_components} exceeds the {count} "
+                                 f"training images of class {label}, whose latents its mixture is fitted to")
+        elif num_images < args.latent_sampler_components:
             raise ValueError(f"`--latent_sampler_components` {args.latent_sampler_components} exceeds the "
                              f"{num_images} training images whose latents the mixture is fitted to")
 
@@ -111,9 +115,14 @@ class VAETrainer(Trainer):
 
     def build_pipeline(self):
         vae = self.sampling_model("vae")
-        if self.args.conditional:
-            return ConditionalPipeline(vae)
-        return VAEPipeline(vae, latent_sampler=self.fitted_latent_sampler(vae))
+        return self.pipeline_of(vae, self.fitted_latent_sampler(vae))
+
+    @staticmethod
+    def pipeline_of(vae: VAEModel, latent_sampler: GaussianMixtureSampler | None):
+        """The pipeline a run saves: a CVAE's ConditionalPipeline or a VAEPipeline, with `latent_sampler`."""
+        if vae.config.num_classes:
+            return ConditionalPipeline(vae, latent_sampler=latent_sampler)
+        return VAEPipeline(vae, latent_sampler=latent_sampler)
 
     def fitted_latent_sampler(self, vae: VAEModel) -> GaussianMixtureSampler | None:
         """Under --latent_sampler gmm, once training has ended: the mixture fitted to `vae`'s q(z), fitted once and
@@ -129,7 +138,7 @@ class VAETrainer(Trainer):
     def fit_latent_sampler(self, vae: VAEModel) -> GaussianMixtureSampler:
         """A Gaussian mixture fitted to one sample z ~ q(z|x) of each training image (the first
         LATENT_SAMPLER_MAX_IMAGES, as stored: without random crops and flips), i.e. to the aggregated posterior
-        q(z) (docs/maths.md §7.2)."""
+        q(z); for a CVAE, z ~ q(z|x, y) and one mixture per class y, fitted to q(z|y) (docs/maths.md §7.2)."""
         args = self.args
         parameter = next(vae.parameters())
         generator = torch.Generator(parameter.device).manual_seed(args.seed)
@@ -137,17 +146,20 @@ class VAETrainer(Trainer):
         num_images = min(dataset_length(images_as_stored) or LATENT_SAMPLER_MAX_IMAGES, LATENT_SAMPLER_MAX_IMAGES)
         was_training = vae.training
         vae.eval()
-        latents = []
-        for images, _ in image_batches(images_as_stored, num_images, batch_size=args.eval_batch_size,
-                                       num_workers=args.dataloader_num_workers, shuffle=False):
-            posterior = vae.encode(images.to(parameter.device, parameter.dtype)).latent_dist
+        conditional, latents, class_labels = bool(vae.config.num_classes), [], []
+        for images, labels in image_batches(images_as_stored, num_images, batch_size=args.eval_batch_size,
+                                            num_workers=args.dataloader_num_workers, shuffle=False):
+            condition = labels.to(parameter.device) if conditional else None
+            posterior = vae.encode(images.to(parameter.device, parameter.dtype), condition).latent_dist
             latents.append(posterior.sample(generator).flatten(1).float().cpu())
+            class_labels.append(labels)
         vae.train(was_training)
-        latents = torch.cat(latents)
+        latents, class_labels = torch.cat(latents), torch.cat(class_labels) if conditional else None
         sampler = GaussianMixtureSampler(latent_dim=math.prod(vae.latent_shape),
                                          num_components=args.latent_sampler_components,
-                                         covariance_type=args.latent_sampler_covariance)
-        sampler.fit(latents, seed=args.seed)
+                                         covariance_type=args.latent_sampler_covariance,
+                                         num_classes=vae.config.num_classes)
+        sampler.fit(latents, class_labels=class_labels, seed=args.seed)
         logger.info("fitted a %d-component Gaussian mixture to the latents of %d training images",
                     args.latent_sampler_components, len(latents))
         return sampler.to(parameter.device)
@@ -175,8 +187,10 @@ class VAETrainer(Trainer):
         text = (f"A {kind} trained with hfgen on `{args.dataset_name}`. The negative ELBO and the "
                 f"importance-weighted NLL bound (K = {args.eval_importance_samples}) are in nats per image.")
         if args.latent_sampler == "gmm":
+            fitted_to = "each class's aggregated posterior q(z|y)" if args.conditional else "the aggregated posterior q(z)"
+            per_class = " per class" if args.conditional else ""
             text += (f" Samples decode latents drawn from a {args.latent_sampler_components}-component Gaussian "
-                     f"mixture ({args.latent_sampler_covariance} covariances) fitted to the aggregated posterior q(z) "
+                     f"mixture{per_class} ({args.latent_sampler_covariance} covariances) fitted to {fitted_to} "
                      "of the training images (the pipeline's `latent_sampler`, its default); `fd_prior` is the FD of "
                      'samples from the prior N(0, I), `pipe(..., latent_sampler="prior")`.')
         return text
