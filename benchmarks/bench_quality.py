@@ -63,8 +63,8 @@ RECIPES = {
     "hfgen-flow": ("ddpm", "--num_epochs 14 --use_ema --objective flow_matching"),
     "hfgen-cond-ddpm": ("ddpm", "--num_epochs 10 --use_ema --conditional"),
     "hfgen-cond-flow": ("ddpm", "--num_epochs 14 --use_ema --conditional --objective flow_matching"),
-    "hfgen-ldm": ("ldm", "--num_epochs 40 --use_ema"),
-    "hfgen-ldm-flow": ("ldm", "--num_epochs 40 --use_ema --objective flow_matching"),
+    "hfgen-ldm": ("ldm", "--num_epochs 40 --use_ema --vae_beta 0.1"),
+    "hfgen-ldm-flow": ("ldm", "--num_epochs 40 --use_ema --objective flow_matching --vae_beta 0.1"),
 }
 PEERS = ("plain-vae", "pythae-vae", "plain-dcgan", "diffusers-loop")
 CONTENDERS = (*RECIPES, *PEERS)

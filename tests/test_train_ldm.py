@@ -95,6 +95,8 @@ def test_first_stages_that_cannot_serve_are_clear_errors(trained_vae_dir, traine
     GANPipeline(Generator(latent_dim=4, base_channels=8)).save_pretrained(tmp_path / "gan")
     with pytest.raises(ValueError, match="holds a GANPipeline without a VAE first stage"):
         main(quick_training_args(tmp_path, *TINY, "--vae_path", tmp_path / "gan"))
+    with pytest.raises(ValueError, match=r"`--vae_beta` must be a finite number >= 0, got -0.5"):
+        main(quick_training_args(tmp_path, *TINY, "--vae_beta", "-0.5"))
 
 
 def test_every_shared_flag_reaches_the_first_stage_unless_it_configures_the_second():
