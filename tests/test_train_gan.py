@@ -35,6 +35,19 @@ def test_cgan_generates_the_requested_classes(trained_cgan_dir, digit_classifier
 
 
 @pytest.mark.slow
+def test_cgan_samples_of_one_class_vary_with_z(trained_cgan_dir, mnist_test):
+    """No collapse to one image per class (it did with the class embedding at N(0, 1), docs/maths.md §5.2): the pixel
+    standard deviation over z within a class is a good part of the real digits' own."""
+    pipe = ConditionalPipeline.from_pretrained(trained_cgan_dir)
+    labels = torch.arange(10).repeat_interleave(20)
+    images = pipe(class_labels=labels, generator=torch.manual_seed(0), output_type="pt").images
+    generated_std = images.view(10, 20, -1).std(1).mean().item()
+    real_std = torch.stack([mnist_test.images[mnist_test.labels == digit][:20].flatten(1).std(0).mean()
+                            for digit in range(10)]).mean().item()
+    assert generated_std > 0.5 * real_std, (generated_std, real_std)
+
+
+@pytest.mark.slow
 def test_short_run_lowers_fd_far_below_the_untrained_generator(tmp_path, mnist_test):
     flags = ["--num_epochs", "4", "--base_channels", "16", "--latent_dim", "32", "--eval_num_samples", "500"]
     main(quick_training_args(tmp_path, *flags))

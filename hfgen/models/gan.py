@@ -48,11 +48,15 @@ def dcgan_upsamplings(sample_size: int) -> tuple[int, int]:
 
 
 def dcgan_init(module: nn.Module) -> None:
-    """DCGAN's initialisation (Radford et al. 2016): conv and linear weights ~ N(0, 0.02), batch-norm scales
-    ~ N(1, 0.02), biases 0. For `module.apply`."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+    """DCGAN's initialisation (Radford et al. 2016): conv, linear and embedding weights ~ N(0, 0.02), batch-norm
+    scales ~ N(1, 0.02), biases 0. For `module.apply`.
+
+    The generator's class embedding is included on purpose: at nn.Embedding's N(0, 1) the class code is as large as
+    z ~ N(0, I), and the conditional generator collapses to one image per class within a few hundred steps (docs/maths.md
+    §5.2); at N(0, 0.02) the class enters like a one-hot label beside z, as in the conditional DCGAN."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, 0.0, 0.02)
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
