@@ -57,8 +57,8 @@ FD_SOLVER_STEPS = 20
 RECIPES = {
     "hfgen-vae": ("vae", "--num_epochs 1200 --latent_sampler gmm --latent_sampler_components 100"),
     "hfgen-cvae": ("vae", "--num_epochs 1200 --conditional --latent_sampler gmm --latent_sampler_components 10"),
-    "hfgen-gan": ("gan", "--num_epochs 240 --use_ema"),
-    "hfgen-cgan": ("gan", "--num_epochs 240 --use_ema --conditional"),
+    "hfgen-gan": ("gan", "--num_epochs 240 --use_ema --learning_rate 4e-4"),
+    "hfgen-cgan": ("gan", "--num_epochs 240 --use_ema --conditional --learning_rate 4e-4"),
     "hfgen-ddpm": ("ddpm", "--num_epochs 10 --use_ema"),
     "hfgen-flow": ("ddpm", "--num_epochs 14 --use_ema --objective flow_matching"),
     "hfgen-cond-ddpm": ("ddpm", "--num_epochs 10 --use_ema --conditional"),
