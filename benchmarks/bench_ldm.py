@@ -14,7 +14,10 @@ step (forward, loss, backward and fused AdamW step; the in-memory batch indexing
 Then it measures, all against the 1,000 test digits at 32 px, with --fd_samples samples (N) for every FD:
 
   1. FD (`hfgen.metrics.evaluate_pipeline`, likelihood=False, the same seed, so the same real digits and noise
-     seeds) of: the VAE decoding prior samples z ~ N(0, I) (`VAEPipeline.from_pretrained(.../first_stage)`),
+     seeds) of: the VAE decoding prior samples z ~ N(0, I) (`VAEPipeline.from_pretrained(.../first_stage)`), the
+     same decoder on samples of a Gaussian mixture fitted to q(z) (`GaussianMixtureSampler`, --gmm_components K,
+     --gmm_covariance, fitted to one z ~ q(z|x) per training digit as `hfgen train vae --latent_sampler gmm` fits it,
+     and sampled as the pipeline's `latent_sampler`),
      latent diffusion sampled with its saved DDPMScheduler config and clip_sample=False, and again with
      clip_sample=True (DDPMScheduler's default, which clips the predicted z0 to [-1, 1]: meant for pixels, wrong for
      unit-variance latents; train_ldm saved it until ed6e201), the pixel DDPM; all diffusion samplers with
@@ -24,8 +27,8 @@ Then it measures, all against the 1,000 test digits at 32 px, with --fd_samples 
   2. The prior / aggregated-posterior gap, in the VAE's latent space (256 dims): q(z) = 1/4000 sum_n q(z|x_n) over
      the training digits' cached diagonal Gaussians, log q(z) by logsumexp over the components (float64, chunks of
      250). Scored: one z ~ q(z|x) per held-out test digit (so the mixture never scores its own samples), one per
-     N random training digits with their own component left out (leave-one-out), the N prior samples the VAE
-     decoded in 1., and the N final latents z0 / scaling_factor of each latent-diffusion sampler in 1. Reported:
+     N random training digits with their own component left out (leave-one-out), the N prior samples and the N
+     mixture samples the VAE decoded in 1., and the N final latents z0 / scaling_factor of each latent-diffusion sampler in 1. Reported:
      the share of each set below the 1st / 5th percentile of log q over the held-out samples; MMD^2 (unbiased, RBF
      kernel) of each set against the held-out samples, with one bandwidth for all: the median pairwise distance
      among the held-out samples; KL(q || p) = E_q[log q(z) - log p(z)] estimated in-sample (the leave-one-out
@@ -63,6 +66,7 @@ from hfgen import DDPMPipeline, LatentDiffusionPipeline, VAEPipeline
 from hfgen.data import load_image_dataset
 from hfgen.distributions import LOG_2PI, standard_normal_log_prob
 from hfgen.latent_tools import encode_images
+from hfgen.models.latent_sampler import COVARIANCE_TYPES, GaussianMixtureSampler
 from hfgen.evaluation import evaluate_pipeline
 from hfgen.features import DEFAULT_FEATURE_EXTRACTOR, load_feature_extractor
 from hfgen.frechet import frechet_distance
@@ -84,6 +88,9 @@ def parse_args():
     parser.add_argument("--fd_samples", type=int, default=1000, help="N: samples per FD (and latents per set).")
     parser.add_argument("--inference_steps", type=int, default=50, help="Denoising steps of both diffusion models.")
     parser.add_argument("--seed", type=int, default=0, help="Training seed.")
+    parser.add_argument("--gmm_components", type=int, default=10,
+                        help="K of the Gaussian mixture fitted to q(z) (`hfgen train vae`'s default: 10).")
+    parser.add_argument("--gmm_covariance", default="full", choices=COVARIANCE_TYPES, help="Its covariances.")
     parser.add_argument("--quick", action="store_true",
                         help="Smoke run: 1 VAE epoch, 20 steps, N = 100, 20 denoising steps; cannot --write.")
     parser.add_argument("--output_dir", default=None, help="Keep the trained folders here (default: a temporary one).")
@@ -95,7 +102,7 @@ def parse_args():
             parser.error("--quick is a smoke run: it does not --write")
     if args.rounds != 1:
         parser.error("this study trains each model once: --rounds must be 1")
-    for name in ("vae_epochs", "train_steps", "fd_samples", "inference_steps", "threads"):
+    for name in ("vae_epochs", "train_steps", "fd_samples", "inference_steps", "threads", "gmm_components"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     if args.fd_samples < 2 or args.fd_samples > 1000:
@@ -212,7 +219,7 @@ class Recorder:
 
 class RecordingVAEPipeline(Recorder, VAEPipeline):
     def prepare_latents(self, batch_size, generator=None, latents=None):
-        latents = super().prepare_latents(batch_size, generator, latents)  # z ~ p(z) = N(0, I)
+        latents = super().prepare_latents(batch_size, generator, latents)  # z ~ p(z), or the latent sampler's z
         self.recorded_latents.append(latents.detach().float().cpu())
         return latents
 
@@ -235,6 +242,18 @@ def evaluate(name, pipe, test_set, features, args):
     log(f"{name}: FD {fd:.1f} (N={args.fd_samples}; {pipe.call_seconds / args.fd_samples:.4f} s/image sampling, "
         f"{time.perf_counter() - start:.0f} s in all)")
     return {"fd": fd, "s_per_image": pipe.call_seconds / args.fd_samples}
+
+
+def fit_mixture(vae, train_set, args):
+    """A GaussianMixtureSampler fitted to one z ~ q(z|x) per training digit, as `hfgen train vae --latent_sampler
+    gmm` fits it (its seed: the training seed)."""
+    start = time.perf_counter()
+    posterior = encode_images(vae, train_set.images)
+    latents = posterior.sample(torch.Generator().manual_seed(args.seed)).flatten(1).float()
+    sampler = GaussianMixtureSampler(latent_dim=latents.shape[1], num_components=args.gmm_components,
+                                     covariance_type=args.gmm_covariance).fit(latents, seed=args.seed)
+    log(f"gmm: K={args.gmm_components} ({args.gmm_covariance}) fitted in {time.perf_counter() - start:.0f} s")
+    return sampler
 
 
 # ----- the aggregated posterior ---------------------------------------------------------------------------------
@@ -417,6 +436,7 @@ def main():
 
     samplers = {  # name -> recording pipeline
         "prior": RecordingVAEPipeline(vae),
+        "gmm": RecordingVAEPipeline(vae, latent_sampler=fit_mixture(vae, train_set, args)),
         "ldm_noclip": ldm_sampler(False),
         "ldm_clip": ldm_sampler(True),
         "ddpm": RecordingDDPMPipeline(ddpm.unet, ddpm.scheduler),
@@ -427,7 +447,8 @@ def main():
         return f"clip_sample={name == 'ldm_clip'}" + (", as saved" if name == saved_name else "")
     results = {}
     for name, pipe in samplers.items():
-        pipe.start_recording().fd_kwargs = {} if name == "prior" else {"num_inference_steps": args.inference_steps}
+        vae_sampler = name in ("prior", "gmm")
+        pipe.start_recording().fd_kwargs = {} if vae_sampler else {"num_inference_steps": args.inference_steps}
         results[name] = evaluate(name, pipe, test_set, features, args)
 
     # references at the same N: the decoder on exact aggregated-posterior samples, and real training digits
@@ -441,21 +462,23 @@ def main():
     results["real"] = {"fd": frechet_distance(real_test, train_set.images[reference_index], features), "s_per_image": None}
     log(f"references: exact q FD {results['exact_q']['fd']:.1f}, real training digits FD {results['real']['fd']:.1f}")
 
-    latent_sets = {name: samplers[name].latents() for name in ("prior", "ldm_noclip", "ldm_clip")}
+    latent_sets = {name: samplers[name].latents() for name in ("prior", "gmm", "ldm_noclip", "ldm_clip")}
     study = latent_study(vae, train_set, test_set, latent_sets, args)
     max_scaled = {name: (latent_sets[name] * scaling).abs().max().item() for name in ("ldm_noclip", "ldm_clip")}
     at_bound = (latent_sets["ldm_clip"] * scaling).abs().ge(1 - 1e-6).double().mean().item()
     exact_scaled_share = ((posterior.sample(torch.Generator().manual_seed(FD_SEED + 4)) * scaling).abs() > 1).double().mean().item()
 
+    gmm_label = f"GMM fitted to q(z) (K={args.gmm_components}, {args.gmm_covariance})"
     figure_ok = True
     try:
         draw_figure(
             [(f"VAE: z ~ p(z) = N(0, I)\nFD {results['prior']['fd']:.1f}", samplers["prior"].grid_images()),
+             (f"VAE: z ~ {gmm_label}\nFD {results['gmm']['fd']:.1f}", samplers["gmm"].grid_images()),
              *[(f"latent diffusion ({clip_label(name)})\nFD {results[name]['fd']:.1f}", samplers[name].grid_images())
                for name in ("ldm_noclip", "ldm_clip")],
              (f"pixel DDPM\nFD {results['ddpm']['fd']:.1f}", samplers["ddpm"].grid_images())],
             study,
-            [("held-out q(z|x_test) samples", "held-out"), ("prior N(0, I)", "prior"),
+            [("held-out q(z|x_test) samples", "held-out"), ("prior N(0, I)", "prior"), (gmm_label, "gmm"),
              *[(f"LDM latents ({clip_label(name)})", name) for name in ("ldm_noclip", "ldm_clip")]],
             FIGURE if args.write else os.path.join(tempfile.gettempdir(), "ldm_study_quick.png"))
     except ImportError as error:  # matplotlib missing: the section says so
@@ -478,6 +501,7 @@ def main():
         "| sampler | latents decoded | N | FD vs test digits (lower is better) | sampling s/image |",
         "|---|---|---|---|---|",
         fd_row("VAE decoder on its prior", "z ~ p(z) = N(0, I)", "prior"),
+        fd_row("VAE decoder on the fitted latent sampler", f"z ~ {gmm_label}", "gmm"),
         *[fd_row(f"latent diffusion ({clip_label(name)}), {args.inference_steps} steps", "z0 / scaling_factor", name)
           for name in ("ldm_noclip", "ldm_clip")],
         fd_row(f"pixel DDPM, {args.inference_steps} steps", "–", "ddpm"),
@@ -489,6 +513,7 @@ def main():
         "held-out": "held-out: z ~ q(z\\|x), one per test digit",
         "leave-one-out": "leave-one-out: z ~ q(z\\|x_n), N training digits, own component left out",
         "prior": "prior z ~ N(0, I) (the VAE's samples above)",
+        "gmm": f"z ~ {gmm_label} (the VAE's samples above)",
         "ldm_noclip": f"latent diffusion z0 / scaling_factor ({clip_label('ldm_noclip')})",
         "ldm_clip": f"latent diffusion z0 / scaling_factor ({clip_label('ldm_clip')})",
     }
@@ -544,6 +569,10 @@ def main():
         f"the 1st percentile of held-out log q(z) against {100 * prior_below:.1f}% of prior samples (MMD² to q-samples "
         f"{noclip_row['mmd2']:.4f} vs {rows['prior']['mmd2']:.4f}), and their decoded samples have a "
         f"{compare(fd['ldm_noclip'], fd['prior'])} FD ({fd['ldm_noclip']:.1f} vs {fd['prior']:.1f}).",
+        f"Without any denoiser, the {gmm_label} puts {100 * rows['gmm']['below'][1]:.1f}% of its samples there (MMD² "
+        f"{rows['gmm']['mmd2']:.4f}), and the same decoder on them reaches FD {fd['gmm']:.1f}: "
+        f"{100 * (fd['prior'] - fd['gmm']) / (fd['prior'] - fd['exact_q']):.0f}% of the way from the prior's "
+        f"{fd['prior']:.1f} to exact q-samples' {fd['exact_q']:.1f}.",
     ]
     ratio = clip_row["sq_norm"] / held["sq_norm"]
     shape = (f"too concentrated (mean z² per dimension {clip_row['sq_norm']:.3f} against {held['sq_norm']:.3f} for "
