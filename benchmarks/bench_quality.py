@@ -60,7 +60,7 @@ RECIPES = {
     "hfgen-gan": ("gan", "--num_epochs 240 --use_ema --learning_rate 4e-4"),
     "hfgen-cgan": ("gan", "--num_epochs 240 --use_ema --conditional --learning_rate 4e-4"),
     "hfgen-ddpm": ("ddpm", "--num_epochs 10 --use_ema"),
-    "hfgen-flow": ("ddpm", "--num_epochs 14 --use_ema --objective flow_matching"),
+    "hfgen-flow": ("ddpm", "--num_epochs 20 --use_ema --objective flow_matching --lr_scheduler cosine --lr_warmup_steps 50"),
     "hfgen-cond-ddpm": ("ddpm", "--num_epochs 10 --use_ema --conditional"),
     "hfgen-cond-flow": ("ddpm", "--num_epochs 14 --use_ema --conditional --objective flow_matching"),
     "hfgen-ldm": ("ldm", "--num_epochs 40 --use_ema --vae_beta 0.1"),
