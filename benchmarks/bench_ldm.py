@@ -244,12 +244,11 @@ def evaluate(name, pipe, test_set, features, args):
     return {"fd": fd, "s_per_image": pipe.call_seconds / args.fd_samples}
 
 
-def fit_mixture(vae, train_set, args):
-    """A GaussianMixtureSampler fitted to one z ~ q(z|x) per training digit, as `hfgen train vae --latent_sampler
-    gmm` fits it (its seed: the training seed)."""
+def fit_mixture(train_post, args):
+    """A GaussianMixtureSampler fitted to one z ~ q(z|x) per training digit (`train_post`: their posteriors), as
+    `hfgen train vae --latent_sampler gmm` fits it (its seed: the training seed)."""
     start = time.perf_counter()
-    posterior = encode_images(vae, train_set.images)
-    latents = posterior.sample(torch.Generator().manual_seed(args.seed)).flatten(1).float()
+    latents = train_post.sample(torch.Generator().manual_seed(args.seed)).flatten(1).float()
     sampler = GaussianMixtureSampler(latent_dim=latents.shape[1], num_components=args.gmm_components,
                                      covariance_type=args.gmm_covariance).fit(latents, seed=args.seed)
     log(f"gmm: K={args.gmm_components} ({args.gmm_covariance}) fitted in {time.perf_counter() - start:.0f} s")
@@ -297,10 +296,10 @@ def mmd2(x, y, bandwidth):
     return (kernel_sum(x, x, True) + kernel_sum(y, y, True) - 2 * kernel_sum(x, y, False)).item()
 
 
-def latent_study(vae, train_set, test_set, latent_sets, args):
-    """log q(z), KL estimates, low-density shares and MMD^2 of each set of latents (name -> (N, D) float64)."""
+def latent_study(vae, train_post, test_set, latent_sets, args):
+    """log q(z), KL estimates, low-density shares and MMD^2 of each set of latents (name -> (N, D) float64);
+    `train_post`: the training digits' posteriors q(z|x_n)."""
     generator = torch.Generator().manual_seed(FD_SEED + 1)
-    train_post = encode_images(vae, train_set.images)
     test_post = encode_images(vae, test_set.images)
     means, logvars = train_post.mean.flatten(1).double(), train_post.logvar.flatten(1).double()
     check_log_mixture(means[:50], logvars[:50])
@@ -434,9 +433,10 @@ def main():
         scheduler = DDPMScheduler.from_config(ldm.scheduler.config, clip_sample=clip_sample)
         return RecordingLDMPipeline(ldm.vae, ldm.unet, scheduler, scaling)
 
+    train_post = encode_images(vae, train_set.images)  # q(z|x_n) of every training digit, for the mixture and the study
     samplers = {  # name -> recording pipeline
         "prior": RecordingVAEPipeline(vae),
-        "gmm": RecordingVAEPipeline(vae, latent_sampler=fit_mixture(vae, train_set, args)),
+        "gmm": RecordingVAEPipeline(vae, latent_sampler=fit_mixture(train_post, args)),
         "ldm_noclip": ldm_sampler(False),
         "ldm_clip": ldm_sampler(True),
         "ddpm": RecordingDDPMPipeline(ddpm.unet, ddpm.scheduler),
@@ -463,7 +463,7 @@ def main():
     log(f"references: exact q FD {results['exact_q']['fd']:.1f}, real training digits FD {results['real']['fd']:.1f}")
 
     latent_sets = {name: samplers[name].latents() for name in ("prior", "gmm", "ldm_noclip", "ldm_clip")}
-    study = latent_study(vae, train_set, test_set, latent_sets, args)
+    study = latent_study(vae, train_post, test_set, latent_sets, args)
     max_scaled = {name: (latent_sets[name] * scaling).abs().max().item() for name in ("ldm_noclip", "ldm_clip")}
     at_bound = (latent_sets["ldm_clip"] * scaling).abs().ge(1 - 1e-6).double().mean().item()
     exact_scaled_share = ((posterior.sample(torch.Generator().manual_seed(FD_SEED + 4)) * scaling).abs() > 1).double().mean().item()
