@@ -29,6 +29,9 @@ Contenders (`CONTENDERS`):
     python benchmarks/bench_quality.py --write                         # every contender, 10 minutes each
     python benchmarks/bench_quality.py --only hfgen-ddpm diffusers-loop --marks 0.5 1   # a short look
     python benchmarks/bench_quality.py --no_train --write            # re-draw from the recorded results
+    python benchmarks/bench_quality.py --only hfgen-ddpm --extra_flags "--snr_gamma 1" --results SCREENS  # a lever
+
+SCREENS, benchmarks/figures/quality_screens.json, keeps the lever screens (each row with its --extra_flags).
 
 Results (one JSON line per snapshot) accumulate in --results, so contenders can run in separate sessions;
 --write redraws benchmarks/figures/quality_vs_time.png and the BENCHMARKS.md section from all of them.
@@ -59,11 +62,12 @@ RECIPES = {
     "hfgen-cvae": ("vae", "--num_epochs 1200 --conditional --latent_sampler gmm --latent_sampler_components 10"),
     "hfgen-gan": ("gan", "--num_epochs 240 --use_ema --learning_rate 4e-4"),
     "hfgen-cgan": ("gan", "--num_epochs 240 --use_ema --conditional --learning_rate 4e-4"),
-    "hfgen-ddpm": ("ddpm", "--num_epochs 10 --use_ema"),
-    "hfgen-flow": ("ddpm", "--num_epochs 20 --use_ema --objective flow_matching --lr_scheduler cosine --lr_warmup_steps 50"),
-    "hfgen-cond-ddpm": ("ddpm", "--num_epochs 10 --use_ema --conditional"),
+    "hfgen-ddpm": ("ddpm", "--num_epochs 22 --use_ema --lr_scheduler cosine --lr_warmup_steps 50 --train_batch_size 32 "
+                           "--block_out_channels 16 64 64 --snr_gamma 5"),
+    "hfgen-flow": ("ddpm", "--num_epochs 22 --use_ema --objective flow_matching --lr_scheduler cosine --lr_warmup_steps 50 "
+                           "--train_batch_size 32 --weighting_scheme logit_normal --block_out_channels 16 64 64"),
     "hfgen-cond-flow": ("ddpm", "--num_epochs 14 --use_ema --conditional --objective flow_matching"),
-    "hfgen-ldm": ("ldm", "--num_epochs 40 --use_ema --vae_beta 0.1"),
+    "hfgen-ldm": ("ldm", "--num_epochs 60 --use_ema --vae_beta 0.1 --lr_scheduler cosine --lr_warmup_steps 50"),
     "hfgen-ldm-flow": ("ldm", "--num_epochs 40 --use_ema --objective flow_matching --vae_beta 0.1"),
 }
 PEERS = ("plain-vae", "pythae-vae", "plain-dcgan", "diffusers-loop")
@@ -72,10 +76,10 @@ CONTENDERS = (*RECIPES, *PEERS)
 # stronger of the two VAE peers at 10 minutes, the plain loop: 102 vs pythae's 138)
 PEER_OF = {"hfgen-vae": "plain-vae", "hfgen-cvae": "plain-vae", "hfgen-gan": "plain-dcgan",
            "hfgen-cgan": "plain-dcgan", "hfgen-ddpm": "diffusers-loop", "hfgen-flow": "diffusers-loop",
-           "hfgen-cond-ddpm": "diffusers-loop", "hfgen-cond-flow": "diffusers-loop", "hfgen-ldm": "diffusers-loop",
+           "hfgen-cond-flow": "diffusers-loop", "hfgen-ldm": "diffusers-loop",
            "hfgen-ldm-flow": "diffusers-loop"}
 TARGETS = {"hfgen-vae": 50, "hfgen-cvae": 50, "hfgen-gan": 50, "hfgen-cgan": 50, "hfgen-ddpm": 25, "hfgen-flow": 25,
-           "hfgen-cond-ddpm": 25, "hfgen-cond-flow": 25, "hfgen-ldm": 20, "hfgen-ldm-flow": 20}
+           "hfgen-cond-flow": 25, "hfgen-ldm": 20, "hfgen-ldm-flow": 20}
 
 
 class BudgetReached(Exception):

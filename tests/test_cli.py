@@ -69,3 +69,26 @@ def test_every_readme_training_command_parses():
     for family, flags in lines + launched:
         args = importlib.import_module(TRAINERS[family]).parse_args(shlex.split(flags))
         assert args.output_dir
+
+
+def test_benchmarked_recipes_are_the_readme_commands():
+    """bench_quality.py measures the README's commands: each recipe parses to the same arguments as one README line."""
+    import importlib
+    import importlib.util
+    import shlex
+
+    from hfgen.cli import TRAINERS
+
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
+    bench_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_quality)
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    lines = re.findall(r"^hfgen train (\w+) (.*?)(?:\s+#.*)?$", readme, flags=re.M)
+
+    def parsed(family, flags):  # the training arguments, without where they go and the grids' sampling steps
+        args = vars(importlib.import_module(TRAINERS[family]).parse_args(["--output_dir", "x", *shlex.split(flags)]))
+        return {key: value for key, value in args.items() if key not in ("output_dir", "num_inference_steps")}
+
+    readme_args = [parsed(family, flags) for family, flags in lines]
+    for name, (family, flags) in bench_quality.RECIPES.items():
+        assert parsed(family, flags) in readme_args, f"{name}'s recipe `{flags}` is not a README command"
