@@ -62,13 +62,23 @@ def served(demo):
         demo.close()
 
 
+def served_client(url) -> Client:
+    """A client of a local app that reads its output files where the server wrote them (no download over HTTP)."""
+    return Client(url, verbose=False, download_files=False)
+
+
+def local(file):
+    """A file output of `served_client` (a FileData dict) or a path -> the path."""
+    return file["path"] if isinstance(file, dict) else file
+
+
 def pixels(images) -> list[np.ndarray]:
     """Gallery output (files) or PIL images -> uint8 arrays."""
-    return [np.asarray(PIL.Image.open(item["image"]) if isinstance(item, dict) else item) for item in images]
+    return [np.asarray(PIL.Image.open(local(item["image"])) if isinstance(item, dict) else item) for item in images]
 
 
 def api(url) -> dict[str, list[str]]:
-    endpoints = Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    endpoints = served_client(url).view_api(return_format="dict", print_info=False)["named_endpoints"]
     return {name: [p["parameter_name"] for p in info["parameters"]] for name, info in endpoints.items()}
 
 
@@ -94,14 +104,14 @@ def vae_app():
 
 def test_the_app_samples_the_pipelines_images_for_the_same_seed(cvae_app, vae_app):
     for (pipe, url), labels in ((cvae_app, "dog"), (vae_app, None)):
-        client = Client(url, verbose=False)
+        client = served_client(url)
         kwargs = {"class_labels": labels} if labels else {}
         images, download = client.predict(num_images=4, seed=3, **kwargs, api_name="/sample")
         expected = pipe(4, generator=torch.manual_seed(3), **kwargs).images
         assert len(images) == 4
         for got, want in zip(pixels(images), pixels(expected)):
             np.testing.assert_array_equal(got, want)
-        with zipfile.ZipFile(download) as archive:
+        with zipfile.ZipFile(local(download)) as archive:
             assert len(archive.namelist()) == 4
             np.testing.assert_array_equal(np.asarray(PIL.Image.open(archive.open(archive.namelist()[0]))),
                                           pixels(expected)[0])
@@ -112,7 +122,7 @@ def test_diffusion_app_offers_schedulers_steps_and_guidance():
     with served(build_demo(pipe)) as url:
         assert api(url)["/sample"] == ["num_images", "seed", "class_labels", "scheduler", "num_inference_steps",
                                        "guidance_scale"]
-        images, _ = Client(url, verbose=False).predict(2, 5, "1", "DDIM", 3, 2.0, api_name="/sample")
+        images, _ = served_client(url).predict(2, 5, "1", "DDIM", 3, 2.0, api_name="/sample")
     reference = tiny_ddpm()
     reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config)
     expected = reference(2, class_labels=1, num_inference_steps=3, guidance_scale=2.0,
@@ -132,7 +142,7 @@ def test_text_to_image_app_takes_prompts_and_guidance():
     with served(build_demo(pipe)) as url:
         assert api(url)["/sample"] == ["num_images", "seed", "prompt", "negative_prompt", "scheduler",
                                        "num_inference_steps", "guidance_scale"]
-        images, _ = Client(url, verbose=False).predict(2, 5, "a thick seven", "a one", "DDIM", 3, 2.0,
+        images, _ = served_client(url).predict(2, 5, "a thick seven", "a one", "DDIM", 3, 2.0,
                                                        api_name="/sample")
     reference = tiny_text_pipeline()
     reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config)
@@ -164,7 +174,7 @@ def test_bad_input_shows_the_pipelines_own_message(cvae_app, vae_app, tmp_path):
               lambda: vae.reconstruct(wrong_size))]
     for app_url, args, api_name, call in cases:
         with pytest.raises(AppError) as info:
-            Client(app_url, verbose=False).predict(*args, api_name=api_name)
+            served_client(app_url).predict(*args, api_name=api_name)
         assert str(info.value) == pipeline_error(call)
 
 
@@ -175,8 +185,8 @@ def test_vae_app_reconstructs_and_traverses(vae_app, tmp_path):
     assert set(api(url)) == {"/sample", "/reconstruct", "/interpolate", "/traverse"}
     image = pipe(1, generator=torch.manual_seed(1)).images[0]
     image.save(tmp_path / "in.png")
-    client = Client(url, verbose=False)
-    got = np.asarray(PIL.Image.open(client.predict(handle_file(str(tmp_path / "in.png")), None, api_name="/reconstruct")))
+    client = served_client(url)
+    got = np.asarray(PIL.Image.open(local(client.predict(handle_file(str(tmp_path / "in.png")), None, api_name="/reconstruct"))))
     np.testing.assert_array_equal(got, np.asarray(pipe.reconstruct(image).images[0]))
     sweep = client.predict(2, 3.0, None, api_name="/traverse")
     expected = pipe.traverse(2, torch.linspace(-3, 3, 7).tolist()).images
@@ -273,7 +283,7 @@ def test_write_space_runs_the_same_app_from_the_model_repo(hub_server, tmp_path)
 
     app = runpy.run_path(os.path.join(space, "app.py"))["demo"]  # not as __main__: it does not launch itself
     with served(app) as url:
-        images, _ = Client(url, verbose=False).predict(2, 4, "cat", api_name="/sample")
+        images, _ = served_client(url).predict(2, 4, "cat", api_name="/sample")
     for got, want in zip(pixels(images), pixels(pipe(2, class_labels="cat", generator=torch.manual_seed(4)).images)):
         np.testing.assert_array_equal(got, want)
 
