@@ -55,6 +55,12 @@ def test_ci_runs_the_readme_test_command():
     assert commands[1].strip() in (ROOT / ".ci" / "run").read_text()
 
 
+def readme_training_commands() -> list[tuple[str, str]]:
+    """(family, flags) of every `hfgen train` line in the README, continued lines joined, comments dropped."""
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    return re.findall(r"^(?:.*&& )?hfgen train (\w+) (.*?)(?:\s+#.*)?$", readme, flags=re.M)
+
+
 def test_every_readme_training_command_parses():
     import importlib
     import shlex
@@ -62,7 +68,7 @@ def test_every_readme_training_command_parses():
     from hfgen.cli import TRAINERS
 
     readme = (ROOT / "README.md").read_text().replace("\\\n", " ")  # continued lines joined
-    lines = re.findall(r"^(?:.*&& )?hfgen train (\w+) (.*?)(?:\s+#.*)?$", readme, flags=re.M)
+    lines = readme_training_commands()
     assert {family for family, _ in lines} == set(TRAINERS), "the README shows a command for every family"
     launched = re.findall(r"^(?:\w+=\S+ )*accelerate launch .*?-m hfgen\.training\.train_(\w+) (.*?)(?:\s+#.*)?$", readme, flags=re.M)
     assert len(launched) >= 4
@@ -82,13 +88,11 @@ def test_benchmarked_recipes_are_the_readme_commands():
     spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
     bench_quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_quality)
-    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
-    lines = re.findall(r"^hfgen train (\w+) (.*?)(?:\s+#.*)?$", readme, flags=re.M)
 
     def parsed(family, flags):  # the training arguments, without where they go and the grids' sampling steps
         args = vars(importlib.import_module(TRAINERS[family]).parse_args(["--output_dir", "x", *shlex.split(flags)]))
         return {key: value for key, value in args.items() if key not in ("output_dir", "num_inference_steps")}
 
-    readme_args = [parsed(family, flags) for family, flags in lines]
+    readme_args = [parsed(family, flags) for family, flags in readme_training_commands()]
     for name, (family, flags) in bench_quality.RECIPES.items():
         assert parsed(family, flags) in readme_args, f"{name}'s recipe `{flags}` is not a README command"

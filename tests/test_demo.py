@@ -143,7 +143,7 @@ def test_text_to_image_app_takes_prompts_and_guidance():
         assert api(url)["/sample"] == ["num_images", "seed", "prompt", "negative_prompt", "scheduler",
                                        "num_inference_steps", "guidance_scale"]
         images, _ = served_client(url).predict(2, 5, "a thick seven", "a one", "DDIM", 3, 2.0,
-                                                       api_name="/sample")
+                                               api_name="/sample")
     reference = tiny_text_pipeline()
     reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config)
     expected = reference(2, prompt="a thick seven", negative_prompt="a one", num_inference_steps=3,
