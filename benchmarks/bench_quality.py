@@ -11,8 +11,8 @@ training (the VAE's Gaussian mixture) is timed and added to that mark's x, not t
 
 Contenders (`CONTENDERS`):
   - hfgen: the README commands, as `RECIPES` (each family's trainer, `--logger none`, no sample grids, no
-    periodic checkpoints; FD of DDPMs with DPM-Solver++ and of flow models with their saved Euler sampler, at 20
-    steps; EMA weights where the recipe keeps an EMA);
+    periodic checkpoints; FD with DPM-Solver++ at 20 steps (`hfgen.diffusion.dpm_solver`: on a DDPM's noise
+    levels or a flow model's sigmas); EMA weights where the recipe keeps an EMA);
   - plain-vae: pytorch/examples' vae/main.py (MLP 784-400-20, Bernoulli decoder, Adam 1e-3, batch 128), prior
     samples;
   - pythae-vae: pythae's VAE with its default MLP nets and trainer defaults (`pip install pythae`, for this
@@ -173,8 +173,7 @@ def pipeline_sampler(pipeline, num_classes: int, **call_kwargs):
 
 
 def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "") -> None:
-    from diffusers import DPMSolverMultistepScheduler
-
+    from hfgen.diffusion import dpm_solver
     from hfgen.training import train_ddpm, train_gan, train_ldm, train_vae
 
     family, flags = RECIPES[name]
@@ -191,11 +190,9 @@ def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "") -
             model.eval()
         pipeline = trainer.build_pipeline()
         call_kwargs = {}
-        if family in ("ddpm", "ldm"):
+        if family in ("ddpm", "ldm"):  # DPM-Solver++ at 20 steps, on a DDPM's noise levels or a flow's sigmas
             call_kwargs["num_inference_steps"] = FD_SOLVER_STEPS
-            if pipeline.objective == "ddpm":  # a flow model keeps its Euler sampler
-                pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config,
-                                                                             algorithm_type="dpmsolver++")
+            pipeline.scheduler = dpm_solver(pipeline.scheduler)
         if family == "vae" and args.latent_sampler != "none":
             fit_start = time.perf_counter()
             vae = pipeline.generative_model
@@ -512,8 +509,8 @@ def section(runs: dict, budget_minutes: float, num_samples: int, environment: li
              "Each contender trains alone in its own process on the 4,000 training digits; its clock runs from the "
              "start of the command and stops while snapshots are evaluated. FD against the 1,000 test digits, of "
              "N=1000 samples at the budget and N=500 at the earlier marks (FD is biased upwards at smaller N), "
-             f"in `{FEATURES}` features; DDPMs sampled with DPM-Solver++ and flow models with their Euler sampler, "
-             f"at {FD_SOLVER_STEPS} steps. "
+             f"in `{FEATURES}` features; DDPMs and flow models sampled with DPM-Solver++ (2nd-order multistep; "
+             f"a flow model's on its sigmas) at {FD_SOLVER_STEPS} steps. "
              "See the script's docstring for every contender's recipe.", "",
              f"| contender | recipe | threads | CPU | FD at each mark (minutes: FD) | FD at {budget_minutes:g} min or the "
              "recipe's end | peer | peer's FD | ratio peer / hfgen (target ≥ 1.5) | target FD |",

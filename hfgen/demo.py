@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 
 try:
     import gradio as gr
@@ -23,27 +24,34 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        FlowMatchHeunDiscreteScheduler)
 
 from hfgen import AutoPipeline, GANPipeline, VAEPipeline, __version__
-from hfgen.diffusion import FLOW_MATCHING, scheduler_objective
+from hfgen.diffusion import FLOW_MATCHING, dpm_solver, scheduler_objective
 from hfgen.hub_utils import METRICS_FILE, SAMPLE_GRID, push_space
 from hfgen.pipelines.pipeline_utils import GenerativePipeline, resolve_pretrained_path
 from hfgen.utils import check_non_negative_int
 
-# name -> (scheduler class, config overrides): what a diffusion pipeline's sampler can be swapped for
-DDPM_SCHEDULERS = {"DDPM": (DDPMScheduler, {}), "DDIM": (DDIMScheduler, {}),
-                   "DPM-Solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"})}
-FLOW_SCHEDULERS = {"FlowMatchEuler": (FlowMatchEulerDiscreteScheduler, {}),
-                   "FlowMatchHeun": (FlowMatchHeunDiscreteScheduler, {})}
+
+def swapped(cls):
+    """saved scheduler -> a `cls` on its config (the noise levels the denoiser was trained with)."""
+    return lambda saved: cls.from_config(saved.config)
+
+
+# name -> (scheduler class, saved scheduler -> that scheduler): what a diffusion pipeline's sampler can be swapped for
+DDPM_SCHEDULERS = {"DDPM": (DDPMScheduler, swapped(DDPMScheduler)), "DDIM": (DDIMScheduler, swapped(DDIMScheduler)),
+                   "DPM-Solver++": (DPMSolverMultistepScheduler, dpm_solver)}
+FLOW_SCHEDULERS = {"FlowMatchEuler": (FlowMatchEulerDiscreteScheduler, swapped(FlowMatchEulerDiscreteScheduler)),
+                   "FlowMatchHeun": (FlowMatchHeunDiscreteScheduler, swapped(FlowMatchHeunDiscreteScheduler)),
+                   "DPM-Solver++": (DPMSolverMultistepScheduler, dpm_solver)}
 DEFAULT_STEPS = 50
 SPACE_SUFFIX = "-demo"
 
 
-def scheduler_choices(scheduler) -> dict[str, tuple[type, dict]]:
+def scheduler_choices(scheduler) -> dict[str, tuple[type, Callable]]:
     """The samplers that fit a pipeline's scheduler: flow-matching ones for a flow scheduler, the DDPM
     family's otherwise (they share the noise schedule). A saved scheduler of another class comes first, as it is."""
     choices = FLOW_SCHEDULERS if scheduler_objective(scheduler) == FLOW_MATCHING else DDPM_SCHEDULERS
     if any(type(scheduler) is cls for cls, _ in choices.values()):
         return choices
-    return {type(scheduler).__name__: (type(scheduler), {}), **choices}
+    return {type(scheduler).__name__: (type(scheduler), swapped(type(scheduler))), **choices}
 
 
 def saved_scheduler_name(scheduler, choices: dict) -> str:
@@ -137,8 +145,8 @@ def sample_tab(pipeline) -> None:
         saved = pipeline.scheduler
 
         def scheduler(name):
-            cls, overrides = choices[name]
-            return cls.from_config(saved.config, **overrides)
+            _, build = choices[name]
+            return build(saved)
 
         controls["scheduler"] = (gr.Dropdown(list(choices), value=saved_scheduler_name(saved, choices),
                                              label="Scheduler", elem_id="scheduler"), scheduler)

@@ -10,6 +10,7 @@ floats; the denoiser is called at the timestep sigma * T, as diffusers' flow sch
 import math
 
 import torch
+from diffusers import DPMSolverMultistepScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from .utils import check_positive_int
@@ -59,6 +60,19 @@ def scheduler_objective(scheduler) -> str:
     if hasattr(scheduler, "scale_noise") or scheduler.config.get("prediction_type") == "flow_prediction":
         return FLOW_MATCHING
     return DDPM
+
+
+def dpm_solver(scheduler) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2nd-order multistep) on the noise levels of the trained `scheduler`: the fast sampler of both
+    objectives (20 steps sample well). For a flow model it integrates the same flow (use_flow_sigmas, the velocity as
+    prediction, the flow scheduler's shift); at 20 steps it beats Euler's FD by about 12% (BENCHMARKS.md)."""
+    if scheduler_objective(scheduler) == DDPM:
+        return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++")
+    config = dict(scheduler.config)
+    if "shift" in config:  # a flow scheduler's shift is the multistep solver's flow_shift
+        config["flow_shift"] = config.pop("shift")
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_flow_sigmas=True,
+                                                   prediction_type="flow_prediction")
 
 
 def extract(schedule: torch.Tensor, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:

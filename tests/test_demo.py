@@ -155,7 +155,11 @@ def test_text_to_image_app_takes_prompts_and_guidance():
 def test_scheduler_choices_follow_the_pipelines_scheduler():
     assert list(scheduler_choices(DDPMScheduler())) == ["DDPM", "DDIM", "DPM-Solver++"]
     assert list(scheduler_choices(DPMSolverMultistepScheduler())) == ["DDPM", "DDIM", "DPM-Solver++"]
-    assert list(scheduler_choices(FlowMatchEulerDiscreteScheduler())) == ["FlowMatchEuler", "FlowMatchHeun"]
+    flow_choices = scheduler_choices(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert list(flow_choices) == ["FlowMatchEuler", "FlowMatchHeun", "DPM-Solver++"]
+    flow_solver = flow_choices["DPM-Solver++"][1](FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert flow_solver.config.use_flow_sigmas and flow_solver.config.flow_shift == 3.0  # the flow's own sigmas
+    assert list(scheduler_choices(flow_solver)) == list(flow_choices)
     assert list(scheduler_choices(PNDMScheduler())) == ["PNDMScheduler", "DDPM", "DDIM", "DPM-Solver++"]
 
 
