@@ -87,6 +87,7 @@ TARGETS = {"hfgen-vae": 50, "hfgen-cvae": 50, "hfgen-gan": 50, "hfgen-cgan": 50,
 
 
 def samples_by_diffusion(contender: str) -> bool:
+    """Whether the contender's FD samples come from a diffusion sampler (FD_SAMPLER, recorded with its rows)."""
     return contender == "diffusers-loop" or RECIPES.get(contender, ("",))[0] in ("ddpm", "ldm")
 
 
