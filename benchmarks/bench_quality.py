@@ -64,7 +64,7 @@ RECIPES = {
     "hfgen-cvae": ("vae", "--num_epochs 1200 --conditional --latent_sampler gmm --latent_sampler_components 10"),
     "hfgen-gan": ("gan", "--num_epochs 240 --use_ema --learning_rate 4e-4"),
     "hfgen-cgan": ("gan", "--num_epochs 240 --use_ema --conditional --learning_rate 4e-4"),
-    "hfgen-ddpm": ("ddpm", "--num_epochs 22 --use_ema --lr_scheduler cosine --lr_warmup_steps 50 --train_batch_size 32 "
+    "hfgen-ddpm": ("ddpm", "--num_epochs 26 --use_ema --lr_scheduler cosine --lr_warmup_steps 50 --train_batch_size 32 "
                            "--block_out_channels 16 64 64 --snr_gamma 5 --prediction_type v_prediction "
                            "--beta_schedule squaredcos_cap_v2"),
     "hfgen-flow": ("ddpm", "--num_epochs 22 --use_ema --objective flow_matching --lr_scheduler cosine --lr_warmup_steps 50 "
