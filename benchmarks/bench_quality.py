@@ -57,6 +57,7 @@ FEATURES = "hfgen:digit-classifier"
 FD_SOLVER_STEPS = 20
 # recorded with the diffusion rows (the flow rows without it were sampled with 20 Euler steps)
 FD_SAMPLER = f"DPM-Solver++ {FD_SOLVER_STEPS}"
+DIFFUSION_FAMILIES = ("ddpm", "ldm")  # the trainers whose pipelines FD_SAMPLER samples
 
 # The README's commands (without --output_dir): the recipes the benchmark measures.
 RECIPES = {
@@ -89,7 +90,7 @@ TARGETS = {"hfgen-vae": 50, "hfgen-cvae": 50, "hfgen-gan": 50, "hfgen-cgan": 50,
 
 def samples_by_diffusion(contender: str) -> bool:
     """Whether the contender's FD samples come from a diffusion sampler (FD_SAMPLER, recorded with its rows)."""
-    return contender == "diffusers-loop" or RECIPES.get(contender, ("",))[0] in ("ddpm", "ldm")
+    return contender == "diffusers-loop" or RECIPES.get(contender, ("",))[0] in DIFFUSION_FAMILIES
 
 
 class BudgetReached(Exception):
@@ -200,7 +201,7 @@ def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "") -
             model.eval()
         pipeline = trainer.build_pipeline()
         call_kwargs = {}
-        if family in ("ddpm", "ldm"):  # DPM-Solver++ at 20 steps, on a DDPM's noise levels or a flow's sigmas
+        if family in DIFFUSION_FAMILIES:  # DPM-Solver++ at 20 steps, on a DDPM's noise levels or a flow's sigmas
             call_kwargs["num_inference_steps"] = FD_SOLVER_STEPS
             pipeline.scheduler = dpm_solver(pipeline.scheduler)
         if family == "vae" and args.latent_sampler != "none":
