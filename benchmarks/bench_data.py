@@ -74,6 +74,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIGURE = os.path.join(HERE, "figures", "data_path.png")
 FIGURE_LINK = "benchmarks/figures/data_path.png"  # relative to BENCHMARKS.md
 RESULTS_JSON = os.path.join(HERE, "figures", "data_path.json")
+SMALL_RESULTS_JSON = os.path.join(HERE, "figures", "data_small_folders.json")
 KEY = "data"  # the section <!-- data:start --> ... <!-- data:end --> of BENCHMARKS.md
 SIZES = (4000, 16000, 64000)
 RESOLUTION, BATCH_SIZE, WIDTHS, LAYERS, TIMESTEPS, LEARNING_RATE = 64, 64, (32, 64, 64), 1, 1000, 1e-3
@@ -1103,9 +1104,229 @@ def report_from_json(args, finish) -> None:
     finish(KEY, text, write, time.perf_counter())
 
 
+# ----- small folders: the README's recipes on the bundled digits and on the same digits as PNG files -------
+
+SMALL_KEY = "data-small"  # its own section of BENCHMARKS.md
+SMALL_RECIPES = {"vae": ("hfgen-vae", 20), "gan": ("hfgen-gan", 6), "flow": ("hfgen-flow", 3)}  # recipe, epochs
+SMALL_TARGET = 1.10
+
+
+def write_digit_folder(work_dir: str) -> str:
+    """The 4,000 training and 1,000 test digits of hfgen:mnist as 28 px grey PNGs in train/<digit>/ and
+    test/<digit>/ (the same pixels: the bundled ones are 8-bit values / 255)."""
+    import numpy as np
+    import PIL.Image
+
+    from hfgen.data.sources import BundledSource
+
+    folder = os.path.join(work_dir, "mnist-png")
+    if os.path.isdir(folder):
+        return folder
+    staging = folder + ".incomplete"
+    shutil.rmtree(staging, ignore_errors=True)
+    source = BundledSource("hfgen:mnist")
+    for split in ("train", "test"):
+        data = source.dataset(split, 28)
+        pixels = np.rint(data.images[:, 0].numpy() * 255).astype(np.uint8)
+        for index, (image, label) in enumerate(zip(pixels, data.labels.tolist())):
+            os.makedirs(os.path.join(staging, split, str(label)), exist_ok=True)
+            PIL.Image.fromarray(image, "L").save(os.path.join(staging, split, str(label), f"{index:05d}.png"))
+    os.replace(staging, folder)
+    return folder
+
+
+def small_child_main(argv) -> None:
+    """One timed run: `small FAMILY_RECIPE EPOCHS DATA OUTPUT_DIR`; prints a JSON line of its set-up seconds and
+    each epoch's seconds of training steps (the trainer's own clock). The final evaluation is skipped."""
+    started = time.perf_counter()
+    sys.path.insert(0, HERE)
+    from bench_quality import RECIPES
+
+    from hfgen.training import train_ddpm, train_gan, train_vae
+
+    name, epochs, data, output_dir = argv[0], int(argv[1]), argv[2], argv[3]
+    family, flags = RECIPES[name]
+    module = {"vae": train_vae, "gan": train_gan, "ddpm": train_ddpm}[family]
+    trainer_class = {"vae": train_vae.VAETrainer, "gan": train_gan.GANTrainer, "ddpm": train_ddpm.DDPMTrainer}[family]
+    data_flags = ["--train_data_dir", data] if os.path.isdir(data) else ["--dataset_name", data]
+    argv = ["--output_dir", output_dir, "--overwrite_output_dir", *flags.split(), "--num_epochs", str(epochs),
+            *data_flags, "--logger", "none", "--save_images_epochs", "0", "--feature_extractor", "none",
+            "--checkpointing_steps", str(10 ** 9)]
+
+    class Timed(trainer_class):
+        def save_output(self):
+            pass
+
+    trainer = Timed(module.parse_args(argv))
+    setup_s = time.perf_counter() - started
+    trainer.train()
+    print(json.dumps({"setup_s": setup_s, "epoch_seconds": trainer.epoch_seconds}), flush=True)
+
+
+def small_folder_runs(args, env) -> dict:
+    """Each recipe on the bundled array and on the PNG folder, alternating (array, folder, folder, array, ...)."""
+    folder = write_digit_folder(args.work_dir)
+    runs = {recipe: {"bundled": [], "folder": []} for recipe in args.small_recipes}
+    for recipe in args.small_recipes:
+        name, epochs = SMALL_RECIPES[recipe]
+        epochs = args.small_epochs or epochs
+        for round_ in range(args.rounds):
+            order = ("bundled", "folder") if round_ % 2 == 0 else ("folder", "bundled")
+            for data in order:
+                output_dir = os.path.join(args.work_dir, f"small-{recipe}")
+                cache = os.path.join(args.work_dir, f"hfgen-cache-{recipe}-{round_}-{data}")  # a first run each time
+                shutil.rmtree(cache, ignore_errors=True)
+                command = [sys.executable, os.path.abspath(__file__), "small", name, str(epochs),
+                           folder if data == "folder" else "hfgen:mnist", output_dir]
+                result = subprocess.run(command, env=dict(env, HFGEN_CACHE=cache), capture_output=True, text=True)
+                if result.returncode:
+                    raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+                measured = json.loads(result.stdout.strip().splitlines()[-1])
+                measured["load"] = load_average_now()
+                runs[recipe][data].append(measured)
+                rest = measured["epoch_seconds"][1:]
+                log(f"{recipe} on the {data}: set-up {measured['setup_s']:.1f} s, first epoch "
+                    f"{measured['epoch_seconds'][0]:.2f} s, later epochs median {statistics.median(rest):.2f} s")
+    return {"runs": runs, "folder": folder}
+
+
+def load_average_now() -> float:
+    return os.getloadavg()[0]
+
+
+def small_folder_report(args, results, environment) -> str:
+    from common import markers
+
+    start, end = markers(SMALL_KEY)
+    lines = [start, "## Data path: small folders as fast as the bundled digits (`benchmarks/bench_data.py --small_folders`)", "",
+             "The README's VAE, GAN and pixel flow-matching commands (bench_quality's recipes) for a fixed number of "
+             "epochs on the bundled digits (one in-memory array) and on the same 4,000 training digits written as 28 px "
+             "PNG files in class folders (`--train_data_dir`), alternating (array, folder, folder, array), each run a "
+             "fresh process with an empty `$HFGEN_CACHE`. Seconds are the trainer's own clock of each epoch's training "
+             "steps (the first epoch of the folder decodes every PNG once into the pixel cache; later epochs read it); "
+             "set-up is the process's seconds until the trainer is built (imports, listing and header scan included). "
+             "Ratio: folder / bundled, median of the runs' medians of epochs 2 on; target <= "
+             f"{SMALL_TARGET:.2f}.", "",
+             "| recipe | epochs | data | set-up (s) | first epoch (s) | epochs 2+ median (s) | folder / bundled, epochs 2+ | target met |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    verdicts = []
+    for recipe, by_data in results["runs"].items():
+        name, epochs = SMALL_RECIPES[recipe]
+        epochs = args.small_epochs or epochs
+        medians = {data: statistics.median(statistics.median(run["epoch_seconds"][1:]) for run in runs)
+                   for data, runs in by_data.items()}
+        ratio = medians["folder"] / medians["bundled"]
+        met = ratio <= SMALL_TARGET
+        verdicts.append((recipe, ratio, met))
+        for data, runs in by_data.items():
+            setup = ", ".join(f"{run['setup_s']:.1f}" for run in runs)
+            first = ", ".join(f"{run['epoch_seconds'][0]:.2f}" for run in runs)
+            rest = ", ".join(f"{statistics.median(run['epoch_seconds'][1:]):.3f}" for run in runs)
+            cells = (f"**{ratio:.3f}**", "yes" if met else "**no**") if data == "folder" else ("", "")
+            lines.append(f"| {name} | {epochs} | {data} | {setup} | {first} | {rest} | {cells[0]} | {cells[1]} |")
+    lines += ["", "Target (folder at most 1.10x the array from the second epoch on): "
+              + "; ".join(f"{recipe} {ratio:.3f} ({'met' if met else 'missed'})" for recipe, ratio, met in verdicts)
+              + ".", ""]
+    if "startup" in results:
+        lines += startup_lines(results["startup"]) + [""]
+    lines += environment
+    lines.append(end)
+    return "\n".join(lines)
+
+
+def package_at(revision: str, work_dir: str) -> str:
+    """A PYTHONPATH under which `import hfgen` is the package at git `revision` (hfgen/, with pipelines/ and
+    training/ inside it, as setup.py installs them)."""
+    commit = subprocess.run(["git", "rev-parse", revision], capture_output=True, text=True, cwd=HERE, check=True).stdout.strip()
+    root = os.path.join(work_dir, f"hfgen-at-{commit[:10]}")
+    if not os.path.isdir(root):
+        source, staging = root + ".src", root + ".incomplete"
+        for folder in (source, staging):
+            shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(source)
+        archive = subprocess.run(["git", "archive", commit], capture_output=True, cwd=os.path.dirname(HERE),
+                                 check=True).stdout  # from the repository's root: all of it
+        subprocess.run(["tar", "-x", "-C", source], input=archive, check=True)
+        shutil.copytree(os.path.join(source, "hfgen"), os.path.join(staging, "hfgen"))
+        for part in ("pipelines", "training"):
+            shutil.copytree(os.path.join(source, part), os.path.join(staging, "hfgen", part))
+        shutil.rmtree(source)
+        os.replace(staging, root)
+    return root
+
+
+def startup_comparison(args, env) -> dict:
+    """Process start to step 1 (and peak RSS) of the scale benchmark's hfgen command on its 64 px RGB folders, for
+    this tree and for the package at --compare_startup_with, alternating (this, that, that, this)."""
+    old_path = package_at(args.compare_startup_with, args.work_dir)
+    results = {}
+    for size in args.startup_sizes:
+        folder = write_folder(args.work_dir, size, os.path.join(args.work_dir, f"images-{max(SIZES)}")
+                              if os.path.isdir(os.path.join(args.work_dir, f"images-{max(SIZES)}")) else None)
+        results[size] = {"this": [], "before": []}
+        for round_ in range(args.rounds):
+            for which in (("this", "before") if round_ % 2 == 0 else ("before", "this")):
+                output_dir = os.path.join(args.work_dir, "runs", f"startup-{which}-{size}")
+                shutil.rmtree(output_dir, ignore_errors=True)
+                command = [sys.executable, "-c", "from hfgen.cli import main; main()", "train", "ddpm",
+                           "--train_data_dir", folder, "--resolution", str(RESOLUTION), "--random_flip",
+                           "--dataloader_num_workers", str(STARTUP_WORKERS), "--output_dir", output_dir,
+                           "--max_train_steps", "1", "--logger", "none", "--save_images_epochs", "0",
+                           "--feature_extractor", "none", "--eval_vlb_num_images", "0",
+                           "--checkpointing_steps", "1000000", "--seed", "0"]
+                run_env = dict(env, HFGEN_CACHE=os.path.join(args.work_dir, f"startup-cache-{which}-{size}-{round_}"))
+                if which == "before":
+                    run_env["PYTHONPATH"] = old_path
+                os.makedirs(os.path.join(args.work_dir, "runs"), exist_ok=True)
+                result = measure_process(command, STEP_DONE["hfgen"], run_env, args.timeout,
+                                         os.path.join(args.work_dir, "runs", f"startup-{which}-{size}-{round_}.log"))
+                results[size][which].append(result)
+                log(f"start-up N={size} {which}: first step {result['first_step_s']:.1f} s, peak RSS "
+                    f"{result['vmhwm'] / MB:.0f} MB")
+                shutil.rmtree(output_dir, ignore_errors=True)
+    return {"revision": args.compare_startup_with, "runs": results}
+
+
+def startup_lines(startup) -> list[str]:
+    lines = ["", f"Start-up of the scale benchmark's command (64 px RGB folders, 2 workers, one step), this tree against "
+             f"`{startup['revision']}` (before the header scan and the pixel cache), alternating, each with an empty "
+             "$HFGEN_CACHE:", "",
+             "| N images | code | s to step 1 (runs) | median | peak RSS, process (MB, runs) |", "| --- | --- | --- | --- | --- |"]
+    for size, by_code in startup["runs"].items():
+        for which, runs in by_code.items():
+            seconds = [run["first_step_s"] for run in runs]
+            rss = ", ".join(f"{run['vmhwm'] / MB:,.0f}" for run in runs)
+            lines.append(f"| {int(size):,} | {which} | {', '.join(f'{x:.1f}' for x in seconds)} | "
+                         f"{statistics.median(seconds):.1f} | {rss} |")
+    return lines
+
+
+def small_folders_main(args, finish, started, load_before) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               PYTHONUNBUFFERED="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    os.makedirs(args.work_dir, exist_ok=True)
+    results = small_folder_runs(args, env) if args.small_recipes else {"runs": {}}
+    if args.compare_startup_with:
+        results["startup"] = startup_comparison(args, env)
+    sys.path.insert(0, HERE)
+    from common import environment_lines
+
+    environment = environment_lines("bench_data.py", args.threads, load_before, load_average_now())
+    with open(os.path.join(args.work_dir, "bench_data_small.json"), "w") as file:
+        json.dump({"args": vars(args), "results": results}, file, indent=1, default=str)
+    text = small_folder_report(args, results, environment)
+    if args.write:
+        with open(SMALL_RESULTS_JSON, "w") as file:
+            json.dump({"args": vars(args), "results": results}, file, indent=1, default=str)
+    finish(SMALL_KEY, text, args.write, started)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "child":
         child_main(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "small":
+        small_child_main(sys.argv[2:])
         return
     sys.path.insert(0, HERE)
     from common import benchmark_parser, check_positive, finish, load_average
@@ -1121,10 +1342,26 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=30, help="Timed batches of the loader-alone measurement.")
     parser.add_argument("--timeout", type=float, default=900, help="Seconds a start-up run may take.")
     parser.add_argument("--quick", action="store_true", help="4k images, 1 round of steps, 5 batches: a smoke run.")
+    parser.add_argument("--small_folders", action="store_true",
+                        help="Only the small-folder part: the README's recipes on the bundled digits vs the same "
+                             "digits as PNG files (its own section of BENCHMARKS.md).")
+    parser.add_argument("--small_recipes", nargs="*", default=list(SMALL_RECIPES), choices=list(SMALL_RECIPES))
+    parser.add_argument("--compare_startup_with", default=None,
+                        help="With --small_folders: also time the scale command's start-up (--startup_sizes) for this "
+                             "tree and for the package at this git revision.")
+    parser.add_argument("--startup_sizes", type=int, nargs="+", default=[4000, 64000])
+    parser.add_argument("--small_epochs", type=int, default=None,
+                        help="Epochs of every small-folder run (default: per recipe, "
+                             + ", ".join(f"{k} {v[1]}" for k, v in SMALL_RECIPES.items()) + ").")
     parser.add_argument("--report_only", action="store_true",
                         help="Rewrite the section (with --write, also the figure) from WORK_DIR/bench_data.json of "
                              "an earlier run, measuring nothing.")
     args = parser.parse_args()
+    if args.small_folders:
+        args.rounds = max(args.rounds, 2)
+        args.threads = args.threads if "--threads" in sys.argv else 2  # the recipes' own setting (bench_quality)
+        small_folders_main(args, finish, time.perf_counter(), load_average())
+        return
     if args.report_only:
         report_from_json(args, finish)
         return

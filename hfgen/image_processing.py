@@ -12,6 +12,8 @@ import torch
 from diffusers.pipelines.pipeline_utils import numpy_to_pil
 from diffusers.utils import make_image_grid
 
+from .data.transforms import to_pixels
+
 UNIT, SYMMETRIC = "unit", "symmetric"  # the two data ranges: [0, 1] (Bernoulli VAEs) and [-1, 1] (GANs, diffusion)
 DATA_RANGES = {UNIT: (0.0, 1.0), SYMMETRIC: (-1.0, 1.0)}
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -44,13 +46,15 @@ def preprocess(images, channels: int, size: int, data_range: str = UNIT, name: s
     """User images -> (B, C, H, W) float tensor in the model's range, checked against the model's shape.
 
     Accepts a PIL image or list of them, a numpy array (H, W[, C]) or (B, H, W, C) in [0, 1], or a tensor
-    (C, H, W) or (B, C, H, W) in [0, 1]. Nothing is resized: a wrong size is an error.
+    (C, H, W) or (B, C, H, W) in [0, 1]. PIL images are read as training images are (`hfgen.data.to_pixels`:
+    EXIF orientation, transparency composited onto white, high bit depths scaled). Nothing is resized: a wrong
+    size is an error.
     """
     if isinstance(images, PIL.Image.Image):
         images = [images]
     if isinstance(images, (list, tuple)) and images and isinstance(images[0], PIL.Image.Image):
-        mode = "L" if channels == 1 else "RGB"
-        images = np.stack([np.asarray(im.convert(mode), dtype=np.float32) / 255.0 for im in images])
+        images = np.stack([np.asarray(to_pixels(image, channels, name=name), dtype=np.float32) / 255.0
+                           for image in images])
     if isinstance(images, np.ndarray):
         array = images.astype(np.float32)
         if array.ndim == 2:

@@ -88,7 +88,7 @@ def test_resuming_a_finished_run_trains_nothing_more(rgb_folder, tmp_path):
     (["--streaming", "--max_train_steps", "2", "--validation_split", "0.2"], "`--validation_split` needs the dataset's length"),
     (["--validation_split", "1"], r"`--validation_split` must be a fraction in \(0, 1\)"),
     (["--image_column", "photo"], "`image_column` 'photo' is not a column"),
-    (["--resolution", "200", "--no_resize"], "`resolution` 200 is larger than every image probed"),
+    (["--resolution", "200", "--no_resize"], "smaller than `resolution` 200"),
     (["--num_channels", "2"], "`--num_channels` must be 1 or 3"),
 ])
 def test_flags_that_cannot_work_are_refused_before_training(flags, match, rgb_folder, tmp_path):

@@ -15,11 +15,13 @@ import copy
 import hashlib
 import itertools
 import logging
+import os
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from .transforms import CorruptImageError, ImageTransform, decode_image, image_name, sample_generator
+from .transforms import CorruptImageError, ImageTransform, decode_image, image_name, pixels_to_tensor, sample_generator
 
 logger = logging.getLogger(__name__)
 
@@ -121,14 +123,78 @@ class _ImageRows(_Augmented):
 
 
 class ImageFileDataset(_ImageRows, Dataset):
-    """Map-style: row `index` of an Arrow `datasets.Dataset`, decoded and transformed on access."""
+    """Map-style: rows of an Arrow `datasets.Dataset`, decoded and transformed on access.
+
+    A batch (`__getitems__`, as torch's DataLoader asks) reads its uncached rows in one Arrow call. With a
+    `pixel_cache` (hfgen.data.pixel_cache, set by the source), each image's prepared pixels are decoded once
+    and reused; the random crops and flips are drawn after it, the same with and without it.
+    """
+
+    pixel_cache = None
+    _label_values = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int):
-        generator = sample_generator(self.seed, self.epoch, index) if self.augment else None
-        return self.decode(self.rows[int(index)], index, generator)
+        """(image (C, H, W), label), or None for a skipped corrupt image."""
+        images, labels = self.__getitems__([index])
+        return (images[0], labels[0]) if len(images) else None
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch (images (B, C, H, W), labels (B, ...)), skipped corrupt images left out."""
+        indices = [int(index) for index in indices]
+        targets = self.conditions if self.conditions is not None else self.label_values
+        size = self.transform.resolution
+        whole = self.pixel_cache.gather(np.asarray(indices)) if self.pixel_cache is not None else None
+        if whole is not None and whole.shape[1:3] == (size, size):  # cached at the resolution: no crop to take
+            if self.augment and self.transform.random_flip:  # the flip `place` draws (a crop of the whole draws nothing)
+                flips = np.array([sample_generator(self.seed, self.epoch, i).random() < 0.5 for i in indices])
+                whole = np.where(flips[:, None, None, None], whole[:, :, ::-1], whole)
+            return pixels_to_tensor(whole), targets[torch.as_tensor(indices, dtype=torch.long)]
+        pixels = self.prepared(indices)
+        kept = [k for k, item in enumerate(pixels) if item is not None]
+        crops = np.empty((len(kept), size, size, self.transform.num_channels), dtype=np.uint8)
+        for row, k in enumerate(kept):
+            generator = sample_generator(self.seed, self.epoch, indices[k]) if self.augment else None
+            crops[row] = self.transform.place(pixels[k], generator)
+        return pixels_to_tensor(crops), targets[torch.as_tensor([indices[k] for k in kept], dtype=torch.long)]
+
+    def prepared(self, indices: list[int]) -> list[np.ndarray | None]:
+        """Each image's prepared pixels, uint8 (H, W, C): from the pixel cache, else decoded (and cached); None for
+        a skipped corrupt image."""
+        cache = self.pixel_cache
+        pixels = [cache.get(index) if cache is not None else None for index in indices]
+        missing = [k for k, item in enumerate(pixels) if item is None]
+        if missing:
+            cells = self.rows[[indices[k] for k in missing]][self.image_column]  # one Arrow read for the batch
+            for k, cell in zip(missing, cells):
+                pixels[k] = self.decode_prepared(cell, indices[k])
+                if cache is not None:
+                    cache.put(indices[k], pixels[k])
+        return pixels
+
+    def decode_prepared(self, cell: dict, index: int) -> np.ndarray | None:
+        name = image_name(cell, f"row {index} of column {self.image_column!r}")
+        try:
+            return self.transform.prepare(decode_image(cell, name), name)
+        except CorruptImageError as error:
+            if not self.skip_corrupt_images:
+                raise CorruptImageError(f"{error} (pass --skip_corrupt_images to skip such files)") from error
+            logger.warning("skipped a corrupt image: %s", error)
+            return None
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self.pixel_cache is not None:
+            self.pixel_cache.seal_if_complete()  # a file filled by the passes so far serves later runs
+
+    @property
+    def label_values(self) -> torch.Tensor:
+        """(N,) long, read once."""
+        if self._label_values is None:
+            self._label_values = self.labels
+        return self._label_values
 
     @property
     def labels(self) -> torch.Tensor:
@@ -218,10 +284,16 @@ def _already_collated(batch):
     return batch
 
 
+def collate_function(dataset):
+    """How a DataLoader over `dataset` makes batches: datasets with `__getitems__` (in memory, files, cached
+    latents) return whole batches themselves; others give items that `collate_images` stacks."""
+    return _already_collated if hasattr(dataset, "__getitems__") else collate_images
+
+
 def training_dataloader(dataset, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
     """Shuffled full batches of (images (B, C, H, W), labels (B,)), reproducible from `seed`.
 
-    In-memory images are indexed a whole batch at a time; file datasets are decoded item by item in
+    In-memory images are indexed a whole batch at a time; file datasets are read a batch at a time in
     `num_workers` worker processes; a streamed dataset is shuffled by `datasets` (buffer) and not here.
     """
     # its own generator: starting a pass then draws the workers' base seed from it, not from torch's global RNG
@@ -232,9 +304,7 @@ def training_dataloader(dataset, batch_size: int, seed: int, num_workers: int = 
         return DataLoader(dataset, collate_fn=collate_images, **common)
     if isinstance(dataset, ImageDataset):
         dataset = _WholeBatches(dataset)
-    # a dataset with `__getitems__` returns whole batches itself (in memory, cached latents)
-    collate = _already_collated if hasattr(dataset, "__getitems__") else collate_images
-    return DataLoader(dataset, shuffle=True, collate_fn=collate, **common)
+    return DataLoader(dataset, shuffle=True, collate_fn=collate_function(dataset), **common)
 
 
 def image_batches(dataset, num_images: int | None = None, seed: int = 0, batch_size: int = 250, num_workers: int = 0,
@@ -256,8 +326,21 @@ def image_batches(dataset, num_images: int | None = None, seed: int = 0, batch_s
         for start in range(0, len(order), batch_size):
             yield dataset[order[start:start + batch_size]]
         return
-    subset = torch.utils.data.Subset(dataset, order.tolist())
-    yield from DataLoader(subset, batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers)
+    yield from DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers,
+                          collate_fn=collate_function(dataset))
+    if getattr(dataset, "pixel_cache", None) is not None:
+        dataset.pixel_cache.seal_if_complete()
+
+
+def default_num_workers(dataset, num_processes: int = 1) -> int:
+    """DataLoader workers for `dataset`: none for data in memory (a batch is one indexing operation) or with
+    fewer than 4 cores per process (the workers would take the training step's cores); else half the cores of
+    each process, at most 8, to decode images while the step runs."""
+    if not isinstance(dataset, _ImageRows):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores_per_process = cores // max(1, num_processes)
+    return 0 if cores_per_process < 4 else min(8, cores_per_process // 2)
 
 
 def dataset_length(dataset) -> int | None:

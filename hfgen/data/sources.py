@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 
 import numpy as np
 import PIL.Image
@@ -22,7 +23,10 @@ import torch.nn.functional as F
 
 from ..utils import check_fraction, check_positive_int
 from .image_datasets import ImageDataset, ImageFileDataset, StreamingImageDataset
-from .transforms import ImageTransform, image_name, num_channels_of, open_image
+from .pixel_cache import DEFAULT_MEMORY_GB, open_pixel_cache
+from .transforms import (
+    DEFAULT_BACKGROUND, PNG_HEADER_BYTES, CorruptImageError, ImageHeader, ImageTransform, image_name, open_image,
+    png_header, read_header)
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +99,9 @@ class BundledSource:
 
     def dataset(self, split: str, resolution: int, num_channels: int | None = None, *, resize: bool = True,
                 center_crop: bool = False, random_flip: bool = False, augment: bool = False, seed: int = 0,
-                skip_corrupt_images: bool = False) -> ImageDataset:
+                skip_corrupt_images: bool = False, background_color=DEFAULT_BACKGROUND,
+                pixel_cache_memory_gb: float | None = DEFAULT_MEMORY_GB) -> ImageDataset:
+        """One split, in memory (opaque grey arrays: `background_color` and the pixel cache do not apply)."""
         if num_channels not in (None, 1):
             raise ValueError(f"{self.name} has 1 channel, got `num_channels`={num_channels!r}")
         if not resize:
@@ -118,26 +124,75 @@ class BundledSource:
 # ----- image folders ------------------------------------------------------------------------------------------
 
 
-def _read_metadata(folder: str) -> dict[str, dict]:
-    """metadata.jsonl or metadata.csv of a folder: {path relative to the folder: the row's other columns}."""
-    rows = []
-    if os.path.isfile(os.path.join(folder, "metadata.jsonl")):
-        with open(os.path.join(folder, "metadata.jsonl")) as file:
-            rows = [json.loads(line) for line in file if line.strip()]
-    elif os.path.isfile(os.path.join(folder, "metadata.csv")):
-        import csv
+def _read_metadata(folder: str) -> tuple[str, dict[str, tuple[int, dict]]] | None:
+    """metadata.jsonl or metadata.csv of a folder -> (its path, {file path relative to the folder: (line number,
+    the row's other columns)}), or None without one. A malformed line is an error naming the file and the line."""
+    path = next((os.path.join(folder, name) for name in ("metadata.jsonl", "metadata.csv")
+                 if os.path.isfile(os.path.join(folder, name))), None)
+    if path is None:
+        return None
+    numbered_rows = []
+    with open(path, newline="" if path.endswith(".csv") else None, encoding="utf-8") as file:
+        if path.endswith(".jsonl"):
+            for number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not a JSON object ({error.msg}, column {error.colno})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+                numbered_rows.append((number, row))
+        else:
+            import csv
 
-        with open(os.path.join(folder, "metadata.csv"), newline="") as file:
-            rows = list(csv.DictReader(file))
+            reader = csv.DictReader(file)
+            try:
+                for row in reader:
+                    if None in row or None in row.values():  # extra fields go under None, missing ones are None
+                        fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+                        raise ValueError(f"{path}, line {reader.line_num}: {fields} columns where the header names "
+                                         f"{len(reader.fieldnames)}")
+                    numbered_rows.append((reader.line_num, row))
+            except csv.Error as error:
+                raise ValueError(f"{path}, line {reader.line_num}: {error}") from None
     table = {}
-    for number, row in enumerate(rows, 1):
+    for number, row in numbered_rows:
         if "file_name" not in row:
-            raise ValueError(f"row {number} of the metadata file in {folder!r} has no `file_name` column")
-        table[os.path.normpath(row.pop("file_name"))] = row
-    return table
+            raise ValueError(f"{path}, line {number}: no `file_name` column")
+        table[os.path.normpath(row.pop("file_name"))] = (number, row)
+    return path, table
 
 
-def _scan_split(folder: str):
+def _match_metadata(folder: str, relative_paths: list[str], skip_unmatched: bool) -> tuple[list[bool], dict]:
+    """Which images to keep and the metadata rows of the kept ones. A row naming a file that does not exist, and
+    an image without a row, are errors naming them; with `skip_unmatched` they are left out and counted in the log."""
+    found = _read_metadata(folder)
+    if found is None:
+        return [True] * len(relative_paths), {}
+    path, table = found
+    listed = set(relative_paths)
+    missing_files = [(number, name) for name, (number, _) in table.items() if name not in listed]
+    without_row = [name for name in relative_paths if name not in table]
+    if missing_files and not skip_unmatched:
+        number, name = missing_files[0]
+        raise ValueError(f"{path}, line {number}: `file_name` {name!r} is not an image file in {folder!r}"
+                         f"{f' (and {len(missing_files) - 1} more rows like it)' if len(missing_files) > 1 else ''}; "
+                         "pass --skip_corrupt_images to skip such rows")
+    if without_row and not skip_unmatched:
+        raise ValueError(f"image {os.path.join(folder, without_row[0])} has no row in {path}"
+                         f"{f' (nor have {len(without_row) - 1} more images)' if len(without_row) > 1 else ''}; "
+                         "add rows for them, or pass --skip_corrupt_images to leave them out")
+    if missing_files:
+        logger.warning("skipped %d rows of %s naming files that do not exist (the first: line %d, %r)",
+                       len(missing_files), path, *missing_files[0])
+    if without_row:
+        logger.warning("skipped %d images without a row in %s (the first: %s)", len(without_row), path, without_row[0])
+    return [name in table for name in relative_paths], {name: row for name, (_, row) in table.items()}
+
+
+def _scan_split(folder: str, skip_unmatched: bool = False):
     """All image files under `folder` (sorted), their metadata columns, class-folder labels and a fingerprint."""
     paths, relative_paths, parents, stats = [], [], [], []
     for directory, subdirectories, files in os.walk(folder):
@@ -151,7 +206,10 @@ def _scan_split(folder: str):
                 relative_paths.append(relative)
                 parents.append(parent)
                 stats.append(f"{relative}:{stat.st_size}:{stat.st_mtime_ns}")
-    metadata = _read_metadata(folder)
+    keep, metadata = _match_metadata(folder, relative_paths, skip_unmatched)
+    if not all(keep):
+        paths, relative_paths, parents, stats = ([item for item, kept in zip(items, keep) if kept]
+                                                 for items in (paths, relative_paths, parents, stats))
     columns = {"image": paths}
     for key in sorted({key for row in metadata.values() for key in row}):
         columns[key] = [metadata.get(relative, {}).get(key) for relative in relative_paths]
@@ -163,12 +221,13 @@ def _scan_split(folder: str):
     return columns, class_names, hashlib.sha1("\n".join(stats).encode()).hexdigest()
 
 
-def scan_image_folder(root: str):
+def scan_image_folder(root: str, skip_unmatched: bool = False):
     """A folder laid out as `datasets`' imagefolder expects -> a `datasets.DatasetDict` of undecoded image paths.
 
     Images anywhere below `root` (or below its train/, test/, validation/ sub-folders, one split each); labels
     from class sub-folders (at least two) or a `label` column of metadata.jsonl / metadata.csv, whose other
-    columns (e.g. `text`) are kept. It lists the files itself, in one walk: `load_dataset("imagefolder")`
+    columns (e.g. `text`) are kept. Every image needs a metadata row and every row an image, if the split has a
+    metadata file; `skip_unmatched` leaves out (and counts) those that do not. It lists the files itself, in one walk: `load_dataset("imagefolder")`
     resolves its file patterns with dozens of walks of the tree (about 13 s for 64k files, on every run).
     """
     import datasets
@@ -179,7 +238,7 @@ def scan_image_folder(root: str):
         split_folders = {"train": root}
     splits = {}
     for split, folder in split_folders.items():
-        columns, class_names, digest = _scan_split(folder)
+        columns, class_names, digest = _scan_split(folder, skip_unmatched)
         if not columns["image"]:
             raise ValueError(f"`train_data_dir` {root!r} holds no image files{'' if folder == root else f' in {split}/'} "
                              f"(extensions such as .png, .jpg)")
@@ -197,7 +256,7 @@ def scan_image_folder(root: str):
 # ----- datasets sources: folders, saved datasets, parquet folders, the Hub ------------------------------------
 
 
-def _load_rows(dataset_name, train_data_dir, dataset_config_name, streaming, cache_dir):
+def _load_rows(dataset_name, train_data_dir, dataset_config_name, streaming, cache_dir, skip_corrupt_images):
     """The source's splits as a `datasets` DatasetDict (Arrow, memory-mapped) or IterableDatasetDict (streamed)."""
     import datasets
 
@@ -205,7 +264,7 @@ def _load_rows(dataset_name, train_data_dir, dataset_config_name, streaming, cac
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise ValueError(f"`train_data_dir` {train_data_dir!r} is not a folder")
-        rows = scan_image_folder(train_data_dir)
+        rows = scan_image_folder(train_data_dir, skip_unmatched=skip_corrupt_images)
     elif os.path.isdir(dataset_name) and any(os.path.isfile(os.path.join(dataset_name, name))
                                              for name in ("dataset_dict.json", "state.json")):
         rows = datasets.load_from_disk(dataset_name)  # saved with save_to_disk
@@ -236,12 +295,34 @@ def _pick_column(name: str, given: str | None, columns: list[str], candidates, r
     return found
 
 
+def _read_header(cell, fallback: str) -> ImageHeader | CorruptImageError:
+    """An image's header, or the error (naming the file) of one that cannot be read."""
+    name = image_name(cell, fallback)
+    try:
+        data = cell.get("bytes")
+        if data is None:
+            with open(cell["path"], "rb") as file:
+                data = file.read(PNG_HEADER_BYTES)
+        header = png_header(data[:PNG_HEADER_BYTES])
+        if header is not None:
+            return header
+    except (OSError, AttributeError, KeyError, TypeError):
+        pass  # PIL says what is wrong below
+    try:
+        with open_image(cell, name) as image:
+            return read_header(image)
+    except CorruptImageError as error:
+        return error
+    except Exception as error:  # a header PIL opens but cannot parse (e.g. broken EXIF)
+        return CorruptImageError(f"cannot read image {name}: {error}")
+
+
 class DatasetsSource:
     """The splits of a `datasets` source, with its columns resolved; images stay undecoded until asked for."""
 
     def __init__(self, dataset_name=None, train_data_dir=None, *, dataset_config_name=None, image_column=None,
                  label_column=None, caption_column=None, streaming=False, validation_split=None, max_train_samples=None,
-                 cache_dir=None, process_index=0, num_processes=1):
+                 cache_dir=None, process_index=0, num_processes=1, skip_corrupt_images=False):
         import datasets
 
         if validation_split is not None:
@@ -251,7 +332,7 @@ class DatasetsSource:
                              "does not have: hold out a split when preparing the data, or do not stream")
         self.name = train_data_dir or dataset_name
         self.streaming, self.process_index, self.num_processes = streaming, process_index, num_processes
-        rows = _load_rows(dataset_name, train_data_dir, dataset_config_name, streaming, cache_dir)
+        rows = _load_rows(dataset_name, train_data_dir, dataset_config_name, streaming, cache_dir, skip_corrupt_images)
         if "train" not in rows:
             raise ValueError(f"{self.name!r} has no train split; its splits are {list(rows)}")
         features = rows["train"].features
@@ -282,7 +363,8 @@ class DatasetsSource:
         self.splits = ("train", own_test) if own_test else ("train",)
         self.test_split = own_test or "train"  # what FD compares with
         self.id2label = self._class_names(features)
-        self._first = None
+        self._headers = {}
+        self._logged_channels = None
 
     def _class_names(self, features) -> dict[str, str] | None:
         if not self.label_column:
@@ -298,38 +380,71 @@ class DatasetsSource:
             names = [str(i) for i in range(int(np.max(labels)) + 1)]
         return {str(i): str(name) for i, name in enumerate(names)}
 
-    def _headers(self, count: int) -> list:
-        """The first `count` images of the train split, opened lazily (header only, no pixels decoded)."""
-        rows = self.rows["train"]
-        cells = rows.take(count) if self.streaming else rows.select(range(min(count, len(rows))))
-        return [open_image(row[self.image_column], image_name(row[self.image_column], f"row {i}"))
-                for i, row in enumerate(cells)]
+    def headers(self, split: str = "train") -> list[ImageHeader | CorruptImageError]:
+        """Every image's header in the split (channels, upright size), read without decoding pixels, or the error
+        of a file that cannot be read. A streamed split: its first NUM_PROBED_IMAGES only."""
+        if split not in self._headers:
+            rows = self.rows[split]
+            if self.streaming:
+                cells = (row[self.image_column] for row in rows.take(NUM_PROBED_IMAGES))
+            else:
+                cells = (cell for batch in rows.select_columns([self.image_column]).iter(batch_size=1024)
+                         for cell in batch[self.image_column])
+            self._headers[split] = [_read_header(cell, f"row {i} of split {split!r}") for i, cell in enumerate(cells)]
+        return self._headers[split]
 
     @property
     def num_channels(self) -> int:
-        """1 if the first training image is grey, else 3."""
-        if self._first is None:
-            self._first = self._headers(1)[0]
-        return num_channels_of(self._first)
+        """3 if any training image is in colour, else 1 (of a streamed source: among its first images)."""
+        return self._channel_choice(None)
+
+    def _channel_choice(self, num_channels: int | None) -> int:
+        """`num_channels`, or the training images' choice; logs it once, with how many images are grey and colour."""
+        counts = Counter(header.num_channels for header in self.headers("train") if isinstance(header, ImageHeader))
+        chosen = num_channels or (3 if counts[3] else 1)
+        if self._logged_channels != chosen:
+            self._logged_channels = chosen
+            probed = f" among the first {NUM_PROBED_IMAGES} (streamed)" if self.streaming else ""
+            reason = "as --num_channels says" if num_channels else "decided from the training images"
+            logger.info("%d channel%s (%s): %s colour and %s grey images%s", chosen, "s" * (chosen > 1), reason,
+                        f"{counts[3]:,}", f"{counts[1]:,}", probed)
+        return chosen
 
     def dataset(self, split: str, resolution: int, num_channels: int | None = None, *, resize: bool = True,
                 center_crop: bool = False, random_flip: bool = False, augment: bool = False, seed: int = 0,
-                skip_corrupt_images: bool = False):
+                skip_corrupt_images: bool = False, background_color=DEFAULT_BACKGROUND,
+                pixel_cache_memory_gb: float | None = DEFAULT_MEMORY_GB):
+        """One split with this transform. `pixel_cache_memory_gb`: decoded pixels are kept in RAM up to this
+        many GiB, in a file under $HFGEN_CACHE above it (hfgen.data.pixel_cache); None decodes every image on
+        every access. A streamed split is never cached."""
         if split not in self.rows:
             raise ValueError(f"{self.name!r} has no {split!r} split; its splits are {list(self.rows)}")
-        transform = ImageTransform(resolution, num_channels or self.num_channels, resize, center_crop, random_flip)
+        transform = ImageTransform(resolution, self._channel_choice(num_channels), resize, center_crop, random_flip,
+                                   tuple(background_color))
+        headers = self.headers(split)
+        broken = next((header for header in headers if isinstance(header, CorruptImageError)), None)
+        if broken is not None and not skip_corrupt_images:
+            raise CorruptImageError(f"{broken} (pass --skip_corrupt_images to skip such files)")
+        headers = [header if isinstance(header, ImageHeader) else None for header in headers]
         if not resize:
-            sizes = [min(image.size) for image in self._headers(NUM_PROBED_IMAGES)]
-            if resolution > max(sizes):
-                raise ValueError(f"`resolution` {resolution} is larger than every image probed (the first {len(sizes)} "
-                                 f"are at most {max(sizes)} px on their shorter side): cropping without resizing "
-                                 "(--no_resize) needs images at least that large")
+            small = next((i for i, header in enumerate(headers) if header and min(header.width, header.height) < resolution), None)
+            if small is not None:
+                name = image_name(self.rows[split][small][self.image_column], f"row {small} of split {split!r}")
+                raise ValueError(f"image {name} is {headers[small].width}x{headers[small].height}, smaller than "
+                                 f"`resolution` {resolution}: cropping without resizing (--no_resize) needs images at "
+                                 "least that large (drop `--no_resize`, or lower `--resolution`)")
         rows = self.rows[split]
         options = dict(image_column=self.image_column, label_column=self.label_column, id2label=self.id2label,
                        transform=transform, seed=seed, augment=augment, skip_corrupt_images=skip_corrupt_images,
                        caption_column=self.caption_column)
         if not self.streaming:
-            return ImageFileDataset(rows, fingerprint=rows._fingerprint, **options)
+            dataset = ImageFileDataset(rows, fingerprint=rows._fingerprint, **options)
+            if pixel_cache_memory_gb is not None:
+                shapes = np.array([(*transform.prepared_size(h.width, h.height)[::-1], transform.num_channels)
+                                   if h else (0, 0, 0) for h in headers], dtype=np.int64).reshape(-1, 3)
+                dataset.pixel_cache = open_pixel_cache(shapes, rows._fingerprint, transform,
+                                                       int(pixel_cache_memory_gb * 2**30))
+            return dataset
         from datasets.distributed import split_dataset_by_node
 
         if augment:  # training: shuffled, and this process's shard only
@@ -341,7 +456,7 @@ class DatasetsSource:
 def open_image_source(dataset_name: str | None = "hfgen:mnist", train_data_dir: str | None = None, **options):
     """The bundled digits (`BundledSource`) or a `datasets` source (`DatasetsSource`, keyword `options`:
     dataset_config_name, image_column, label_column, caption_column, streaming, validation_split,
-    max_train_samples, cache_dir, process_index, num_processes)."""
+    max_train_samples, cache_dir, process_index, num_processes, skip_corrupt_images)."""
     if train_data_dir is None and dataset_name is None:
         raise ValueError("give `dataset_name` or `train_data_dir`")
     if train_data_dir is None and dataset_name.startswith("hfgen:"):
