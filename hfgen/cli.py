@@ -35,6 +35,26 @@ def check_image_output(name: str, path: str) -> None:
         raise ValueError(f"`{name}` {path!r} cannot be written: {folder!r} is not a writable folder")
 
 
+# `hfgen sample`'s flags that are arguments of the pipeline's call
+SAMPLING_FLAGS = ("class_labels", "prompt", "negative_prompt", "guidance_scale", "num_inference_steps")
+
+
+def check_sampling_flags(args, pipeline) -> None:
+    """Refuses a sampling flag that the loaded pipeline's call does not take (or `--class_labels` for an
+    unconditional model), naming the flag and the pipeline's class, and the flags it does take. (A pipeline that
+    takes an argument checks its value itself.)"""
+    from hfgen.pipelines.pipeline_utils import call_arguments
+
+    accepted = call_arguments(pipeline)
+    if not getattr(pipeline, "num_classes", 0):
+        accepted.discard("class_labels")
+    for name in SAMPLING_FLAGS:
+        if getattr(args, name) is not None and name not in accepted:
+            takes = ", ".join(f"--{flag}" for flag in SAMPLING_FLAGS if flag in accepted) or "none of them"
+            raise ValueError(f"`--{name}` does not apply to {args.pretrained!r}, a {type(pipeline).__name__}: of "
+                             f"{', '.join('--' + flag for flag in SAMPLING_FLAGS)} it takes {takes}")
+
+
 def sample(argv) -> str:
     parser = CommandParser(prog="hfgen sample", description="Sample a grid of images from a pipeline.")
     parser.add_argument("pretrained", help="A pipeline folder or a Hub repo id.")
@@ -58,8 +78,12 @@ def sample(argv) -> str:
 
     from hfgen import AutoPipeline
     from hfgen.image_processing import image_grid
+    from hfgen.utils import check_device
 
-    pipeline = AutoPipeline.from_pretrained(args.pretrained).to(args.device)
+    check_device("--device", args.device)
+    pipeline = AutoPipeline.from_pretrained(args.pretrained)
+    check_sampling_flags(args, pipeline)
+    pipeline = pipeline.to(args.device)
     labels = args.class_labels
     if labels is not None:
         labels = [int(label) if label.isdigit() else label for label in labels]
@@ -139,7 +163,9 @@ def evaluate(argv) -> dict[str, float]:
                                 resolve_feature_extractor)
     from hfgen.hub_utils import update_model_card_metrics
     from hfgen.sample_metrics import MEMORISATION_QUANTILE
+    from hfgen.utils import check_device
 
+    check_device("--device", args.device)
     pipeline = AutoPipeline.from_pretrained(args.pretrained).to(args.device)
     text_to_image = hasattr(pipeline, "encode_prompt")
     bundled = args.train_data_dir is None and args.dataset_name.startswith("hfgen:")
@@ -227,6 +253,12 @@ def demo(argv) -> str | None:
     if args.hub_model_id and not args.write_space:
         raise ValueError("`--hub_model_id` names the model repo of a Space: it needs `--write_space DIR`")
 
+    from hfgen.hub_utils import check_repo_id
+    from hfgen.utils import check_device
+
+    check_device("--device", args.device)
+    if args.hub_model_id:
+        check_repo_id("--hub_model_id", args.hub_model_id)
     from hfgen import demo as demo_app  # an ImportError here says how to install gradio
 
     if args.write_space:

@@ -26,7 +26,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from hfgen import AutoPipeline, GANPipeline, VAEPipeline, __version__
 from hfgen.diffusion import FLOW_MATCHING, dpm_solver, scheduler_objective
 from hfgen.hub_utils import METRICS_FILE, SAMPLE_GRID, push_space
-from hfgen.pipelines.pipeline_utils import GenerativePipeline, resolve_pretrained_path
+from hfgen.pipelines.pipeline_utils import GenerativePipeline, call_arguments, resolve_pretrained_path
 from hfgen.utils import check_non_negative_int
 
 
@@ -124,7 +124,7 @@ def generator(seed) -> torch.Generator:
 
 def sample_tab(pipeline) -> None:
     """Number of images and seed for every family; class, sampler, steps and guidance where the call takes them."""
-    parameters = inspect.signature(pipeline.__call__).parameters
+    parameters = call_arguments(pipeline)
     downloads = tempfile.mkdtemp(prefix="hfgen-demo-")
     with gr.Row():
         num_images = gr.Number(16, precision=0, label="Number of images", elem_id="num-images")

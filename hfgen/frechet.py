@@ -5,12 +5,12 @@ FD = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2}) between Gaussians fit
 so `feature_statistics` accumulates those batch by batch (in float64, as torchmetrics' FrechetInceptionDistance
 does): any number of images in the memory of one batch. The statistics of a set of real images can be saved in
 a small cache file and reused by later evaluations (`save_cached_statistics`, `load_cached_statistics`), with the
-features themselves when the metrics of hfgen.sample_metrics need them (`load_cached_features`).
+features themselves when the metrics of hfgen.sample_metrics need them (`load_cached_features`). Each cache file
+is sealed (hfgen.cache_files) when written and checked when read: a broken one is recomputed, with one log line.
 """
 
 import hashlib
 import json
-import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -21,10 +21,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .cache_files import broken_reason, report_broken, seal
 from .utils import hfgen_cache_dir
 from .utils import check_positive_int
-
-logger = logging.getLogger(__name__)
 
 STATISTICS_DIR = "fd-statistics"  # under hfgen_cache_dir()
 STATISTICS_FORMAT = "1"  # part of every cache key: a new format never reads an old file
@@ -186,8 +185,8 @@ def save_cached_statistics(key: dict[str, str], statistics: FeatureStatistics, l
     """Saves `statistics` (and the images' labels (N,) and features (N, d), if given: hfgen.sample_metrics needs
     the features themselves) as the cache entry of `key`; returns its path.
 
-    The file is written to a temporary name in the same folder, then renamed (`os.replace`): a reader never
-    sees half a file, and of two processes writing the same entry the last one wins with a whole file.
+    The file is written to a temporary name in the same folder, then renamed (`os.replace`) and sealed: a reader
+    never uses half a file, and of two processes writing the same entry the last one wins with a whole file.
     """
     path = statistics_cache_path(key, cache_dir)
     tensors = {"num": torch.tensor([statistics.num]), "feature_sum": statistics.feature_sum.cpu(),
@@ -205,6 +204,7 @@ def save_cached_statistics(key: dict[str, str], statistics: FeatureStatistics, l
     try:
         save_file(tensors, staging, metadata={"key": _key_text(key)})
         os.replace(staging, path)
+        seal(path)
     finally:
         if os.path.exists(staging):
             os.remove(staging)
@@ -212,9 +212,14 @@ def save_cached_statistics(key: dict[str, str], statistics: FeatureStatistics, l
 
 
 def _read_cache_entry(key: dict[str, str], names: tuple[str, ...], cache_dir: str | None) -> dict | None:
-    """The tensors `names` (those present) of the cache entry of `key`, or None when there is none."""
+    """The tensors `names` (those present) of the cache entry of `key`, or None when there is none or it is
+    broken (then logged: the caller recomputes and overwrites it)."""
     path = statistics_cache_path(key, cache_dir)
     if not os.path.isfile(path):
+        return None
+    reason = broken_reason(path)
+    if reason is not None:
+        report_broken(path, reason, what="FD statistics cache")
         return None
     try:
         with safe_open(path, "pt") as file:
@@ -222,7 +227,7 @@ def _read_cache_entry(key: dict[str, str], names: tuple[str, ...], cache_dir: st
                 return None  # another key with the same hash prefix
             return {name: file.get_tensor(name) for name in names if name in file.keys()}
     except SafetensorError as error:  # written by something else: recompute and overwrite it
-        logger.warning("ignored the unreadable FD statistics cache file %s: %s", path, error)
+        report_broken(path, f"safetensors cannot read it: {error}", what="FD statistics cache")
         return None
 
 

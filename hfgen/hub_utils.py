@@ -3,8 +3,11 @@
 import json
 import os
 import re
+import shlex
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, get_token, upload_folder
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants, create_repo, get_token, upload_folder
+from huggingface_hub.errors import HFValidationError, HTTPError
+from huggingface_hub.utils import validate_repo_id
 
 # Training by-products that stay local when a pipeline folder is pushed (a latent diffusion folder already
 # holds its first stage as vae/).
@@ -160,6 +163,16 @@ def update_model_card_metrics(
     return card
 
 
+def check_repo_id(name: str, repo_id) -> None:
+    """A Hub repo id (`name` or `user/name`) as huggingface_hub's `validate_repo_id` accepts it."""
+    if not isinstance(repo_id, str):
+        raise TypeError(f"`{name}` must be a Hub repo id such as user/my-model, got {type(repo_id).__name__}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"`{name}` must be a Hub repo id such as user/my-model, got {repo_id!r}: {error}") from None
+
+
 def push_token(token: str | None = None) -> str:
     """`token`, or the one the user logged in with: refused before any request when there is none."""
     token = token or get_token()
@@ -171,6 +184,7 @@ def push_token(token: str | None = None) -> str:
 def push_folder(folder: str, repo_id: str, token: str | None = None, private: bool | None = None,
                 commit_message: str = "Upload hfgen pipeline") -> str:
     """Uploads a saved pipeline folder (without checkpoints and logs) to `repo_id`; returns the commit URL."""
+    check_repo_id("repo_id", repo_id)
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise ValueError(f"{folder!r} holds no model_index.json: only a complete saved pipeline can be pushed")
     token = push_token(token)
@@ -188,8 +202,33 @@ def push_folder(folder: str, repo_id: str, token: str | None = None, private: bo
 def push_space(folder: str, repo_id: str, token: str | None = None, private: bool | None = None,
                commit_message: str = "Upload hfgen demo") -> str:
     """Uploads a folder written by `hfgen.demo.write_space` as the Gradio Space `repo_id`; returns the commit URL."""
+    check_repo_id("repo_id", repo_id)
     token = push_token(token)
     repo = create_repo(repo_id, token=token, private=private, repo_type="space", space_sdk="gradio", exist_ok=True)
     commit = upload_folder(repo_id=repo.repo_id, repo_type="space", folder_path=folder, token=token,
                            commit_message=commit_message)
     return str(commit)
+
+
+class PushError(OSError):
+    """A push of a trained folder that did not reach the Hub; the folder itself is complete."""
+
+
+def upload_command(folder: str, repo_id: str, private: bool | None = None) -> str:
+    """The command line that uploads `folder` to `repo_id` as `push_folder` does (huggingface_hub's `hf` CLI)."""
+    excludes = " ".join(f"--exclude {shlex.quote(pattern)}" for pattern in PUSH_IGNORE_PATTERNS)
+    return (f"hf upload {shlex.quote(repo_id)} {shlex.quote(folder)} . {excludes}"
+            f"{' --private' if private else ''}")
+
+
+def push_output_folder(folder: str, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
+    """`push_folder` for a training run's output folder: when the upload fails (the Hub unreachable, or refusing
+    it), raises a one-line PushError naming the endpoint and the error, saying that the folder is complete, and
+    giving the command that pushes it later."""
+    try:
+        return push_folder(folder, repo_id, token=token, private=private)
+    except (OSError, HTTPError) as error:  # connection errors, and the Hub's HTTP errors (HfHubHTTPError)
+        cause = " ".join(str(error).split()) or type(error).__name__
+        raise PushError(f"the push to {repo_id!r} at {constants.ENDPOINT} failed ({type(error).__name__}: {cause}); "
+                        f"the trained folder {folder} is complete: push it later with "
+                        f"`{upload_command(folder, repo_id, private)}`") from error

@@ -5,7 +5,8 @@ dataset; here they are written to disk in chunks, as one (N, V, 2C, S, S) float3
 (mean and log-variance stacked on the channel axis; V = 2 views, the image and its mirror image, when flips
 are asked for, else 1), and read back by memory mapping. The cache folder is named by a hash of the first
 stage's weights, the data's fingerprint and the views, so a later run with the same first stage and data
-reuses it and any other run gets its own.
+reuses it and any other run gets its own. Both files are sealed (hfgen.cache_files) when written and checked
+when opened: a cache truncated, zeroed or missing its integrity record is rebuilt with one log line, never read.
 """
 
 import hashlib
@@ -18,13 +19,26 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import collate_images
+from .cache_files import broken_reason, report_broken, seal
+from .data import collate_function
 from .data.image_datasets import ImageDataset, _Augmented
 from .data.transforms import sample_generator
 from .distributions import DiagonalGaussian
 
 MOMENTS_FILE = "moments.npy"
 INFO_FILE = "latents.json"
+CACHE_FILES = (INFO_FILE, MOMENTS_FILE)
+
+
+def broken_cache_file(folder: str) -> tuple[str, str] | None:
+    """(path, why) of the first file of the latent cache `folder` that cannot be trusted, or None when the
+    cache is intact."""
+    for name in CACHE_FILES:
+        path = os.path.join(folder, name)
+        reason = broken_reason(path)
+        if reason is not None:
+            return path, reason
+    return None
 
 
 def latent_cache_key(vae, dataset, flips: bool) -> str:
@@ -46,6 +60,10 @@ class LatentDataset(_Augmented, Dataset):
 
     def __init__(self, folder: str, labels: torch.Tensor, id2label, seed: int = 0):
         self.folder = folder
+        broken = broken_cache_file(folder)
+        if broken is not None:
+            path, reason = broken
+            raise ValueError(f"the latent cache file {path} cannot be trusted ({reason}): encode_to_cache rebuilds it")
         self.moments = np.load(os.path.join(folder, MOMENTS_FILE), mmap_mode="r")
         with open(os.path.join(folder, INFO_FILE)) as file:
             self.info = json.load(file)
@@ -76,10 +94,14 @@ class LatentDataset(_Augmented, Dataset):
 def encode_to_cache(vae, dataset, cache_dir: str, flips: bool = False, batch_size: int = 256,
                     num_workers: int = 0, show_progress: bool = True) -> str:
     """Encodes every image of `dataset` (unaugmented, in order) into `cache_dir`/<key>, unless it is there already;
-    returns that folder. Written to a temporary folder first and renamed when complete."""
+    returns that folder. Written to a temporary folder first, sealed and renamed when complete; a cache folder
+    that is there but broken is rebuilt, with one log line naming the file."""
     folder = os.path.join(cache_dir, latent_cache_key(vae, dataset, flips))
-    if os.path.isfile(os.path.join(folder, INFO_FILE)):
-        return folder
+    if os.path.isdir(folder):
+        broken = broken_cache_file(folder)
+        if broken is None:
+            return folder
+        report_broken(*broken, what="latent cache")
     partial = folder + ".incomplete"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
@@ -90,7 +112,7 @@ def encode_to_cache(vae, dataset, cache_dir: str, flips: bool = False, batch_siz
     if isinstance(dataset, ImageDataset):
         batches = (dataset[start:start + batch_size] for start in range(0, len(dataset), batch_size))
     else:
-        batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers)
+        batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_function(dataset), num_workers=num_workers)
     # pooled statistics of z ~ q(z|x) for the scaling factor: Var z = Var(mean) + E[sigma^2] (law of total variance)
     total = total_sq = total_var = 0.0
     start = 0
@@ -117,6 +139,8 @@ def encode_to_cache(vae, dataset, cache_dir: str, flips: bool = False, batch_siz
         json.dump({"num_images": len(dataset), "views": views, "latent_shape": list(vae.latent_shape),
                    "scaling_factor": float(1 / np.sqrt(variance))}, file)
     del moments
+    for name in CACHE_FILES:
+        seal(os.path.join(partial, name))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
     return folder

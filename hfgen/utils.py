@@ -72,6 +72,31 @@ def check_probability(name: str, value) -> None:
         raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}")
 
 
+def available_devices() -> list[str]:
+    """The torch devices this machine has: cpu, then each CUDA GPU (cuda:0, ...), mps and XPUs where present."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        devices += [f"xpu:{index}" for index in range(torch.xpu.device_count())]
+    return devices
+
+
+def check_device(name: str, value) -> None:
+    """A torch device that exists on this machine ("cuda" means cuda:0)."""
+    available = available_devices()
+    try:
+        device = torch.device(value)
+        present = (device.type if device.type in ("cpu", "mps") else f"{device.type}:{device.index or 0}") in available
+    except (RuntimeError, TypeError):  # not a device name at all
+        present = False
+    if not present:
+        raise ValueError(f"`{name}` must be a device this machine has, got {value!r}; available here: "
+                         f"{', '.join(available)}")
+
+
 def check_images(name: str, images, channels: int, size: int) -> None:
     """Images must be a finite float tensor of shape (B, channels, size, size)."""
     check_image_shape(name, images, channels, size)

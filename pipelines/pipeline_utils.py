@@ -1,5 +1,6 @@
 """The base of every hfgen pipeline: loading, class labels, prior noise and output conversion."""
 
+import inspect
 import json
 import math
 import numbers
@@ -13,7 +14,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import file_exists, snapshot_download
 
-from hfgen.hub_utils import push_folder, push_token, write_model_card
+from hfgen.hub_utils import check_repo_id, push_folder, push_token, write_model_card
 from hfgen.image_processing import postprocess
 from hfgen.utils import check_class_labels, check_positive_int
 
@@ -46,6 +47,21 @@ def resolve_pretrained_path(pretrained_model_name_or_path, **hub_kwargs) -> str:
 
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer")  # the only components a transformers class may fill
+
+
+def call_arguments(pipeline) -> set[str]:
+    """The keyword arguments that `pipeline(...)` takes: those of its `__call__`, and, where that passes
+    `**kwargs` on to its base class's `__call__`, those too."""
+    names = set()
+    for cls in type(pipeline).__mro__:
+        if "__call__" not in vars(cls):
+            continue
+        parameters = inspect.signature(vars(cls)["__call__"]).parameters.values()
+        names |= {parameter.name for parameter in parameters if parameter.name != "self"
+                  and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)}
+        if all(parameter.kind is not parameter.VAR_KEYWORD for parameter in parameters):
+            break
+    return names
 
 
 def read_model_index(index_file: str) -> dict:
@@ -108,6 +124,7 @@ class GenerativePipeline(DiffusionPipeline):
         A repo without a model card gets an hfgen one (library hfgen, the family's tag, usage, config); a card
         already there is kept, as it holds what only training knew (metrics, training config).
         """
+        check_repo_id("repo_id", repo_id)
         token = push_token(token)
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, **save_kwargs)

@@ -13,6 +13,7 @@ import torch
 from helpers import quick_training_args
 from diffusers import DDPMScheduler
 from helpers import tiny_unet
+from hub_fixtures import hub_server  # noqa: F401  (the fixture)
 
 from hfgen import (
     AutoPipeline, ConditionalPipeline, DDPMPipeline, Discriminator, GANPipeline, Generator, VAEModel, VAEPipeline)
@@ -321,3 +322,110 @@ def test_guidance_is_refused_for_a_denoiser_never_trained_on_the_null_class(tmp_
     assert len(pipe(class_labels=[1, 2], num_inference_steps=2).images) == 2
     with pytest.raises(ValueError, match="trained with label_dropout 0, so its null class was never trained"):
         pipe(class_labels=[1, 2], guidance_scale=3.0, num_inference_steps=2)
+
+
+# ----- 10. the last inputs that failed deep (issue 30) ---------------------------------------------------------
+
+
+@pytest.fixture
+def vae_folder(tmp_path):
+    torch.manual_seed(0)
+    VAEPipeline(VAEModel(hidden_dims=[8], latent_dim=2)).save_pretrained(tmp_path / "vae")
+    return tmp_path / "vae"
+
+
+@pytest.mark.parametrize("flags", [["--prompt", "a thick seven"], ["--negative_prompt", "blurry"],
+                                   ["--guidance_scale", "3"], ["--class_labels", "7"], ["--num_inference_steps", "5"]])
+def test_sample_refuses_a_flag_the_pipeline_does_not_take(vae_folder, tmp_path, capsys, flags):
+    line = cli_error(capsys, ["sample", str(vae_folder), *flags, "--output", str(tmp_path / "grid.png")])
+    assert f"`{flags[0]}` does not apply to" in line and "a VAEPipeline" in line, line
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_sample_reads_what_a_pipeline_takes_through_its_base_class(tmp_path, capsys):
+    torch.manual_seed(0)  # ConditionalPipeline.__call__ passes **kwargs on to GenerativePipeline.__call__
+    ConditionalPipeline(VAEModel(hidden_dims=[8], latent_dim=2, num_classes=3)).save_pretrained(tmp_path / "cvae")
+    line = cli_error(capsys, ["sample", str(tmp_path / "cvae"), "--class_labels", "1", "--guidance_scale", "2",
+                              "--output", str(tmp_path / "grid.png")])
+    assert "`--guidance_scale` does not apply to" in line and "a ConditionalPipeline" in line
+    assert line.endswith("it takes --class_labels"), line
+
+
+@pytest.mark.parametrize("family", ["vae", "gan", "ddpm", "ldm"])
+def test_a_bad_hub_model_id_is_refused_before_any_work(family, tmp_path, capsys):
+    line = cli_error(capsys, ["train", family, "--output_dir", str(tmp_path / "out"), "--push_to_hub",
+                              "--hub_model_id", "bad id with spaces"])
+    assert "`--hub_model_id` must be a Hub repo id such as user/my-model, got 'bad id with spaces'" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_and_push_folder_refuse_a_bad_repo_id_before_any_request(vae_folder, monkeypatch):
+    from hfgen.hub_utils import push_folder
+
+    monkeypatch.setattr("hfgen.hub_utils.create_repo", lambda *a, **k: pytest.fail("a request was made"))
+    with pytest.raises(ValueError, match="`repo_id` must be a Hub repo id such as user/my-model, got 'a/b/c'"):
+        VAEPipeline.from_pretrained(vae_folder).push_to_hub("a/b/c")
+    with pytest.raises(ValueError, match="`repo_id` must be a Hub repo id .* got 'bad id'"):
+        push_folder(str(vae_folder), "bad id")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="the device is present")
+@pytest.mark.parametrize("device", ["cuda", "mps", "cuda:1"])
+@pytest.mark.parametrize("command", ["sample", "evaluate", "demo"])
+def test_an_absent_device_is_one_line_naming_the_devices_there_are(vae_folder, tmp_path, capsys, command, device):
+    extra = ["--output", str(tmp_path / "grid.png")] if command == "sample" else []
+    line = cli_error(capsys, [command, str(vae_folder), "--device", device, *extra])
+    assert line == f"hfgen: error: `--device` must be a device this machine has, got {device!r}; available here: cpu"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_launched_processes_that_cannot_join_say_so_once(monkeypatch, capsys, rank):
+    """What `accelerate launch --multi_gpu --num_processes 2` without GPUs nor ACCELERATE_USE_CPU=1 starts: two
+    processes that each find themselves alone. Rank 0 says it in one line; the other rank exits quietly. (The
+    launcher's environment is not set in this process: accelerate would try to join the others.)"""
+    from types import SimpleNamespace
+
+    from hfgen.training.trainer import check_launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr("hfgen.training.trainer.time.sleep", lambda seconds: None)
+    alone = SimpleNamespace(num_processes=1)
+    if rank == 0:
+        with pytest.raises(ValueError) as error:
+            check_launch(alone)
+        message = str(error.value)
+        assert "\n" not in message and "the launcher started 2 processes, but they could not join one run" in message
+        assert "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...`" in message
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            check_launch(alone)
+        assert exit_info.value.code == 2 and capsys.readouterr().err == ""
+    check_launch(SimpleNamespace(num_processes=2))  # joined: nothing to say
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_launch(alone)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="processes on GPUs join one run")
+def test_accelerate_launch_multi_gpu_on_cpus_prints_one_hfgen_line(tmp_path):
+    env = {name: value for name, value in os.environ.items() if name != "ACCELERATE_USE_CPU"}
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hfgen.training.train_vae",
+               *vae_args(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hfgen train: error:")]
+    assert len(lines) == 1 and "ACCELERATE_USE_CPU=1" in lines[0], result.stderr
+
+
+def test_a_failed_push_says_the_folder_is_complete_and_how_to_push_it_later(hub_server, tmp_path, capsys):
+    endpoint = hub_server.url
+    hub_server.stop()  # the endpoint is down: nothing listens on its port any more
+    out = tmp_path / "out"
+    line = cli_error(capsys, ["train", "vae", *vae_args(out, "--max_train_steps", "1", "--push_to_hub",
+                                                        "--hub_model_id", "user/tiny-vae")])
+    assert f"the push to 'user/tiny-vae' at {endpoint} failed" in line and "Connection refused" in line, line
+    assert f"the trained folder {out} is complete: push it later with `hf upload user/tiny-vae {out} . " \
+           "--exclude 'checkpoints/*'" in line
+    assert isinstance(VAEPipeline.from_pretrained(out), VAEPipeline)

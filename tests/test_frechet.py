@@ -140,7 +140,7 @@ def test_cached_statistics_round_trip_and_an_interrupted_write_leaves_no_file(tm
     assert os.listdir(tmp_path / "fd-statistics") == []
     monkeypatch.undo()
     path = save_cached_statistics(key, statistics, labels, cache_dir=str(tmp_path))
-    assert os.listdir(tmp_path / "fd-statistics") == [os.path.basename(path)]
+    assert sorted(os.listdir(tmp_path / "fd-statistics")) == [os.path.basename(path), os.path.basename(path) + ".check.json"]
     loaded, loaded_labels = load_cached_statistics(key, cache_dir=str(tmp_path))
     assert loaded.num == 5 and torch.equal(loaded.outer_sum, statistics.outer_sum) and torch.equal(loaded_labels, labels)
     torch.testing.assert_close(loaded.feature_sum, statistics.feature_sum, rtol=0, atol=0)
@@ -441,7 +441,7 @@ def test_real_image_statistics_are_cached_and_reused(extractor, digits_300, tmp_
     uncached = evaluate_pipeline(pipeline, dataset, cache_statistics=False, **kwargs)
     assert counting.num_images == 200 and not (tmp_path / "fd-statistics").exists()
     first = evaluate_pipeline(pipeline, dataset, **kwargs)
-    assert counting.num_images == 400 and len(os.listdir(tmp_path / "fd-statistics")) == 1
+    assert counting.num_images == 400 and len(list((tmp_path / "fd-statistics").glob("*.safetensors"))) == 1
     labels = torch.cat(requested[-3:])
     second = evaluate_pipeline(pipeline, dataset, **kwargs)
     assert counting.num_images == 500  # the 100 samples only: the real images' statistics came from the cache
@@ -453,7 +453,7 @@ def test_real_image_statistics_are_cached_and_reused(extractor, digits_300, tmp_
     evaluate_pipeline(pipeline, dataset, **kwargs)
     counting.cache_id = "other features"
     evaluate_pipeline(pipeline, dataset, **kwargs)
-    assert counting.num_images == 500 + 3 * 200 and len(os.listdir(tmp_path / "fd-statistics")) == 4
+    assert counting.num_images == 500 + 3 * 200 and len(list((tmp_path / "fd-statistics").glob("*.safetensors"))) == 4
 
 
 def test_evaluate_pipeline_refuses_more_samples_than_the_dataset_has(extractor, mnist_test):
