@@ -1,4 +1,6 @@
-"""A small CNN digit classifier whose penultimate features serve Fréchet distance (hfgen.features)."""
+"""Small CNN classifiers whose penultimate features serve the Fréchet distance and the other sample metrics
+(hfgen.features): `DigitClassifier` (the default feature space of digits) and `DomainClassifier` (the same CNN
+trained on any labelled dataset's own classes: that dataset's domain feature space)."""
 
 from dataclasses import dataclass
 
@@ -81,3 +83,32 @@ class DigitClassifier(ModelMixin, ConfigMixin):
         features = self.feature_layer(self.conv_blocks(sample))
         logits = self.head(features)
         return ClassifierOutput(logits=logits, features=features) if return_dict else (logits, features)
+
+
+class DomainClassifier(DigitClassifier):
+    r"""A `DigitClassifier`'s network trained on the classes of any labelled image dataset, by
+    `hfgen.features.train_domain_classifier`: its penultimate features are the dataset's domain feature space.
+
+    Args:
+        sample_size, in_channels, num_classes, feature_dim, block_out_channels, id2label: as `DigitClassifier`.
+        trained_on: what it was trained on, as plain JSON values: the dataset's name and `fingerprint`, the image
+            shape, the number of images, the training recipe, the epochs trained and the training accuracy. Model
+            cards of runs evaluated in its features name it from this record.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        feature_dim: int = 128,
+        block_out_channels: tuple[int, ...] = (16, 32, 64),
+        id2label: dict | None = None,
+        trained_on: dict | None = None,
+    ):
+        if trained_on is not None and not isinstance(trained_on, dict):
+            raise TypeError(f"`trained_on` must be a dict of plain JSON values or None, got "
+                            f"{type(trained_on).__name__}")
+        super().__init__(sample_size=sample_size, in_channels=in_channels, num_classes=num_classes,
+                         feature_dim=feature_dim, block_out_channels=block_out_channels, id2label=id2label)
