@@ -36,14 +36,20 @@ from huggingface_hub import get_token
 from tqdm.auto import tqdm
 
 from hfgen.cli import CommandParser
-from hfgen.data import BUILTIN_DATASETS, StreamingImageDataset, dataset_length, open_image_source, training_dataloader
-from hfgen.hub_utils import SAMPLE_GRID, push_folder, write_model_card
+from hfgen.data import (
+    BUILTIN_DATASETS, StreamingImageDataset, check_color, dataset_length, default_num_workers, open_image_source,
+    parse_color, training_dataloader)
+from hfgen.data.pixel_cache import DEFAULT_MEMORY_GB
+from hfgen.hub_utils import SAMPLE_GRID, check_repo_id, push_output_folder, write_model_card
 from hfgen.image_processing import image_grid
 from hfgen.utils import (
     check_fraction, check_non_negative_int, check_non_negative_number, check_positive_int, check_positive_number,
     check_probability)
 from hfgen.evaluation import evaluate_pipeline
-from hfgen.features import load_feature_extractor, resolve_feature_extractor
+from hfgen.features import describe_feature_space, load_feature_extractor, resolve_feature_extractor
+from hfgen.training.disk_space import SaveError, folder_bytes, save_failure, space_shortage, state_bytes
+from hfgen.training.preemption import (
+    PREEMPTED_EXIT_CODE, IgnoreStopSignals, StopSignals, TrainingStopped, resume_command, signal_to_a_process)
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +94,14 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     add("--no_resize", action="store_true", help="Crop images as they are, without resizing the shorter side first.")
     add("--num_channels", type=int, default=None, help="1 or 3 for image folders; inferred when omitted.")
     add("--skip_corrupt_images", action="store_true",
-        help="Skip image files that cannot be decoded (counted in the log) instead of stopping with an error.")
+        help="Skip image files that cannot be decoded, and metadata rows without an image or images without a row "
+             "(counted in the log), instead of stopping with an error.")
+    add("--background_color", default="white",
+        help='What transparent pixels are composited onto: a colour name, "#rrggbb" or "r,g,b" (0-255).')
+    add("--pixel_cache_memory_gb", type=float, default=DEFAULT_MEMORY_GB,
+        help="An image folder's decoded pixels are kept in RAM up to this many GiB per process, else in a "
+             "memory-mapped file under $HFGEN_CACHE, so that only the first epoch decodes images.")
+    add("--no_pixel_cache", action="store_true", help="Decode every image on every epoch (no pixel cache).")
     add("--conditional", action="store_true", help="Condition the model on the dataset's class labels.")
     add("--train_batch_size", type=int, default=100, help="Batch size per process.")
     add("--eval_batch_size", type=int, default=250)
@@ -108,7 +121,9 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     add("--lr_warmup_steps", type=int, default=0)
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    add("--dataloader_num_workers", type=int, default=0)
+    add("--dataloader_num_workers", type=int, default=None,
+        help="Processes decoding images (default: none for data in memory or on 2-3 cores, else half the cores "
+             "of each training process, at most 8).")
     add("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
     add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     add("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
@@ -118,8 +133,11 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     add("--feature_extractor", default="auto",
         help='Features of the Fréchet distance (FD): "auto" (hfgen\'s digit classifier for 1-channel images of at '
              'least 28 px; Inception for RGB when torch-fidelity is installed; else no FD, with a warning), "none", '
-             '"hfgen:digit-classifier", a saved DigitClassifier folder, "inception" (pip install "hfgen[fid]"), '
-             '"dinov2:<Hub id or folder>" or "clip:<Hub id or folder>".')
+             '"classifier" (a domain feature space for any labelled dataset, e.g. colour images in class folders: a '
+             "small CNN trained once on this run's training split and its labels, cached under $HFGEN_CACHE), "
+             '"hfgen:digit-classifier", a saved DigitClassifier or DomainClassifier folder, "inception" '
+             '(pip install "hfgen[fid]"), "dinov2:<Hub id or folder>" or "clip:<Hub id or folder>". FD, KID, '
+             'precision/recall, density/coverage and memorisation are all computed in these features.')
     add("--eval_num_samples", type=int, default=1000,
         help="Samples for the final FD, against as many images of the test split (else of the training images).")
     add("--eval_fd_steps", type=int, default=0, help="Also log a cheap FD every N steps (0: only at the end).")
@@ -149,8 +167,10 @@ FLAG_CHECKS = {
     **dict.fromkeys(("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                      "logging_steps", "num_epochs", "num_validation_images", "eval_num_samples", "eval_fd_num_samples"),
                     check_positive_int),
-    **dict.fromkeys(("lr_warmup_steps", "save_images_epochs", "dataloader_num_workers", "eval_fd_steps", "seed"),
-                    check_non_negative_int),
+    **dict.fromkeys(("lr_warmup_steps", "save_images_epochs", "eval_fd_steps", "seed"), check_non_negative_int),
+    "dataloader_num_workers": optional(check_non_negative_int),
+    "pixel_cache_memory_gb": check_non_negative_number,
+    "background_color": check_color,
     **dict.fromkeys(("max_train_steps", "checkpoints_total_limit", "max_train_samples"), optional(check_positive_int)),
     **dict.fromkeys(("learning_rate", "ema_inv_gamma", "ema_power"), check_positive_number),
     **dict.fromkeys(("adam_beta1", "adam_beta2", "ema_max_decay"), check_probability),
@@ -178,6 +198,8 @@ def check_training_args(args: argparse.Namespace, flag_checks: dict | None = Non
                          "`--mixed_precision bf16` or `no`")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. user/my-model)")
+    if args.hub_model_id is not None:
+        check_repo_id("--hub_model_id", args.hub_model_id)
     if args.push_to_hub and not (args.hub_token or get_token()):
         raise ValueError("`--push_to_hub` needs a Hub token: pass `--hub_token`, set HF_TOKEN or run `hf auth login`")
     if args.push_demo:
@@ -185,6 +207,21 @@ def check_training_args(args: argparse.Namespace, flag_checks: dict | None = Non
     if args.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ValueError('`--logger tensorboard` needs tensorboard: pip install "hfgen[tensorboard]"')
     check_output_dir(args)
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Processes started by `accelerate launch` (or torchrun) that could not join one run, as with `--multi_gpu` on
+    a machine without GPUs and without ACCELERATE_USE_CPU=1, would each train alone into the same folder: rank 0
+    says so in one line, the other ranks exit quietly."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched <= 1 or accelerator.num_processes == launched:
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        time.sleep(3)  # rank 0's line first: the launcher stops every process once one has exited
+        raise SystemExit(2)
+    raise ValueError(f"the launcher started {launched} processes, but they could not join one run (accelerate "
+                     f"found {accelerator.num_processes} process): `--multi_gpu` needs GPUs; on CPUs launch with "
+                     f"`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} ...`")
 
 
 def check_push_demo(args: argparse.Namespace) -> None:
@@ -313,6 +350,8 @@ class Trainer:
         self.accelerator = self.build_accelerator()
         self.lock = self.claim_output_dir()
         self.load_data()
+        if args.dataloader_num_workers is None:  # chosen for the images: the value is then recorded with the run
+            args.dataloader_num_workers = default_num_workers(self.train_dataset, self.accelerator.num_processes)
         self.feature_extractor = self.load_feature_extractor()
         self.models = self.build_models()
         self.optimizers = self.build_optimizers()
@@ -356,6 +395,7 @@ class Trainer:
             # position then means the same to any number of processes resuming it.
             step_scheduler_with_optimizer=False,
         )
+        check_launch(accelerator)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         set_seed(args.seed)
         return accelerator
@@ -377,7 +417,8 @@ class Trainer:
             args.dataset_name, args.train_data_dir, dataset_config_name=args.dataset_config_name,
             image_column=args.image_column, caption_column=args.caption_column, streaming=args.streaming,
             validation_split=args.validation_split, max_train_samples=args.max_train_samples, cache_dir=args.cache_dir,
-            process_index=self.accelerator.process_index, num_processes=self.accelerator.num_processes)
+            process_index=self.accelerator.process_index, num_processes=self.accelerator.num_processes,
+            skip_corrupt_images=args.skip_corrupt_images)
         self.train_dataset = self.load_split("train", augment=True)
         self.test_dataset = self.load_split(self.source.test_split)
         if args.conditional and self.train_dataset.num_classes < 2:
@@ -491,9 +532,13 @@ class Trainer:
     def evaluation_note(self) -> str:
         """Which images the metrics compare with, for the card."""
         if self.source.test_split == "train":
-            return ("The source has no test split, so FD compares samples with training images (pass "
+            note = ("The source has no test split, so FD compares samples with training images (pass "
                     "`--validation_split` to hold some out).")
-        return f"FD compares samples with the {self.source.test_split} split."
+        else:
+            note = f"FD compares samples with the {self.source.test_split} split."
+        if self.feature_extractor is not None:
+            note += f" FD and the sample metrics are in {describe_feature_space(self.feature_extractor)}."
+        return note
 
     def build_optimizers(self) -> dict:
         """One AdamW per model by default; families with other needs override."""
@@ -513,7 +558,9 @@ class Trainer:
         args = self.args
         return self.source.dataset(split, args.resolution, args.num_channels, resize=not args.no_resize,
                                    center_crop=args.center_crop, random_flip=args.random_flip, augment=augment,
-                                   seed=args.seed, skip_corrupt_images=args.skip_corrupt_images)
+                                   seed=args.seed, skip_corrupt_images=args.skip_corrupt_images,
+                                   background_color=parse_color(args.background_color),
+                                   pixel_cache_memory_gb=None if args.no_pixel_cache else args.pixel_cache_memory_gb)
 
     def load_feature_extractor(self):
         """The FD features for --feature_extractor, or None (with a warning under "auto") when none fits the data."""
@@ -522,8 +569,9 @@ class Trainer:
             choice = resolve_feature_extractor(choice, self.train_dataset.image_shape)  # "auto" may find none
         if choice in ("none", None):
             return None
-        with self.accelerator.main_process_first():  # the main process trains and caches the default once
-            return load_feature_extractor(choice).to(self.accelerator.device)
+        with self.accelerator.main_process_first():  # the main process trains and caches a classifier once
+            return load_feature_extractor(choice, dataset=self.train_dataset,
+                                          dataset_name=self.source.name).to(self.accelerator.device)
 
     def unwrap(self, name: str):
         return self.accelerator.unwrap_model(self.models[name])
@@ -593,14 +641,19 @@ class Trainer:
         return None if choice == "none" else choice
 
     def train(self) -> str:
-        """Runs the whole job and returns the output folder."""
+        """Runs the whole job and returns the output folder. SIGTERM, SIGINT or SIGUSR1 stop it after the current
+        step with a checkpoint at that step (`TrainingStopped`: exit status PREEMPTED_EXIT_CODE)."""
         try:
-            return self._train()
+            with StopSignals(log=self.accelerator.is_main_process) as self.stop_signals:
+                return self._train()
         finally:
             if getattr(self, "progress", None) is not None:
                 self.progress.close()  # ends the bar's line before any error message
             if self.lock:
-                self.lock.release()
+                try:
+                    self.lock.release()
+                except OSError:
+                    pass  # a read-only disk: the error that stopped the run says so; the next run takes over the lock
 
     def _train(self) -> str:
         args, accelerator = self.args, self.accelerator
@@ -610,6 +663,9 @@ class Trainer:
                       if v is not None and k != "hub_token"}
             accelerator.init_trackers(self.family, config=config)
         epoch, skip_batches = self.resume()
+        loader = getattr(self.train_dataloader, "base_dataloader", self.train_dataloader)  # accelerate's wraps one
+        if loader.num_workers and not isinstance(loader.worker_init_fn, IgnoreStopSignals):
+            loader.worker_init_fn = IgnoreStopSignals(loader.worker_init_fn)  # the training process stops, not they
         num_images = dataset_length(self.train_dataset)
         logger.info(
             "%s: %s training images, %d processes, %d steps of %d images",
@@ -624,12 +680,79 @@ class Trainer:
             epoch, skip_batches = epoch + 1, 0
         progress = self.progress
         progress.close()
+        self.stop_signals.then = "the output being written is finished first"
         accelerator.wait_for_everyone()
+        error = None
         if accelerator.is_main_process:
-            self.save_output()
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
+            try:
+                self.save_output()
+            except Exception as caught:
+                error = caught
+        if not self.all_succeeded(error):
+            raise error or SaveError(f"the main process could not save the output in {args.output_dir!r} (its "
+                                     "error is in its log)")
+        if self.stop_signals.received:
+            logger.warning("the output is complete (%s was received while it was written): nothing is left to resume",
+                           self.stop_signals.received.name)
+        self.end_collectives()
         return args.output_dir
+
+    def stop_requested(self) -> str | None:
+        """The stop signal that reached a process (named with the process when there are several), else None.
+        Every process asks after every step and gets the same answer, so all stop at the same step, with one
+        checkpoint."""
+        signals = getattr(self, "stop_signals", None)  # None: train_epoch called outside train()
+        received = signals.received if signals else None
+        if self.accelerator.num_processes == 1:
+            return received.name if received else None
+        return signal_to_a_process([number for number, in self.from_every_process([int(received or 0)])])
+
+    def stop_on_signal(self, received: str, saved: bool) -> None:
+        """Saves a checkpoint at this step (unless `saved` already), logs it with the command that resumes, and
+        raises TrainingStopped."""
+        args, accelerator = self.args, self.accelerator
+        checkpoint = os.path.join(self.checkpoint_dir, f"checkpoint-{self.global_step}")
+        if not saved:
+            self.stop_signals.then = f"saving {checkpoint}, then exiting"
+            self.save_checkpoint()
+        self.stop_signals.then = f"{checkpoint} is saved, exiting"
+        self.progress.close()
+        if accelerator.is_main_process:
+            logger.warning("%s: stopped at step %d of %d with %s (exit status %d); resume with: %s", received,
+                           self.global_step, self.max_train_steps, checkpoint, PREEMPTED_EXIT_CODE,
+                           resume_command(args.output_dir, self.family))
+        self.end_collectives()
+        raise TrainingStopped(checkpoint, received)
+
+    def all_succeeded(self, error: BaseException | None) -> bool:
+        """Whether no process failed, each passing its own `error` or None. With several processes a collective
+        (and so a barrier): a process that fails stops them all, instead of leaving them waiting for it forever."""
+        return not any(failed for failed, in self.from_every_process([int(error is not None)]))
+
+    def from_every_process(self, values: list[int]) -> list[list[int]]:
+        """`values` of each process, in every process (as accelerate's gather): one all-reduce of a table holding each
+        process's values in its row."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return [list(values)]
+        table = torch.zeros((accelerator.num_processes, len(values)), dtype=torch.int64, device=accelerator.device)
+        table[accelerator.process_index] = torch.tensor(values, dtype=torch.int64)
+        torch.distributed.all_reduce(table)
+        return table.tolist()
+
+    def end_collectives(self) -> None:
+        """Ends the run's collectives (and its trackers) before the process exits.
+
+        Gloo's worker threads keep their last collective until they run the next one, and a barrier keeps those it
+        waited for; at exit, DDP's teardown joins these threads while holding the GIL, and freeing a tensor Python
+        has seen takes the GIL: a deadlock (1 two-process run in 6 hung after its last all-reduce, torch 2.13). Three
+        barriers, with the GIL released between them, leave the threads holding only barriers.
+        """
+        if self.accelerator.num_processes > 1:
+            for _ in range(3):
+                time.sleep(0.01)
+                torch.distributed.barrier()
+        self.accelerator.end_training()
 
     def epoch_batches(self, epoch: int, skip_batches: int):
         """This epoch's batches (its augmentation and order), after the first `skip_batches` when resuming."""
@@ -681,8 +804,12 @@ class Trainer:
                     accelerator.log(values, step=self.global_step)
             if args.eval_fd_steps and self.global_step % args.eval_fd_steps == 0:
                 self.log_fd()
-            if self.global_step % args.checkpointing_steps == 0:
+            saved = self.global_step % args.checkpointing_steps == 0
+            if saved:
                 self.save_checkpoint()
+            received = self.stop_requested()
+            if received:
+                self.stop_on_signal(received, saved)
         if num_batches == 0 and skip_batches == 0 and self.global_step < self.max_train_steps:
             raise ValueError(f"the training data gave no full batch of `--train_batch_size` {args.train_batch_size} "
                              f"on process {accelerator.process_index}")
@@ -736,17 +863,48 @@ class Trainer:
         """Pipeline folder + sample grid + evaluation + model card (+ push), on the main process.
 
         All of it is written into a staging folder, then moved into place with model_index.json last: a run killed
-        while saving never leaves a folder that loads as if it were finished.
+        while saving never leaves a folder that loads as if it were finished. The free space is checked first; a
+        write that fails on a full or read-only disk stops with one line (`SaveError`), the staging folder removed
+        and an earlier output as it was.
         """
         args = self.args
-        finished = os.path.join(args.output_dir, FINISHED_MARK)
-        if os.path.isfile(finished):
-            os.remove(finished)  # an older output is not finished again until the new one is complete
-        staging = os.path.join(args.output_dir, STAGING)
-        shutil.rmtree(staging, ignore_errors=True)
         pipeline = self.build_pipeline()
-        check_finite_weights({name: component for name, component in pipeline.components.items()
-                              if isinstance(component, torch.nn.Module)}, "the final pipeline")
+        modules = {name: component for name, component in pipeline.components.items()
+                   if isinstance(component, torch.nn.Module)}
+        check_finite_weights(modules, "the final pipeline")
+        kept = self.kept_note(output=True)
+        shortage = space_shortage(args.output_dir, state_bytes([module.state_dict() for module in modules.values()]),
+                                  "the final pipeline", kept)
+        if shortage:
+            raise shortage
+        finished = os.path.join(args.output_dir, FINISHED_MARK)
+        staging = os.path.join(args.output_dir, STAGING)
+        earlier_mark = None  # an earlier output's model_index.json, put back when the disk fails
+        try:
+            if os.path.isfile(finished):
+                with open(finished, "rb") as file:
+                    earlier_mark = file.read()
+                os.remove(finished)  # an older output is not finished again until the new one is complete
+            shutil.rmtree(staging, ignore_errors=True)
+            self.write_output(pipeline, staging)
+            publish(staging, args.output_dir)
+        except Exception as error:
+            failure = save_failure(error, args.output_dir, "the final pipeline", kept)
+            if failure is error:
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            if earlier_mark is not None and not os.path.exists(finished):
+                try:
+                    with open(finished, "wb") as file:
+                        file.write(earlier_mark)
+                except OSError:
+                    pass  # the failure below says what happened
+            raise failure from error
+        self.push_output()
+
+    def write_output(self, pipeline, staging: str) -> None:
+        """The pipeline folder, sample grid, metrics and model card, written into `staging`."""
+        args = self.args
         pipeline.save_pretrained(staging)
         self.save_sample_grid(os.path.join(staging, SAMPLE_GRID))  # leaves the models in train mode
         for component in pipeline.components.values():
@@ -775,9 +933,13 @@ class Trainer:
             split=self.source.test_split,
             num_classes=pipeline.num_classes,
         )
-        publish(staging, args.output_dir)
+
+    def push_output(self) -> None:
+        """Under --push_to_hub (and --push_demo), uploads the finished output folder."""
+        args = self.args
         if args.push_to_hub:
-            url = push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo or None)
+            url = push_output_folder(args.output_dir, args.hub_model_id, token=args.hub_token,
+                                     private=args.hub_private_repo or None)
             logger.info("pushed to %s", url)
         if args.push_demo:
             from hfgen.demo import push_demo
@@ -790,25 +952,42 @@ class Trainer:
     def save_checkpoint(self) -> str:
         """Writes checkpoint-<step> atomically: into a temporary folder first, renamed once complete.
 
-        A process killed mid-write leaves only `checkpoint-<step>.incomplete`, which is never resumed from.
+        A process killed mid-write leaves only `checkpoint-<step>.incomplete`, which is never resumed from (and is
+        removed by the next save). The free space is checked first, against the last checkpoint's size; a write
+        that fails on a full or read-only disk stops every process with one line (`SaveError`), the partial folder
+        removed and the earlier checkpoints untouched.
         """
         accelerator = self.accelerator
         check_finite_weights({name: self.unwrap(name) for name in self.models}, f"checkpoint at step {self.global_step}")
-        final = os.path.join(self.checkpoint_dir, f"checkpoint-{self.global_step}")
+        name = f"checkpoint-{self.global_step}"
+        final = os.path.join(self.checkpoint_dir, name)
         partial = final + ".incomplete"
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            os.makedirs(partial)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(partial)
+        kept = self.kept_note()
+        error = None
+        if accelerator.is_main_process and os.path.isdir(self.checkpoint_dir):
+            for stale in os.listdir(self.checkpoint_dir):  # of saves that were killed (one live run per folder)
+                if stale.endswith(".incomplete"):
+                    shutil.rmtree(os.path.join(self.checkpoint_dir, stale), ignore_errors=True)
+            error = space_shortage(self.checkpoint_dir, self.checkpoint_bytes(), name, kept)
+        if not self.all_succeeded(error):  # also a barrier: the folder is cleared before any process writes into it
+            raise error or SaveError(f"not enough space to save {name} in {self.checkpoint_dir!r} (the main "
+                                     "process's error says how much)")
         # where each process is in its data: a streamed run resumes from there (its processes' passes may differ)
-        position = torch.tensor([[self.epoch, self.batches_into_epoch]], device=accelerator.device)
-        data_positions = accelerator.gather(position).tolist()
-        accelerator.wait_for_everyone()
+        data_positions = self.from_every_process([self.epoch, self.batches_into_epoch])
+        try:
+            accelerator.save_state(partial)
+            if accelerator.is_main_process:
+                with open(os.path.join(partial, TRAINER_STATE), "w") as file:
+                    json.dump({"global_step": self.global_step, "family": self.family,
+                               "data_positions": data_positions, "model_configs": self.model_configs()}, file)
+        except Exception as caught:
+            error = caught
+        if not self.all_succeeded(error):
+            failure = save_failure(error, self.checkpoint_dir, name, kept)  # before the removal: the free space then
+            if accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise failure
         if accelerator.is_main_process:
-            with open(os.path.join(partial, TRAINER_STATE), "w") as file:
-                json.dump({"global_step": self.global_step, "family": self.family,
-                           "data_positions": data_positions, "model_configs": self.model_configs()}, file)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             limit = self.args.checkpoints_total_limit
@@ -817,6 +996,25 @@ class Trainer:
                     shutil.rmtree(old)
         accelerator.wait_for_everyone()
         return final
+
+    def checkpoint_bytes(self) -> int:
+        """The size of the last complete checkpoint, else an estimate: the bytes of the models', optimizers' and
+        EMAs' tensors."""
+        checkpoints = list_checkpoints(self.checkpoint_dir)
+        if checkpoints:
+            return folder_bytes(checkpoints[-1])
+        return state_bytes([*(self.unwrap(name).state_dict() for name in self.models),
+                            *(optimizer.state_dict() for optimizer in self.optimizers.values()),
+                            *(ema.shadow_params for ema in self.ema_models.values())])
+
+    def kept_note(self, output: bool = False) -> str:
+        """What a failed save leaves as it was: the last complete checkpoint (and, for the `output`, an earlier one)."""
+        checkpoints = list_checkpoints(self.checkpoint_dir)
+        kept = [f"the last checkpoint ({checkpoints[-1]})"] if checkpoints else []
+        kept += ["an earlier output"] if output else []
+        if not kept:
+            return "no checkpoint was saved yet"
+        return f"{' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} untouched"
 
     def resume(self) -> tuple[int, int]:
         """Loads the checkpoint named by --resume_from_checkpoint; returns (first epoch, batches to skip)."""

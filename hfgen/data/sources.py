@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import PIL.Image
@@ -42,7 +43,8 @@ IMAGE_COLUMNS = ("image", "img", "pixel_values")
 LABEL_COLUMNS = ("label", "labels")
 IMAGE_EXTENSIONS = frozenset(ext for ext, name in PIL.Image.registered_extensions().items() if name in PIL.Image.OPEN)
 SHUFFLE_BUFFER = 1000  # examples in the shuffle buffer of a streamed dataset
-NUM_PROBED_IMAGES = 32  # image headers read up front to check the resolution against
+NUM_PROBED_IMAGES = 32  # image headers a streamed source reads up front (its channels)
+HEADER_THREADS, HEADER_CHUNK = 2, 2048  # threads reading image headers, files per task
 BUNDLED_CAPTION_COLUMN = "text"  # the bundled digits' captions (hfgen.text), as image folders' metadata.jsonl names them
 
 
@@ -295,6 +297,12 @@ def _pick_column(name: str, given: str | None, columns: list[str], candidates, r
     return found
 
 
+def _read_headers(chunk) -> list[ImageHeader | CorruptImageError]:
+    """`_read_header` of each cell of a chunk (cells, index of the first, split)."""
+    cells, start, split = chunk
+    return [_read_header(cell, f"row {start + i} of split {split!r}") for i, cell in enumerate(cells)]
+
+
 def _read_header(cell, fallback: str) -> ImageHeader | CorruptImageError:
     """An image's header, or the error (naming the file) of one that cannot be read."""
     name = image_name(cell, fallback)
@@ -390,7 +398,11 @@ class DatasetsSource:
             else:
                 cells = (cell for batch in rows.select_columns([self.image_column]).iter(batch_size=1024)
                          for cell in batch[self.image_column])
-            self._headers[split] = [_read_header(cell, f"row {i} of split {split!r}") for i, cell in enumerate(cells)]
+            cells = list(cells)
+            chunks = [(cells[start:start + HEADER_CHUNK], start, split) for start in range(0, len(cells), HEADER_CHUNK)]
+            # threads, a chunk of files each: reading files waits on the disk (a cold cache) and releases the GIL
+            with ThreadPoolExecutor(HEADER_THREADS) as pool:
+                self._headers[split] = [header for chunk in pool.map(_read_headers, chunks) for header in chunk]
         return self._headers[split]
 
     @property

@@ -172,7 +172,9 @@ def sample_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (..., H, W, C) -> float (..., C, H, W) in [0, 1]."""
-    return torch.from_numpy(np.asarray(pixels, dtype=np.float32) / np.float32(255)).movedim(-1, -3).contiguous()
+    pixels = pixels if pixels.flags.writeable else pixels.copy()  # torch warns about read-only arrays
+    # a tensor of torch's allocator (aligned as its kernels expect); float32 x / 255 rounds as numpy's does
+    return torch.from_numpy(pixels).movedim(-1, -3).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
 
 
 @dataclass(frozen=True)
