@@ -1182,16 +1182,12 @@ def small_folder_runs(args, env) -> dict:
                 if result.returncode:
                     raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
                 measured = json.loads(result.stdout.strip().splitlines()[-1])
-                measured["load"] = load_average_now()
+                measured["load"] = os.getloadavg()[0]
                 runs[recipe][data].append(measured)
                 rest = measured["epoch_seconds"][1:]
                 log(f"{recipe} on the {data}: set-up {measured['setup_s']:.1f} s, first epoch "
                     f"{measured['epoch_seconds'][0]:.2f} s, later epochs median {statistics.median(rest):.2f} s")
     return {"runs": runs, "folder": folder}
-
-
-def load_average_now() -> float:
-    return os.getloadavg()[0]
 
 
 def small_folder_report(args, results, environment) -> str:
@@ -1309,9 +1305,9 @@ def small_folders_main(args, finish, started, load_before) -> None:
     if args.compare_startup_with:
         results["startup"] = startup_comparison(args, env)
     sys.path.insert(0, HERE)
-    from common import environment_lines
+    from common import environment_lines, load_average
 
-    environment = environment_lines("bench_data.py", args.threads, load_before, load_average_now())
+    environment = environment_lines("bench_data.py", args.threads, load_before, load_average())
     with open(os.path.join(args.work_dir, "bench_data_small.json"), "w") as file:
         json.dump({"args": vars(args), "results": results}, file, indent=1, default=str)
     text = small_folder_report(args, results, environment)

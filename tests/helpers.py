@@ -116,3 +116,17 @@ class RawSamples(DDPMPipeline):
 
     def output(self, images, output_type, return_dict):
         return images
+
+
+def cli_error(capsys, argv) -> str:
+    """Runs the `hfgen` command in this process; returns its one-line error (exit status 2, no traceback)."""
+    from hfgen.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("hfgen: error: "), err
+    return err[-1]

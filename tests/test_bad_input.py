@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import quick_training_args
+from helpers import cli_error, quick_training_args
 from diffusers import DDPMScheduler
 from helpers import tiny_unet
 from hub_fixtures import hub_server  # noqa: F401  (the fixture)
@@ -26,18 +26,6 @@ VAE = ["--hidden_dims", "16", "--latent_dim", "4", "--eval_importance_samples", 
 
 def vae_args(output_dir, *extra):
     return quick_training_args(output_dir, *VAE, *extra)
-
-
-def cli_error(capsys, argv) -> str:
-    """Runs the `hfgen` command in this process; returns its one-line error (exit status 2, no traceback)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and "Traceback" not in "\n".join(err)
-    assert err[-1].startswith("hfgen: error: "), err
-    return err[-1]
 
 
 # ----- 1. non-finite numbers never end up saved ----------------------------------------------------------------

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import quick_training_args
+from helpers import cli_error, quick_training_args
 
 from hfgen.cli import main as cli
 from hfgen.training.trainer import LOCK_FILE, STAGING
@@ -29,18 +29,6 @@ def args(output_dir, *extra) -> list[str]:
 
 def train(output_dir, steps: int, *extra) -> list[str]:
     return ["train", "vae", *args(output_dir, "--max_train_steps", str(steps), *extra)]
-
-
-def cli_error(capsys, argv) -> str:
-    """Runs the `hfgen` command in this process; returns its one-line error (exit status 2, no traceback)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and "Traceback" not in "\n".join(err)
-    assert err[-1].startswith("hfgen: error: "), err
-    return err[-1]
 
 
 def snapshot(folder) -> dict[str, bytes]:
