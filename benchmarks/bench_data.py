@@ -62,6 +62,7 @@ stderr, the section to stdout; the raw results always go to WORK_DIR/bench_data.
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -1160,7 +1161,9 @@ def small_child_main(argv) -> None:
     trainer = Timed(module.parse_args(argv))
     setup_s = time.perf_counter() - started
     trainer.train()
-    print(json.dumps({"setup_s": setup_s, "epoch_seconds": trainer.epoch_seconds}), flush=True)
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # the whole process: set-up and every epoch
+    print(json.dumps({"setup_s": setup_s, "epoch_seconds": trainer.epoch_seconds, "page_faults": usage.ru_minflt,
+                      "system_s": usage.ru_stime}), flush=True)
 
 
 def small_folder_runs(args, env) -> dict:
@@ -1202,9 +1205,10 @@ def small_folder_report(args, results, environment) -> str:
              "steps (the first epoch of the folder decodes every PNG once into the pixel cache; later epochs read it); "
              "set-up is the process's seconds until the trainer is built (imports, listing and header scan included). "
              "Ratio: folder / bundled, median of the runs' medians of epochs 2 on; target <= "
-             f"{SMALL_TARGET:.2f}.", "",
-             "| recipe | epochs | data | set-up (s) | first epoch (s) | epochs 2+ median (s) | folder / bundled, epochs 2+ | target met |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{SMALL_TARGET:.2f}. Page faults (minor) and system CPU seconds: the whole process's, per run.", "",
+             "| recipe | epochs | data | set-up (s) | first epoch (s) | epochs 2+ median (s) | page faults (M) | "
+             "system CPU (s) | folder / bundled, epochs 2+ | target met |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     verdicts = []
     for recipe, by_data in results["runs"].items():
         name, epochs = SMALL_RECIPES[recipe]
@@ -1218,8 +1222,11 @@ def small_folder_report(args, results, environment) -> str:
             setup = ", ".join(f"{run['setup_s']:.1f}" for run in runs)
             first = ", ".join(f"{run['epoch_seconds'][0]:.2f}" for run in runs)
             rest = ", ".join(f"{statistics.median(run['epoch_seconds'][1:]):.3f}" for run in runs)
+            faults = ", ".join(f"{run['page_faults'] / 1e6:.2f}" if "page_faults" in run else "-" for run in runs)
+            system = ", ".join(f"{run['system_s']:.1f}" if "system_s" in run else "-" for run in runs)
             cells = (f"**{ratio:.3f}**", "yes" if met else "**no**") if data == "folder" else ("", "")
-            lines.append(f"| {name} | {epochs} | {data} | {setup} | {first} | {rest} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {name} | {epochs} | {data} | {setup} | {first} | {rest} | {faults} | {system} | "
+                         f"{cells[0]} | {cells[1]} |")
     lines += ["", "Target (folder at most 1.10x the array from the second epoch on): "
               + "; ".join(f"{recipe} {ratio:.3f} ({'met' if met else 'missed'})" for recipe, ratio, met in verdicts)
               + ".", ""]

@@ -47,6 +47,7 @@ from hfgen.utils import (
     check_probability)
 from hfgen.evaluation import evaluate_pipeline
 from hfgen.features import describe_feature_space, load_feature_extractor, resolve_feature_extractor
+from hfgen.training.allocator import keep_freed_memory_for_reuse
 from hfgen.training.disk_space import SaveError, folder_bytes, save_failure, space_shortage, state_bytes
 from hfgen.training.preemption import (
     PREEMPTED_EXIT_CODE, IgnoreStopSignals, StopSignals, TrainingStopped, resume_command, signal_to_a_process)
@@ -344,6 +345,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.check_args(args)
+        keep_freed_memory_for_reuse()  # each step's activations reuse the last step's pages, whatever the data path
         self.global_step = 0
         self.checkpoint_dir = os.path.join(args.output_dir, "checkpoints")
         self.start_time = time.time()
