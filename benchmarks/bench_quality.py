@@ -26,7 +26,14 @@ Contenders (`CONTENDERS`):
     over its 100 epochs, EMA with warm-up) and the same DPM-Solver++ 20-step sampler for FD (its script samples
     with DDPM-1000, ~5 s per image here).
 
+Colour (`--data emoji`, its own section and figure): the same clock on the emoji folder's training split at 32 px RGB
+(`benchmarks/data/emoji.py`, built on first use under $HFGEN_CACHE/emoji/folder), FD in the domain classifier's
+features (`--feature_extractor classifier`, trained once on its 9 category folders) against its test split, with
+`COLOUR_RECIPES` and the peers adapted to 3 channels and 32 px only (input width, the DCGAN's first kernel, the
+U-Net's channels); the section also gives the real-data floor (training images against the test images).
+
     python benchmarks/bench_quality.py --write                         # every contender, 10 minutes each
+    python benchmarks/bench_quality.py --data emoji --grids GRIDS --write   # the colour section
     python benchmarks/bench_quality.py --only hfgen-ddpm diffusers-loop --marks 0.5 1   # a short look
     python benchmarks/bench_quality.py --no_train --write            # re-draw from the recorded results
     python benchmarks/bench_quality.py --only hfgen-ddpm --extra_flags "--snr_gamma 1" --results SCREENS  # a lever
@@ -39,6 +46,7 @@ Results (one JSON line per snapshot) accumulate in --results, so contenders can 
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -77,7 +85,18 @@ RECIPES = {
     "hfgen-ldm-flow": ("ldm", "--num_epochs 40 --use_ema --objective flow_matching --vae_beta 0.1"),
 }
 PEERS = ("plain-vae", "pythae-vae", "plain-dcgan", "diffusers-loop")
-CONTENDERS = (*RECIPES, *PEERS)
+# The colour section (--data emoji): the same families at 32 px RGB on the emoji folder's training split. The
+# command-line data flags (--train_data_dir, --resolution) are added by `Data.flags`; --num_epochs is set so that
+# each recipe's schedule ends near the 10-minute budget on 2 cores.
+COLOUR_RECIPES = {
+    "hfgen-vae": ("vae", "--num_epochs 400 --architecture conv --hidden_dims 32 64 128 --latent_dim 64 "
+                         "--latent_sampler gmm --latent_sampler_components 100"),
+    "hfgen-gan": ("gan", "--num_epochs 100 --use_ema --learning_rate 4e-4 --diff_augment color,translation"),
+    "hfgen-flow": ("ddpm", "--num_epochs 14 --use_ema --objective flow_matching --lr_scheduler cosine "
+                           "--lr_warmup_steps 50 --train_batch_size 32 --weighting_scheme logit_normal "
+                           "--block_out_channels 32 64 64"),
+}
+CONTENDERS = (*dict.fromkeys([*RECIPES, *COLOUR_RECIPES]), *PEERS)
 # which peer each hfgen family is compared with (the conditional ones with the unconditional peer; for the VAEs the
 # stronger of the two VAE peers at 10 minutes, the plain loop: 102 vs pythae's 138)
 PEER_OF = {"hfgen-vae": "plain-vae", "hfgen-cvae": "plain-vae", "hfgen-gan": "plain-dcgan",
@@ -88,9 +107,88 @@ TARGETS = {"hfgen-vae": 50, "hfgen-cvae": 50, "hfgen-gan": 50, "hfgen-cgan": 50,
            "hfgen-cond-flow": 25, "hfgen-ldm": 20, "hfgen-ldm-flow": 20}
 
 
-def samples_by_diffusion(contender: str) -> bool:
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """What a section of the benchmark trains on and scores in: the images, the recipes and the feature space."""
+    name: str  # the --data choice
+    section_key: str  # its BENCHMARKS.md section
+    title: str
+    resolution: int
+    recipes: dict  # contender -> (family, flags)
+    peer_of: dict
+    targets: dict  # contender -> the FD it should reach at the budget
+    features: str  # how the section names the feature space
+
+    @property
+    def results(self) -> str:
+        return RESULTS if self.name == "digits" else os.path.join(FIGURES, f"quality_{self.name}.json")
+
+    @property
+    def figure(self) -> str:
+        return os.path.join(FIGURES, "quality_vs_time.png" if self.name == "digits" else f"quality_{self.name}.png")
+
+    @property
+    def contenders(self) -> tuple[str, ...]:
+        return (*self.recipes, *(peer for peer in PEERS if peer in self.peer_of.values()))
+
+    def folder(self) -> str | None:
+        """The image folder (the emoji, built on first use from the npm package); None for the bundled digits."""
+        if self.name == "digits":
+            return None
+        from data.emoji import build_emoji_folder
+
+        from hfgen.utils import hfgen_cache_dir
+
+        folder = os.path.join(hfgen_cache_dir(), "emoji", "folder")
+        build_emoji_folder(folder)
+        return folder
+
+    def flags(self) -> list[str]:
+        """The hfgen recipes' data flags."""
+        folder = self.folder()
+        return [] if folder is None else ["--train_data_dir", folder, "--resolution", str(self.resolution)]
+
+    def split(self, split: str, resolution: int):
+        """One split, unaugmented (resized and center-cropped to `resolution`)."""
+        from hfgen.data import load_image_dataset
+
+        if self.name == "digits":
+            return load_image_dataset("hfgen:mnist", split, resolution, num_channels=1)
+        return load_image_dataset(None, split, resolution, train_data_dir=self.folder(), num_channels=3)
+
+    def images(self, split: str, resolution: int | None = None) -> torch.Tensor:
+        """(N, C, R, R) in [0, 1]: every image of the split."""
+        from hfgen.data import image_batches
+
+        dataset = self.split(split, resolution or self.resolution)
+        return torch.cat([images for images, _ in image_batches(dataset, len(dataset), shuffle=False)])
+
+    def command(self, contender: str) -> str:
+        """The recipe as the README writes it (the emoji folder as `emoji`, where its dataset command puts it)."""
+        family, flags = self.recipes[contender]
+        data_flags = "" if self.name == "digits" else f"--train_data_dir {self.name} --resolution {self.resolution} "
+        return f"hfgen train {family} {data_flags}{flags}"
+
+    def feature_extractor(self):
+        from hfgen.features import load_feature_extractor
+
+        if self.name == "digits":
+            return load_feature_extractor(FEATURES)
+        return load_feature_extractor("classifier", dataset=self.split("train", self.resolution),
+                                      dataset_name=self.name)
+
+
+DIGITS = Data("digits", "quality", "Samples per CPU-minute: FD against training time", 28, RECIPES, PEER_OF, TARGETS,
+              f"`{FEATURES}`")
+EMOJI = Data("emoji", "quality-colour", "Colour images: FD against training time on the emoji", 32, COLOUR_RECIPES,
+             {"hfgen-vae": "plain-vae", "hfgen-gan": "plain-dcgan", "hfgen-flow": "diffusers-loop"},
+             {}, "the emoji's domain classifier (`--feature_extractor classifier`, trained on the 9 category folders)")
+DATA = {data.name: data for data in (DIGITS, EMOJI)}
+
+
+def samples_by_diffusion(contender: str, data: Data = DIGITS) -> bool:
     """Whether the contender's FD samples come from a diffusion sampler (FD_SAMPLER, recorded with its rows)."""
-    return contender == "diffusers-loop" or RECIPES.get(contender, ("",))[0] in DIFFUSION_FAMILIES
+    return contender == "diffusers-loop" or data.recipes.get(contender, ("",))[0] in DIFFUSION_FAMILIES
 
 
 class BudgetReached(Exception):
@@ -138,20 +236,13 @@ class Clock:
 # ----- evaluation, shared by every contender ----------------------------------------------------------------
 
 
-def test_images(resolution: int) -> torch.Tensor:
-    from hfgen.data import image_batches, open_image_source
-
-    dataset = open_image_source("hfgen:mnist").dataset("test", resolution, 1, center_crop=True)
-    return torch.cat([images for images, _ in image_batches(dataset, len(dataset), shuffle=False)])
-
-
 class Evaluator:
-    """FD of (N, 1, H, W) samples in [0, 1] against the test digits at H; quantised to 8 bits like saved images."""
+    """FD of (N, C, H, W) samples in [0, 1] against the data's test split at H; quantised to 8 bits like saved
+    images."""
 
-    def __init__(self):
-        from hfgen.features import load_feature_extractor
-
-        self.extractor = load_feature_extractor(FEATURES).eval()
+    def __init__(self, data: Data):
+        self.data = data
+        self.extractor = data.feature_extractor().eval()
         self.real = {}
 
     def fd(self, samples: torch.Tensor) -> float:
@@ -159,7 +250,7 @@ class Evaluator:
 
         size = samples.shape[-1]
         if size not in self.real:
-            self.real[size] = test_images(size)
+            self.real[size] = self.data.images("test", size)
         samples = (samples.clamp(0, 1) * 255).round() / 255
         return frechet_distance(self.real[size], samples.float(), self.extractor)
 
@@ -183,15 +274,15 @@ def pipeline_sampler(pipeline, num_classes: int, **call_kwargs):
 # ----- hfgen contenders -------------------------------------------------------------------------------------
 
 
-def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "") -> None:
+def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", data: Data = DIGITS) -> None:
     from hfgen.diffusion import dpm_solver
     from hfgen.training import train_ddpm, train_gan, train_ldm, train_vae
 
-    family, flags = RECIPES[name]
+    family, flags = data.recipes[name]
     module = {"vae": train_vae, "gan": train_gan, "ddpm": train_ddpm, "ldm": train_ldm}[family]
     trainer_class = {"vae": train_vae.VAETrainer, "gan": train_gan.GANTrainer, "ddpm": train_ddpm.DDPMTrainer,
                      "ldm": train_ldm.LDMTrainer}[family]
-    argv = ["--output_dir", output_dir, *flags.split(), *extra_flags.split(), "--logger", "none",
+    argv = ["--output_dir", output_dir, *data.flags(), *flags.split(), *extra_flags.split(), "--logger", "none",
             "--save_images_epochs", "0", "--feature_extractor", "none", "--checkpointing_steps", str(10 ** 9)]
     args = module.parse_args(argv)
 
@@ -234,13 +325,7 @@ def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "") -
     ClockedTrainer(args).train()
 
 
-# ----- peers ------------------------------------------------------------------------------------------------
-
-
-def training_digits(resolution: int = 28) -> torch.Tensor:
-    from hfgen.data import load_image_dataset
-
-    return load_image_dataset("hfgen:mnist", "train", resolution).images  # (4000, 1, R, R) in [0, 1]
+# ----- peers (each adapted to the data's channels and size, and no further) --------------------------------
 
 
 def shuffled_batches(images: torch.Tensor, batch_size: int, generator: torch.Generator):
@@ -251,15 +336,19 @@ def shuffled_batches(images: torch.Tensor, batch_size: int, generator: torch.Gen
             yield images[order[start:start + batch_size]]
 
 
-def run_plain_vae(clock: Clock) -> None:
+def run_plain_vae(clock: Clock, data: Data) -> None:
     from torch import nn
     import torch.nn.functional as F
+
+    images = data.images("train")
+    shape = images.shape[1:]
+    pixels = shape.numel()  # 784 for the digits, as in the example
 
     class VAE(nn.Module):  # pytorch/examples vae/main.py
         def __init__(self):
             super().__init__()
-            self.fc1, self.fc21, self.fc22 = nn.Linear(784, 400), nn.Linear(400, 20), nn.Linear(400, 20)
-            self.fc3, self.fc4 = nn.Linear(20, 400), nn.Linear(400, 784)
+            self.fc1, self.fc21, self.fc22 = nn.Linear(pixels, 400), nn.Linear(400, 20), nn.Linear(400, 20)
+            self.fc3, self.fc4 = nn.Linear(20, 400), nn.Linear(400, pixels)
 
         def encode(self, x):
             h = F.relu(self.fc1(x))
@@ -269,30 +358,30 @@ def run_plain_vae(clock: Clock) -> None:
             return torch.sigmoid(self.fc4(F.relu(self.fc3(z))))
 
         def forward(self, x):
-            mu, logvar = self.encode(x.view(-1, 784))
+            mu, logvar = self.encode(x.view(-1, pixels))
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
             return self.decode(z), mu, logvar
 
     torch.manual_seed(0)
-    data, model = training_digits(), VAE()
+    model = VAE()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def snapshot():
         def sample(n, start):
-            return model.decode(torch.randn(n, 20, generator=torch.Generator().manual_seed(start))).view(n, 1, 28, 28)
+            return model.decode(torch.randn(n, 20, generator=torch.Generator().manual_seed(start))).view(n, *shape)
         return sample_in_batches(sample, clock.num_samples), 0.0
 
-    for batch in shuffled_batches(data, 128, torch.Generator().manual_seed(0)):
+    for batch in shuffled_batches(images, 128, torch.Generator().manual_seed(0)):
         clock.check(snapshot)
         recon, mu, logvar = model(batch)
-        bce = F.binary_cross_entropy(recon, batch.view(-1, 784), reduction="sum")
+        bce = F.binary_cross_entropy(recon, batch.view(-1, pixels), reduction="sum")
         kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
         optimizer.zero_grad()
         (bce + kld).backward()
         optimizer.step()
 
 
-def run_pythae_vae(clock: Clock, output_dir: str) -> None:
+def run_pythae_vae(clock: Clock, output_dir: str, data: Data) -> None:
     import numpy as np
     from pythae.models import VAE, VAEConfig
     from pythae.samplers import GaussianMixtureSampler, GaussianMixtureSamplerConfig
@@ -301,40 +390,44 @@ def run_pythae_vae(clock: Clock, output_dir: str) -> None:
     from pythae.trainers.training_callbacks import TrainingCallback
 
     torch.manual_seed(0)
-    data = training_digits().numpy().astype(np.float32)
-    model = VAE(VAEConfig(input_dim=(1, 28, 28), latent_dim=16))
+    images = data.images("train").numpy().astype(np.float32)
+    model = VAE(VAEConfig(input_dim=tuple(images.shape[1:]), latent_dim=16))
     config = BaseTrainerConfig(output_dir=output_dir, num_epochs=10 ** 4, seed=0, no_cuda=True)
 
     def snapshot():
         fit_start = time.perf_counter()
         model.eval()
         sampler = GaussianMixtureSampler(model, GaussianMixtureSamplerConfig(n_components=100))
-        sampler.fit(data)
+        sampler.fit(images)
         extra = time.perf_counter() - fit_start
         torch.manual_seed(0)
         samples = sampler.sample(num_samples=clock.num_samples, batch_size=250)
         model.train()
-        return samples.reshape(-1, 1, 28, 28), extra
+        return samples.reshape(-1, *images.shape[1:]), extra
 
     class Marks(TrainingCallback):
         def on_train_step_begin(self, training_config, **kwargs):
             clock.check(snapshot)
 
-    TrainingPipeline(model=model, training_config=config)(train_data=data, callbacks=[Marks()])
+    TrainingPipeline(model=model, training_config=config)(train_data=images, callbacks=[Marks()])
 
 
-def run_plain_dcgan(clock: Clock) -> None:
+def run_plain_dcgan(clock: Clock, data: Data) -> None:
     from torch import nn
 
-    nz = 100
+    images = data.images("train") * 2 - 1
+    channels, size = images.shape[1], images.shape[-1]
+    if size % 4:
+        raise ValueError(f"the plain DCGAN needs a size divisible by 4, got {size}")
+    nz, start = 100, size // 4  # 7 -> 14 -> 28 for the digits, 8 -> 16 -> 32 for the emoji
     generator_net = nn.Sequential(
-        nn.ConvTranspose2d(nz, 256, 7, 1, 0, bias=False), nn.BatchNorm2d(256), nn.ReLU(True),
+        nn.ConvTranspose2d(nz, 256, start, 1, 0, bias=False), nn.BatchNorm2d(256), nn.ReLU(True),
         nn.ConvTranspose2d(256, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(True),
-        nn.ConvTranspose2d(128, 1, 4, 2, 1, bias=False), nn.Tanh())
+        nn.ConvTranspose2d(128, channels, 4, 2, 1, bias=False), nn.Tanh())
     discriminator_net = nn.Sequential(
-        nn.Conv2d(1, 64, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True),
+        nn.Conv2d(channels, 64, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True),
         nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.LeakyReLU(0.2, True),
-        nn.Conv2d(128, 1, 7, 1, 0, bias=False))
+        nn.Conv2d(128, 1, start, 1, 0, bias=False))
 
     def weights_init(module):  # pytorch/examples dcgan
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -360,8 +453,7 @@ def run_plain_dcgan(clock: Clock) -> None:
         generator_net.train()
         return samples, 0.0
 
-    data = training_digits() * 2 - 1
-    for real in shuffled_batches(data, 64, torch.Generator().manual_seed(0)):
+    for real in shuffled_batches(images, 64, torch.Generator().manual_seed(0)):
         clock.check(snapshot)
         ones, zeros = torch.ones(len(real)), torch.zeros(len(real))
         fake = generator_net(torch.randn(len(real), nz, 1, 1))
@@ -375,7 +467,7 @@ def run_plain_dcgan(clock: Clock) -> None:
         opt_g.step()
 
 
-def run_diffusers_loop(clock: Clock) -> None:
+def run_diffusers_loop(clock: Clock, data: Data) -> None:
     import copy
 
     import torch.nn.functional as F
@@ -384,16 +476,18 @@ def run_diffusers_loop(clock: Clock) -> None:
     from diffusers.training_utils import EMAModel
 
     torch.manual_seed(0)
+    images = data.images("train") * 2 - 1
+    channels = images.shape[1]
     model = UNet2DModel(  # the diffusers course, unit 1 ("Diffusion Models from Scratch")
-        sample_size=28, in_channels=1, out_channels=1, layers_per_block=2, block_out_channels=(32, 64, 64),
+        sample_size=images.shape[-1], in_channels=channels, out_channels=channels, layers_per_block=2,
+        block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-    data = training_digits() * 2 - 1
     batch_size, num_epochs = 16, 100
     lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500,
-                                 num_training_steps=num_epochs * (len(data) // batch_size))
+                                 num_training_steps=num_epochs * (len(images) // batch_size))
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
                    model_cls=UNet2DModel, model_config=model.config)
 
@@ -411,7 +505,7 @@ def run_diffusers_loop(clock: Clock) -> None:
             return torch.from_numpy(images).permute(0, 3, 1, 2)
         return sample_in_batches(sample, clock.num_samples), 0.0
 
-    for clean in shuffled_batches(data, batch_size, torch.Generator().manual_seed(0)):
+    for clean in shuffled_batches(images, batch_size, torch.Generator().manual_seed(0)):
         clock.check(snapshot)
         noise = torch.randn_like(clean)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(clean),))
@@ -431,7 +525,8 @@ def run_diffusers_loop(clock: Clock) -> None:
 def worker(args) -> None:
     """Trains one contender under the clock, appending one JSON line per mark to --results."""
     torch.set_num_threads(args.threads)
-    evaluator = Evaluator()
+    data = DATA[args.data]
+    evaluator = Evaluator(data)
     load_before = load_average()
 
     def record(seconds, snapshot):
@@ -441,36 +536,30 @@ def worker(args) -> None:
                "fd": round(fd, 2), "num_samples": len(samples), "threads": args.threads,
                "load_before": round(load_before, 2), "load_now": round(load_average(), 2),
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": cpu_model(),
-               **({"sampler": FD_SAMPLER} if samples_by_diffusion(args.worker) else {}),
+               **({"sampler": FD_SAMPLER} if samples_by_diffusion(args.worker, data) else {}),
                **({"extra_flags": args.extra_flags} if args.extra_flags else {})}
         print(json.dumps(row), flush=True)
         with open(args.results, "a") as file:
             file.write(json.dumps(row) + "\n")
         if args.grids:
-            from hfgen.image_processing import image_grid
+            from hfgen.image_processing import image_grid, postprocess
 
             os.makedirs(args.grids, exist_ok=True)
-            grid = image_grid([to_pil(image) for image in samples[:64]])
+            grid = image_grid(postprocess(samples[:64].clamp(0, 1)))
             grid.save(os.path.join(args.grids, f"{args.worker}-{round(seconds / 60, 1)}min.png"))
 
     clock = Clock([60 * minutes for minutes in args.marks], args.num_samples, args.curve_num_samples, record)
     with tempfile.TemporaryDirectory() as output_dir, contextlib.suppress(BudgetReached):
-        if args.worker in RECIPES:
-            run_hfgen(args.worker, clock, output_dir, args.extra_flags)
+        if args.worker in data.recipes:
+            run_hfgen(args.worker, clock, output_dir, args.extra_flags, data)
         elif args.worker == "plain-vae":
-            run_plain_vae(clock)
+            run_plain_vae(clock, data)
         elif args.worker == "pythae-vae":
-            run_pythae_vae(clock, output_dir)
+            run_pythae_vae(clock, output_dir, data)
         elif args.worker == "plain-dcgan":
-            run_plain_dcgan(clock)
+            run_plain_dcgan(clock, data)
         else:
-            run_diffusers_loop(clock)
-
-
-def to_pil(image: torch.Tensor):
-    from PIL import Image
-
-    return Image.fromarray((image[0].clamp(0, 1) * 255).round().byte().numpy())
+            run_diffusers_loop(clock, data)
 
 
 def read_results(path: str) -> dict[str, list[dict]]:
@@ -494,7 +583,7 @@ def final_fd(rows: list[dict], num_samples: int) -> float | None:
     return rows[-1]["fd"] if rows and rows[-1]["num_samples"] >= num_samples else None
 
 
-def draw(runs: dict, path: str) -> None:
+def draw(runs: dict, data: Data, floor: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -506,53 +595,75 @@ def draw(runs: dict, path: str) -> None:
         style = "-o" if name.startswith("hfgen") else "--s"
         axes.plot([row["train_seconds"] / 60 for row in rows], [row["fd"] for row in rows], style, label=name,
                   color=colors[CONTENDERS.index(name) % len(colors)])
+    if floor is not None:
+        axes.axhline(floor, color="grey", linestyle=":", label="real training images (the floor)")
     axes.set_yscale("log")
     axes.set_xlabel("training minutes (evaluation excluded; threads per contender in BENCHMARKS.md)")
-    axes.set_ylabel("FD vs test digits (digit-classifier features; N=1000 at the end, 500 before)")
+    axes.set_ylabel(f"FD vs the {data.name} test split ({'digit-classifier' if data is DIGITS else 'domain-classifier'}"
+                    " features; N=1000 at the end, 500 before)")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8, ncol=2)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(data.figure, dpi=110)
 
 
-def section(runs: dict, budget_minutes: float, num_samples: int, environment: list[str]) -> str:
-    start, end = markers("quality")
-    lines = [start, "## Samples per CPU-minute: FD against training time (`benchmarks/bench_quality.py`)", "",
-             "Each contender trains alone in its own process on the 4,000 training digits; its clock runs from the "
-             "start of the command and stops while snapshots are evaluated. FD against the 1,000 test digits, of "
+def real_data_floor(data: Data, num_samples: int) -> float:
+    """FD of `num_samples` real training images (the first ones) against the test split, in the same features:
+    what a model that reproduced the training set would score."""
+    evaluator = Evaluator(data)
+    return evaluator.fd(data.images("train")[:num_samples])
+
+
+def section(runs: dict, data: Data, budget_minutes: float, num_samples: int, environment: list[str],
+            floor: float | None = None) -> str:
+    start, end = markers(data.section_key)
+    if data is DIGITS:
+        what = "the 4,000 training digits", "the 1,000 test digits"
+    else:
+        what = (f"the emoji folder's training split (`benchmarks/data/emoji.py`: 3,403 images, RGBA composited onto "
+                f"white, {data.resolution} px RGB)", "its 378 test images")
+    lines = [start, f"## {data.title} (`benchmarks/bench_quality.py{'' if data is DIGITS else ' --data ' + data.name}`)",
+             "",
+             f"Each contender trains alone in its own process on {what[0]}; its clock runs from the "
+             f"start of the command and stops while snapshots are evaluated. FD against {what[1]}, of "
              "N=1000 samples at the budget and N=500 at the earlier marks (FD is biased upwards at smaller N), "
-             f"in `{FEATURES}` features; DDPMs and flow models sampled with DPM-Solver++ (2nd-order multistep; "
+             f"in {data.features} features; DDPMs and flow models sampled with DPM-Solver++ (2nd-order multistep; "
              f"a flow model's on its sigmas) at {FD_SOLVER_STEPS} steps. "
-             "See the script's docstring for every contender's recipe.", "",
+             "See the script's docstring for every contender's recipe."
+             + ("" if floor is None else f" The real-data floor, {num_samples} training images against the test "
+                                         f"images in the same features: FD {floor:.2f}."), "",
              f"| contender | recipe | threads | CPU | FD at each mark (minutes: FD) | FD at {budget_minutes:g} min or the "
              "recipe's end | peer | peer's FD | ratio peer / hfgen (target ≥ 1.5) | target FD |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in runs.items():
-        recipe = f"`hfgen train {RECIPES[name][0]} {RECIPES[name][1]}`" if name in RECIPES else "peer"
+        recipe = f"`{data.command(name)}`" if name in data.recipes else "peer"
         marks = ", ".join(f"{row['train_seconds'] / 60:.1f}: {row['fd']:.1f}" for row in rows)
         final = final_fd(rows, num_samples)
-        peer = PEER_OF.get(name)
+        peer = data.peer_of.get(name)
         peer_fd = final_fd(runs.get(peer, []), num_samples) if peer else None
         ratio = f"{peer_fd / final:.2f}" if final and peer_fd else "–"
-        target = TARGETS.get(name)
+        target = data.targets.get(name)
         target_text = "–" if not target else (f"≤ {target}: run not finished" if final is None else
                                               f"≤ {target}: {'met' if final <= target else 'not met'}")
         cpu = rows[-1].get("cpu", "not recorded").replace("(R)", "")
         lines.append(f"| {name} | {recipe} | {rows[-1]['threads']} | {cpu} | {marks} | {final if final is not None else '–'} | {peer or '–'} | "
                      f"{peer_fd if peer_fd is not None else '–'} | {ratio} | {target_text} |")
-    lines += ["", "![FD against training minutes](benchmarks/figures/quality_vs_time.png)", "", *environment, end]
+    figure = os.path.relpath(data.figure, os.path.dirname(BENCHMARKS_MD))
+    lines += ["", f"![FD against training minutes]({figure})", "", *environment, end]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", choices=list(DATA), default="digits",
+                        help="digits: the bundled 28 px digits; emoji: the 32 px colour emoji (its own section).")
     parser.add_argument("--only", nargs="+", choices=CONTENDERS, default=None, help="Run these contenders only.")
     parser.add_argument("--marks", type=float, nargs="+", default=[1, 2.5, 5, 10],
                         help="Training minutes at which FD is measured; the last is the budget.")
     parser.add_argument("--num_samples", type=int, default=1000, help="Samples for FD at the last mark.")
     parser.add_argument("--curve_num_samples", type=int, default=500, help="Samples for FD at the earlier marks.")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results", default=RESULTS, help="JSON lines, appended to.")
+    parser.add_argument("--results", default=None, help="JSON lines, appended to (default: the --data's own file).")
     parser.add_argument("--grids", default=None, help="Also save a grid of 64 samples per mark into this folder.")
     parser.add_argument("--no_train", action="store_true", help="Only redraw from --results.")
     parser.add_argument("--write", action="store_true", help="Write the figure and the BENCHMARKS.md section.")
@@ -563,26 +674,32 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if any(minutes <= 0 for minutes in args.marks):
         parser.error("--marks must be positive minutes")
+    data = DATA[args.data]
+    args.results = args.results or data.results
+    unknown = [name for name in args.only or () if name not in data.contenders]
+    if unknown:
+        parser.error(f"--only: {', '.join(unknown)} not in the {data.name} contenders ({', '.join(data.contenders)})")
     if args.worker:
         return worker(args)
     load_before = load_average()
     if not args.no_train:
-        for name in args.only or CONTENDERS:
+        for name in args.only or data.contenders:
             print(f"--- {name}", file=sys.stderr, flush=True)
             command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--marks", *map(str, args.marks),
                        "--num_samples", str(args.num_samples), "--curve_num_samples", str(args.curve_num_samples),
-                       "--threads", str(args.threads), f"--extra_flags={args.extra_flags}",
+                       "--threads", str(args.threads), f"--extra_flags={args.extra_flags}", "--data", data.name,
                        "--results", args.results, *(["--grids", args.grids] if args.grids else [])]
             # progress bars off (tqdm reads TQDM_DISABLE); the worker prints one line per mark
             subprocess.run(command, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
     runs = read_results(args.results)
+    floor = None if data is DIGITS or not runs else real_data_floor(data, args.num_samples)
     if args.write and runs:
-        draw(runs, os.path.join(FIGURES, "quality_vs_time.png"))
+        draw(runs, data, floor)
         environment = environment_lines("bench_quality.py", args.threads, load_before, load_average())
-        write_section("quality", section(runs, max(args.marks), args.num_samples, environment))
+        write_section(data.section_key, section(runs, data, max(args.marks), args.num_samples, environment, floor))
         print(f"wrote {BENCHMARKS_MD}", file=sys.stderr)
     elif runs:
-        print(section(runs, max(args.marks), args.num_samples, []))
+        print(section(runs, data, max(args.marks), args.num_samples, [], floor))
 
 
 if __name__ == "__main__":
