@@ -20,35 +20,22 @@ except ImportError as error:
     raise ImportError('the hfgen demo needs gradio: pip install "hfgen[demo]"') from error
 import PIL.Image
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
-                       FlowMatchHeunDiscreteScheduler)
 
 from hfgen import AutoPipeline, GANPipeline, VAEPipeline, __version__
-from hfgen.diffusion import FLOW_MATCHING, dpm_solver, scheduler_objective
 from hfgen.hub_utils import METRICS_FILE, SAMPLE_GRID, push_space
+from hfgen.objectives import objective_of, swapped
 from hfgen.pipelines.pipeline_utils import GenerativePipeline, call_arguments, resolve_pretrained_path
 from hfgen.utils import check_non_negative_int
 
 
-def swapped(cls):
-    """saved scheduler -> a `cls` on its config (the noise levels the denoiser was trained with)."""
-    return lambda saved: cls.from_config(saved.config)
-
-
-# name -> (scheduler class, saved scheduler -> that scheduler): what a diffusion pipeline's sampler can be swapped for
-DDPM_SCHEDULERS = {"DDPM": (DDPMScheduler, swapped(DDPMScheduler)), "DDIM": (DDIMScheduler, swapped(DDIMScheduler)),
-                   "DPM-Solver++": (DPMSolverMultistepScheduler, dpm_solver)}
-FLOW_SCHEDULERS = {"FlowMatchEuler": (FlowMatchEulerDiscreteScheduler, swapped(FlowMatchEulerDiscreteScheduler)),
-                   "FlowMatchHeun": (FlowMatchHeunDiscreteScheduler, swapped(FlowMatchHeunDiscreteScheduler)),
-                   "DPM-Solver++": (DPMSolverMultistepScheduler, dpm_solver)}
 DEFAULT_STEPS = 50
 SPACE_SUFFIX = "-demo"
 
 
 def scheduler_choices(scheduler) -> dict[str, tuple[type, Callable]]:
-    """The samplers that fit a pipeline's scheduler: flow-matching ones for a flow scheduler, the DDPM
-    family's otherwise (they share the noise schedule). A saved scheduler of another class comes first, as it is."""
-    choices = FLOW_SCHEDULERS if scheduler_objective(scheduler) == FLOW_MATCHING else DDPM_SCHEDULERS
+    """The samplers that fit a pipeline's scheduler: its objective's (`samplers` in hfgen.objectives: they share the
+    noise levels). A saved scheduler of another class comes first, as it is."""
+    choices = objective_of(scheduler).samplers
     if any(type(scheduler) is cls for cls, _ in choices.values()):
         return choices
     return {type(scheduler).__name__: (type(scheduler), swapped(type(scheduler))), **choices}

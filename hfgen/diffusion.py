@@ -1,4 +1,5 @@
-"""DDPM maths (docs/maths.md §6) on a diffusers scheduler's noise schedule, and flow matching (§6.9).
+"""DDPM maths (docs/maths.md §6) on a diffusers scheduler's noise schedule, and flow matching (§6.9). The objectives
+that train and sample with them (and EDM's preconditioning) are classes in hfgen/objectives.py.
 
 Shapes: images x (B, C, H, W); timesteps t (B,) integers in [0, T); a schedule tensor of length T is
 gathered at t and broadcast over the image dims by `extract`. hfgen's t = 0 is t = 1 of docs/maths.md §6.1.
@@ -10,16 +11,12 @@ floats; the denoiser is called at the timestep sigma * T, as diffusers' flow sch
 import math
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from .utils import check_positive_int
 
 # diffusers' names for what the denoiser predicts: noise eps, the clean image x0, or v.
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-# What the denoiser is trained for: the DDPM forward process and one of PREDICTION_TYPES, or flow matching (§6.9).
-DDPM, FLOW_MATCHING = "ddpm", "flow_matching"
-OBJECTIVES = (DDPM, FLOW_MATCHING)
 # How flow matching draws its training noise levels (before the shift).
 WEIGHTING_SCHEMES = ("uniform", "logit_normal")
 
@@ -43,36 +40,11 @@ def null_class_labels(class_labels: torch.Tensor, num_classes: int) -> torch.Ten
     return torch.full_like(class_labels, num_classes)
 
 
+def guided(conditional: torch.Tensor, unconditional: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance (docs/maths.md §6.7): f(x, null) + w (f(x, y) - f(x, null)). Linear in the prediction,
+    so right for every kind (eps, x0, v, a flow's velocity, EDM's F); w = 1 is the conditional model alone."""
+    return unconditional + guidance_scale * (conditional - unconditional)
 
-def check_objective(objective: str) -> str:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}")
-    return objective
-
-
-def scheduler_objective(scheduler) -> str:
-    """FLOW_MATCHING for diffusers' flow schedulers, DDPM for the others.
-
-    The flow schedulers (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, ...) have `scale_noise`
-    instead of `add_noise`; multistep solvers set up for flows (`use_flow_sigmas`) have prediction_type
-    "flow_prediction".
-    """
-    if hasattr(scheduler, "scale_noise") or scheduler.config.get("prediction_type") == "flow_prediction":
-        return FLOW_MATCHING
-    return DDPM
-
-
-def dpm_solver(scheduler) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ (2nd-order multistep) on the noise levels of the trained `scheduler`: the fast sampler of both
-    objectives (20 steps sample well). For a flow model it integrates the same flow (use_flow_sigmas, the velocity as
-    prediction, the flow scheduler's shift); at 20 steps it beats Euler's FD by about 12% (BENCHMARKS.md)."""
-    if scheduler_objective(scheduler) == DDPM:
-        return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++")
-    config = dict(scheduler.config)
-    if "shift" in config:  # a flow scheduler's shift is the multistep solver's flow_shift
-        config["flow_shift"] = config.pop("shift")
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_flow_sigmas=True,
-                                                   prediction_type="flow_prediction")
 
 
 def extract(schedule: torch.Tensor, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -191,9 +163,13 @@ def variational_bound(
         num_timesteps: None sums all T - 1 KL terms; an integer draws that many of them uniformly and rescales
             their sum (an unbiased estimate at a fraction of the cost).
     """
-    if scheduler_objective(scheduler) == FLOW_MATCHING:
+    from .objectives import objective_of  # the objectives are built on this module's maths
+
+    objective = objective_of(scheduler)
+    if not objective.has_likelihood_bound:
         raise ValueError(f"`scheduler` is a {type(scheduler).__name__}: the variational bound is the DDPM one (§6.5) "
-                         "and does not apply to a flow-matching model (docs/maths.md §6.9)")
+                         f"and does not apply to {objective.a_title} "
+                         "(docs/maths.md §6.9, §6.10)")
     betas, alphas_cumprod = scheduler.betas.to(x0.device), scheduler.alphas_cumprod.to(x0.device)
     prediction_type = scheduler.config.prediction_type
     num_train_timesteps, batch = len(betas), x0.shape[0]

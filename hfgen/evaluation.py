@@ -10,7 +10,6 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from .data import image_batches
-from .diffusion import FLOW_MATCHING
 from .features import (AUTO, DEFAULT_FEATURE_EXTRACTOR, ClassifierFeatures, load_feature_extractor,
                        resolve_feature_extractor)
 from .frechet import (
@@ -190,10 +189,11 @@ def evaluate_pipeline(
     length = None if isinstance(dataset, IterableDataset) else len(dataset)
     if length is not None and num_samples > length:
         raise ValueError(f"`num_samples` ({num_samples}) exceeds the {length} images of `dataset`")
-    flow = getattr(pipeline, "objective", None) == FLOW_MATCHING
-    if flow and likelihood and vlb_num_timesteps is not None:
+    objective = getattr(pipeline, "objective_class", None)  # a diffusion pipeline's (hfgen.objectives)
+    no_bound = objective is not None and not objective.has_likelihood_bound
+    if no_bound and likelihood and vlb_num_timesteps is not None:
         raise ValueError(f"`vlb_num_timesteps` ({vlb_num_timesteps}) sets the DDPM variational bound, which does not "
-                         "apply to this flow-matching pipeline: leave it out")
+                         f"apply to this {objective.title}: leave it out")
     num_classes = pipeline.num_classes
     if num_classes and dataset.num_classes != num_classes:
         raise ValueError(f"the pipeline generates {num_classes} classes but `dataset` has {dataset.num_classes}: "
@@ -236,8 +236,8 @@ def evaluate_pipeline(
     if likelihood and isinstance(model, VAEModel):
         batches = image_batches(dataset, batch_size=LIKELIHOOD_BATCH_SIZE, num_workers=num_workers, shuffle=False)
         metrics.update(evaluate_vae(model.eval(), batches, num_importance_samples, seed))
-    if likelihood and vlb_num_images and pipeline.denoises_pixels and flow:
-        logger.warning("test_bits_per_dim: not applicable to a flow-matching model (the DDPM variational bound assumes "
+    if likelihood and vlb_num_images and pipeline.denoises_pixels and no_bound:
+        logger.warning(f"test_bits_per_dim: not applicable to {objective.a_title} (the DDPM variational bound assumes "
                        "the DDPM forward process; docs/maths.md §6.9): not reported")
     elif likelihood and vlb_num_images and pipeline.denoises_pixels:
         batches = _image_batches(dataset, min(vlb_num_images, num_samples), seed, LIKELIHOOD_BATCH_SIZE, num_workers,

@@ -6,7 +6,8 @@ import inspect
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
-from hfgen.diffusion import FLOW_MATCHING, check_objective, classes_of, null_class_labels, scheduler_objective
+from hfgen.diffusion import classes_of, guided, null_class_labels
+from hfgen.objectives import DiffusionObjective, objective_class, objective_of
 from hfgen.image_processing import SYMMETRIC
 from hfgen.models import ViTDenoiser
 from hfgen.utils import check_positive_int
@@ -26,8 +27,10 @@ class DDPMPipeline(GenerativePipeline):
     eps - x0 and their scheduler is one of diffusers' flow schedulers, `FlowMatchEulerDiscreteScheduler` (as
     hfgen's trainer saves it) or `FlowMatchHeunDiscreteScheduler`, swapped in the same way; the same loop integrates
     the flow from noise (sigma = 1) to data (sigma = 0), and guidance combines velocities as it combines noise
-    predictions. `objective` ("ddpm" or "flow_matching", saved in model_index.json by hfgen's trainer) is what the
-    denoiser was trained for: a scheduler of the other kind is refused, since it would sample noise.
+    predictions. EDM models (Karras et al.) sample here too, with diffusers' EDM schedulers, which precondition the
+    denoiser's input and output themselves. `objective` ("ddpm", "flow_matching" or "edm", saved in model_index.json
+    by hfgen's trainer; see hfgen.objectives) is what the denoiser was trained for: a scheduler of another kind is
+    refused, since it would sample noise.
 
     Class conditioning: a denoiser with `num_class_embeds = K + 1` generates K classes; hfgen trains the last
     id K as the null class ("no label", label dropout), which classifier-free guidance needs. `label_dropout`
@@ -43,7 +46,7 @@ class DDPMPipeline(GenerativePipeline):
         ```
     """
 
-    families = {"ddpm": "ddpm", FLOW_MATCHING: "flow-matching"}  # objective -> the model card's tag
+    pipeline_kind = "pixels"  # which of the objective's card tags names this pipeline (hfgen.objectives.PIPELINE_KINDS)
 
     def __init__(self, unet: UNet2DModel | ViTDenoiser, scheduler: SchedulerMixin, label_dropout: float | None = None,
                  objective: str | None = None):
@@ -52,25 +55,28 @@ class DDPMPipeline(GenerativePipeline):
         if label_dropout is not None:  # unknown for folders saved elsewhere (diffusers, older hfgen)
             self.register_to_config(label_dropout=float(label_dropout))
         if objective is not None:  # unknown for folders saved elsewhere: the scheduler's kind is all there is
-            self.register_to_config(objective=check_objective(objective))
+            self.register_to_config(objective=objective_class(objective).name)
             self.check_scheduler()
 
     @property
     def objective(self) -> str:
-        """"ddpm" or "flow_matching": what the denoiser was trained for (else what the scheduler samples)."""
-        return self.config.get("objective") or scheduler_objective(self.scheduler)
+        """"ddpm", "flow_matching" or "edm": what the denoiser was trained for (else what the scheduler samples)."""
+        return self.config.get("objective") or objective_of(self.scheduler).name
+
+    @property
+    def objective_class(self) -> type[DiffusionObjective]:
+        return objective_class(self.objective)
 
     @property
     def family(self) -> str:
-        return self.families[self.objective]
+        return self.objective_class.tags[self.pipeline_kind]
 
     def check_scheduler(self) -> None:
-        """A scheduler of the kind the denoiser was trained for: DDPM-family, or a flow scheduler for flow matching."""
-        if scheduler_objective(self.scheduler) != self.objective:
-            wanted = ("a flow scheduler (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)"
-                      if self.objective == FLOW_MATCHING else "a DDPM-family scheduler (DDPM, DDIM, DPM-Solver++, ...)")
+        """A scheduler of the kind the denoiser was trained for (one of its objective's samplers)."""
+        objective = self.objective_class
+        if not objective.samples_with(self.scheduler):
             raise ValueError(f"`scheduler` is a {type(self.scheduler).__name__}, but the denoiser was trained with "
-                             f"objective {self.objective!r}: it samples with {wanted}")
+                             f"objective {self.objective!r}: it samples with {objective.scheduler_kind}")
 
     @property
     def generative_model(self):
@@ -106,8 +112,7 @@ class DDPMPipeline(GenerativePipeline):
             return self.unet(sample, timestep, class_labels=class_labels).sample
         null = null_class_labels(class_labels, self.num_classes)
         both = self.unet(torch.cat([sample, sample]), timestep, class_labels=torch.cat([class_labels, null])).sample
-        conditional, unconditional = both.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
+        return guided(*both.chunk(2), guidance_scale)
 
     def check_num_inference_steps(self, num_inference_steps: int | None) -> int:
         """The number of sampling steps: by default (and at most) the scheduler's training steps."""

@@ -31,7 +31,7 @@ class LatentDiffusionPipeline(DDPMPipeline):
         ```
     """
 
-    families = {"ddpm": "ldm", "flow_matching": "latent-flow-matching"}
+    pipeline_kind = "latents"
 
     denoises_pixels = False
 

@@ -5,6 +5,7 @@ cross-attention to the prompt's token states, and classifier-free guidance again
 import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
 
+from hfgen.diffusion import guided
 from hfgen.models import VAEModel, ViTDenoiser
 from hfgen.text import encode_prompt, prompt_length
 
@@ -89,8 +90,7 @@ class TextConditioning:
         if negative is None:
             return self.unet(sample, timestep, encoder_hidden_states=embeds).sample
         both = self.unet(torch.cat([sample, sample]), timestep, encoder_hidden_states=torch.cat([embeds, negative])).sample
-        conditional, unconditional = both.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
+        return guided(*both.chunk(2), guidance_scale)
 
     @torch.no_grad()
     def __call__(
@@ -151,7 +151,7 @@ class TextToImagePipeline(TextConditioning, DDPMPipeline):
         ```
     """
 
-    families = {"ddpm": "text-to-image", "flow_matching": "text-to-image-flow-matching"}
+    pipeline_kind = "text"
 
     def __init__(self, unet: UNet2DConditionModel | ViTDenoiser, scheduler: SchedulerMixin, text_encoder, tokenizer,
                  prompt_dropout: float | None = None, objective: str | None = None):
@@ -163,7 +163,7 @@ class LatentTextToImagePipeline(TextConditioning, LatentDiffusionPipeline):
     r"""Text-to-image latent diffusion: `TextToImagePipeline` in the latent space of `vae`, decoded as
     `LatentDiffusionPipeline` decodes (x = vae.decode(z_0 / scaling_factor))."""
 
-    families = {"ddpm": "text-to-image-ldm", "flow_matching": "text-to-image-latent-flow-matching"}
+    pipeline_kind = "latent_text"
 
     def __init__(self, vae: VAEModel, unet: UNet2DConditionModel | ViTDenoiser, scheduler: SchedulerMixin, text_encoder, tokenizer,
                  scaling_factor: float | None = None, prompt_dropout: float | None = None, objective: str | None = None):

@@ -14,7 +14,7 @@ from helpers import Identity, RawSamples, interrupt_then_resume, quick_training_
 from hub_fixtures import hub_server  # noqa: F401  (the fixture)
 
 from hfgen import AutoPipeline, DDPMPipeline, LatentDiffusionPipeline, VAEModel, VAEPipeline, ViTDenoiser
-from hfgen import diffusion
+from hfgen import diffusion, objectives
 from hfgen.cli import evaluate
 from hfgen.data import load_image_dataset
 from hfgen.evaluation import evaluate_pipeline
@@ -92,7 +92,7 @@ class GaussianVelocity(ModelMixin, ConfigMixin):
 # the flow samplers, from the trained flow scheduler (shift -> scheduler)
 SAMPLERS = {"euler": lambda shift: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
             "heun": lambda shift: FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=shift),
-            "dpm_solver": lambda shift: diffusion.dpm_solver(SAMPLERS["euler"](shift))}
+            "dpm_solver": lambda shift: objectives.dpm_solver(SAMPLERS["euler"](shift))}
 
 
 def exact_gaussian_flow_samples(sampler: str, steps: int, shift: float, num_samples: int = 20000) -> torch.Tensor:

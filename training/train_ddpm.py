@@ -1,17 +1,20 @@
-"""Trains a DDPM (docs/maths.md §6) or a flow-matching model (§6.9) with a U-Net or ViT denoiser, unconditional,
-class-conditional or text-conditioned.
+"""Trains a DDPM (docs/maths.md §6), a flow-matching model (§6.9) or an EDM model (§6.10) with a U-Net or ViT
+denoiser, unconditional, class-conditional or text-conditioned.
 
     accelerate launch -m hfgen.training.train_ddpm --output_dir hfgen-ddpm-mnist
     hfgen train ddpm --output_dir hfgen-ddpm-mnist --conditional --label_dropout 0.1
     hfgen train ddpm --output_dir hfgen-flow-mnist --objective flow_matching --weighting_scheme logit_normal
+    hfgen train ddpm --output_dir hfgen-edm-mnist --objective edm
     hfgen train ddpm --output_dir hfgen-t2i-digits --caption_column text --prompt_dropout 0.1
 
 --objective ddpm (the default): the denoiser regresses onto --prediction_type (noise eps, the clean image
 x0 = "sample", or v) and the saved scheduler is a DDPMScheduler carrying the same prediction_type.
 --objective flow_matching: the straight path x_sigma = (1 - sigma) x0 + sigma eps and the velocity eps - x0, at noise
 levels drawn by --weighting_scheme and shifted by --flow_shift; the saved scheduler is a
-FlowMatchEulerDiscreteScheduler with the same shift and number of timesteps. Either way training and sampling cannot
-disagree. The flags of one objective are refused with the other.
+FlowMatchEulerDiscreteScheduler with the same shift and number of timesteps.
+--objective edm: Karras et al.'s preconditioned denoiser at log-normal noise levels; the saved scheduler is an
+EDMEulerScheduler with the same sigma_data. Each way training and sampling cannot disagree. What differs between the
+objectives lives in hfgen/objectives.py; the flags of one objective are refused with another.
 
 Text conditioning (--caption_column: a folder's metadata.jsonl column, a Hub dataset's column, or "text" for hfgen's
 captions of the bundled digits): the denoiser (a UNet2DConditionModel, or the ViT with cross-attention) attends to a
@@ -19,31 +22,18 @@ text encoder's token states (training/text_conditioning.py); the output is a Tex
 """
 
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel, UNet2DModel
-from diffusers.training_utils import compute_snr
+from diffusers import UNet2DConditionModel, UNet2DModel
 
-from hfgen.diffusion import (
-    DDPM, FLOW_MATCHING, OBJECTIVES, PREDICTION_TYPES, WEIGHTING_SCHEMES, class_embeddings_for, flow_sample,
-    flow_velocity, null_class_labels, sample_flow_sigmas, training_target)
+from hfgen.diffusion import class_embeddings_for, null_class_labels
 from hfgen.image_processing import SYMMETRIC, from_unit_range
 from hfgen.models import ViTDenoiser
+from hfgen.objectives import OBJECTIVES, DDPMObjective, objective_flags, objective_from_args
 from hfgen.pipelines import DDPMPipeline
 
-from hfgen.utils import check_non_negative_int, check_positive_int, check_positive_number, check_probability
+from hfgen.utils import check_non_negative_int, check_positive_int, check_probability
 
 from .text_conditioning import TEXT_FLAG_CHECKS, TextConditionedTraining, add_text_arguments
 from .trainer import Trainer, optional, training_parser
-
-# The flags of one objective: flag -> (its objective, its value there when not given). Given with the other objective
-# they are refused (they would be ignored); left out they take this value under their own objective, None otherwise.
-OBJECTIVE_FLAGS = {
-    "prediction_type": (DDPM, "epsilon"), "beta_schedule": (DDPM, "linear"), "snr_gamma": (DDPM, None),
-    "eval_vlb_num_images": (DDPM, 100), "eval_vlb_num_timesteps": (DDPM, None),
-    "weighting_scheme": (FLOW_MATCHING, "uniform"), "logit_mean": (FLOW_MATCHING, None),
-    "logit_std": (FLOW_MATCHING, None), "flow_shift": (FLOW_MATCHING, 1.0),
-}
-
 
 def diffusion_parser(description: str):
     """The DDPM flags (also latent diffusion's second stage)."""
@@ -57,30 +47,15 @@ def diffusion_parser(description: str):
     add("--vit_hidden_size", type=int, default=128)
     add("--vit_layers", type=int, default=4)
     add("--vit_heads", type=int, default=4)
-    add("--objective", default=DDPM, choices=OBJECTIVES,
-        help="ddpm (docs/maths.md §6) or flow_matching (straight path, velocity target, §6.9).")
+    add("--objective", default=DDPMObjective.name, choices=list(OBJECTIVES),
+        help="ddpm (docs/maths.md §6), flow_matching (straight path, velocity target, §6.9) or edm (Karras et al. "
+             "2022, §6.10).")
     add("--num_train_timesteps", type=int, default=1000, help="T: the schedule's number of noise levels.")
-    add("--beta_schedule", default=None, choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
-        help="DDPM only (default linear).")
-    add("--prediction_type", default=None, choices=PREDICTION_TYPES,
-        help="DDPM only: epsilon (noise, the default), sample (x0, docs/maths.md §6.3) or v_prediction.")
-    add("--snr_gamma", type=float, default=None, help="DDPM only: min-SNR loss weighting with this gamma (5 is common).")
-    add("--weighting_scheme", default=None, choices=WEIGHTING_SCHEMES,
-        help="Flow matching only: how the training noise levels are drawn, uniform (the default) or logit_normal "
-             "(as Stable Diffusion 3).")
-    add("--logit_mean", type=float, default=None, help="With --weighting_scheme logit_normal (default 0).")
-    add("--logit_std", type=float, default=None, help="With --weighting_scheme logit_normal (default 1).")
-    add("--flow_shift", type=float, default=None,
-        help="Flow matching only: the noise levels' shift, sigma -> shift sigma / (1 + (shift - 1) sigma) (default 1: "
-             "none; Stable Diffusion 3 uses 3 at 1024 px); the saved scheduler has the same one.")
+    for name, (_, flag) in objective_flags().items():  # None: not given (another objective's flag is then refused)
+        add(f"--{name}", type=flag.type, default=None, choices=flag.choices, help=flag.help)
     add("--label_dropout", type=float, default=0.1,
         help="With --conditional: share of labels replaced by the null class, for classifier-free guidance.")
     add("--num_inference_steps", type=int, default=50, help="Denoising steps for sample grids and FD.")
-    add("--eval_vlb_num_images", type=int, default=None,
-        help="DDPM only: test images of the variational bound in bits/dim (default 100; it does not apply to flow "
-             "matching).")
-    add("--eval_vlb_num_timesteps", type=int, default=None,
-        help="DDPM only: sampled KL terms of the bound (default: all T, exact but T denoiser calls per image).")
     add_text_arguments(parser)
     parser.set_defaults(learning_rate=1e-3, train_batch_size=64, num_epochs=5)
     return parser
@@ -90,60 +65,61 @@ def parse_args(argv=None):
     return diffusion_parser("Train a DDPM or a flow-matching model on images in [-1, 1].").parse_args(argv)
 
 
-def resolve_objective_flags(args) -> None:
-    """Refuses the flags of the other objective, naming both; fills in the defaults of this one's (OBJECTIVE_FLAGS)."""
-    given = [name for name, (objective, _) in OBJECTIVE_FLAGS.items()
-             if objective != args.objective and getattr(args, name) is not None]
-    if given:
-        flags = ", ".join(f"`--{name}`" for name in given)
-        raise ValueError(f"{flags} {'is an option' if len(given) == 1 else 'are options'} of "
-                         f"`--objective {OBJECTIVE_FLAGS[given[0]][0]}`, but this run trains with "
-                         f"`--objective {args.objective}`: leave {'it' if len(given) == 1 else 'them'} out")
-    if args.objective == FLOW_MATCHING and args.weighting_scheme != "logit_normal" and (
-            args.logit_mean is not None or args.logit_std is not None):
-        raise ValueError(f"`--logit_mean` and `--logit_std` shape `--weighting_scheme logit_normal`, but it is "
-                         f"{args.weighting_scheme or 'uniform'!r}")
-    if args.objective == FLOW_MATCHING and args.weighting_scheme == "logit_normal":
-        args.logit_mean = 0.0 if args.logit_mean is None else args.logit_mean
-        args.logit_std = 1.0 if args.logit_std is None else args.logit_std
-    for name, (objective, default) in OBJECTIVE_FLAGS.items():
-        if objective == args.objective and getattr(args, name) is None:
-            setattr(args, name, default)
-
-
 class DDPMTrainer(TextConditionedTraining, Trainer):
     flag_checks = {
         **dict.fromkeys(("layers_per_block", "patch_size", "vit_hidden_size", "vit_layers", "vit_heads",
                          "num_train_timesteps", "num_inference_steps"), check_positive_int),
         **TEXT_FLAG_CHECKS,
-        "label_dropout": check_probability, "snr_gamma": optional(check_positive_number),
+        "label_dropout": check_probability,
         "eval_vlb_num_images": optional(check_non_negative_int), "eval_vlb_num_timesteps": optional(check_positive_int),
-        "logit_std": optional(check_positive_number), "flow_shift": optional(check_positive_number),
     }
-    # the card's tag and title, and what a checkpoint records: a checkpoint of one objective does not resume the other
-    families = {DDPM: "ddpm", FLOW_MATCHING: "flow-matching"}
+    pipeline_kind = "pixels"  # which of the objective's card tags names this trainer's runs (PIPELINE_KINDS)
     clip_sample = True  # the DDPM sampler clips x0 to the images' [-1, 1]
 
     @property
     def family(self) -> str:
-        return self.families[self.args.objective]
+        """The card's tag, and what a checkpoint records: a checkpoint of one objective does not resume another."""
+        return self.objective.tags[self.pipeline_kind]
 
     @classmethod
     def check_args(cls, args):
-        resolve_objective_flags(args)
+        objective_from_args(args)  # another objective's flags refused, this one's checked, before any work
         super().check_args(args)
         cls.check_text_args(args)
 
+    @property
+    def objective(self):
+        """The run's objective (hfgen.objectives), with its flags' values; set up by `build_noise_scheduler`."""
+        if "_objective" not in self.__dict__:
+            self._objective = objective_from_args(self.args)
+        return self._objective
+
     def build_noise_scheduler(self):
-        """The objective's diffusers scheduler: the training schedule, and (a fresh copy) the saved sampler."""
-        args = self.args
-        if args.objective == FLOW_MATCHING:
-            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=args.num_train_timesteps, shift=args.flow_shift)
-        # betas explicit: diffusers' from_config gives another scheduler class its own defaults for values a config
-        # left at the default (e.g. HeunDiscreteScheduler's 0.00085 / 0.012), until the config is saved and reloaded
-        return DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_start=1e-4, beta_end=0.02,
-                             beta_schedule=args.beta_schedule, prediction_type=args.prediction_type,
-                             clip_sample=self.clip_sample)
+        """The objective's diffusers scheduler: the training schedule, and (a fresh copy) the saved sampler. An
+        objective that takes statistics from the data (EDM's sigma_data) sees a few training batches first."""
+        objective = self.objective
+        if objective.needs_data():
+            objective.fit(self.clean_samples_for_statistics())
+        for name in objective.flags:  # what was used, recorded with the run (and its card)
+            setattr(self.args, name, getattr(objective, name))
+        return objective.scheduler(self.args.num_train_timesteps, clip_sample=self.clip_sample)
+
+    def clean_samples_for_statistics(self, num_images: int = 1024) -> torch.Tensor:
+        """x0 of the first `num_images` training examples (images, or a latent diffusion's latents)."""
+        from hfgen.data import image_batches
+
+        batches, count = [], 0
+        for images, _ in image_batches(self.training_data(), batch_size=min(256, num_images), shuffle=False):
+            batches.append(self.clean_sample(images.to(self.accelerator.device)))
+            count += len(images)
+            if count >= num_images:
+                break
+        samples = torch.cat(batches)[:num_images]
+        if self.accelerator.num_processes > 1:  # every process fits on the main process's (streamed shards differ)
+            from accelerate.utils import broadcast
+
+            samples = broadcast(samples.contiguous())
+        return samples
 
     def build_models(self):
         args = self.args
@@ -185,34 +161,12 @@ class DDPMTrainer(TextConditionedTraining, Trainer):
         """A training batch -> x0 for the forward process: images in [0, 1] mapped to [-1, 1]."""
         return from_unit_range(batch, SYMMETRIC)
 
-    def corrupt(self, x0: torch.Tensor, noise: torch.Tensor):
-        """x0, noise (B, C, H, W) -> (x_t, the denoiser's timesteps (B,), the regression target) for the objective."""
-        args, scheduler = self.args, self.noise_scheduler
-        if args.objective == FLOW_MATCHING:  # §6.9: the straight path and its velocity
-            sigmas = sample_flow_sigmas(scheduler.sigmas, x0.shape[0], args.weighting_scheme, args.logit_mean,
-                                        args.logit_std, device=x0.device)
-            # the flow schedulers call the denoiser at sigma * T
-            return flow_sample(x0, noise, sigmas), sigmas * args.num_train_timesteps, flow_velocity(x0, noise)
-        timesteps = torch.randint(0, args.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        x_t = scheduler.add_noise(x0, noise, timesteps)  # q(x_t | x0) in closed form
-        return x_t, timesteps, training_target(x0, noise, timesteps, args.prediction_type,
-                                               scheduler.alphas_cumprod.to(x0.device))
-
     def training_step(self, images, labels):
-        args, scheduler = self.args, self.noise_scheduler
         x0 = self.clean_sample(images)
         noise = torch.randn_like(x0)
-        x_t, timesteps, target = self.corrupt(x0, noise)
-        prediction = self.models["unet"](x_t, timesteps, **self.conditioning(labels)).sample
-        if args.snr_gamma is None:
-            loss = F.mse_loss(prediction.float(), target.float())
-        else:  # min-SNR-gamma weighting (Hang et al., 2023), per the prediction type
-            snr = compute_snr(scheduler, timesteps)
-            weights = torch.clamp(snr, max=args.snr_gamma)
-            weights = weights / snr if args.prediction_type == "epsilon" else (
-                weights / (snr + 1) if args.prediction_type == "v_prediction" else weights)
-            per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
-            loss = (per_example * weights).mean()
+        model_input, timesteps, target, weights = self.objective.corrupt(x0, noise, self.noise_scheduler)
+        prediction = self.models["unet"](model_input, timesteps, **self.conditioning(labels)).sample
+        loss = self.objective.loss(prediction, target, weights)
         self.optimize("unet", loss)
         return {"loss": loss.detach()}
 
@@ -230,7 +184,7 @@ class DDPMTrainer(TextConditionedTraining, Trainer):
         return {"num_inference_steps": self.args.num_inference_steps}
 
     def evaluation_options(self):
-        # flow matching has no variational bound to evaluate (§6.9): the card says so instead
+        # only the DDPM has a variational bound to evaluate (§6.9, §6.10): the card says so for the others
         return {"vlb_num_images": self.args.eval_vlb_num_images or 0, "vlb_num_timesteps": self.args.eval_vlb_num_timesteps}
 
     def build_pipeline(self):
@@ -241,33 +195,16 @@ class DDPMTrainer(TextConditionedTraining, Trainer):
                             label_dropout=self.args.label_dropout if self.num_classes else None,
                             objective=self.args.objective)
 
-    def objective_description(self) -> str:
-        """What the denoiser learns, for the card."""
-        args = self.args
-        if args.objective == DDPM:
-            return f"{args.prediction_type} prediction"
-        levels = args.weighting_scheme.replace("_", "-") + (
-            f" (mean {args.logit_mean:g}, std {args.logit_std:g})" if args.weighting_scheme == "logit_normal" else "")
-        return (f"flow matching: velocity prediction on the straight path, {levels} noise levels, shift "
-                f"{args.flow_shift:g}; sampled with FlowMatchEulerDiscreteScheduler")
-
-    def likelihood_note(self) -> str:
-        if self.args.objective == DDPM:
-            return ""
-        return (" Likelihood: not applicable; the DDPM variational bound (bits/dim) does not apply to flow matching "
-                "(docs/maths.md §6.9), so none is reported.")
-
     def model_card_description(self):
-        flow = self.args.objective == FLOW_MATCHING
-        kind = "flow-matching model" if flow else "DDPM"
-        kind = f"class-conditional {kind}" if self.num_classes else kind
+        objective = self.objective
+        kind = f"class-conditional {objective.title}" if self.num_classes else objective.title
         kind = f"text-to-image {kind} ({self.text_description()})" if self.text_conditioned else kind
         denoiser = "hfgen ViTDenoiser" if self.args.denoiser == "vit" else (
             "diffusers UNet2DConditionModel" if self.text_conditioned else "diffusers UNet2DModel")
-        pipeline = " `DDPMPipeline` serves flow-matching models too." if flow else ""
-        return (f"A {kind} ({denoiser}, {self.objective_description()}) trained with hfgen on "
+        pipeline = "" if objective.has_likelihood_bound else f" `DDPMPipeline` serves {objective.title}s too."
+        return (f"A {kind} ({denoiser}, {objective.describe()}) trained with hfgen on "
                 f"`{self.args.dataset_name}`; FD with {self.args.num_inference_steps} "
-                f"{'sampling' if flow else 'denoising'} steps.{pipeline}{self.likelihood_note()}")
+                f"sampling steps.{pipeline}{objective.likelihood_note}")
 
 
 def main(argv=None) -> str:

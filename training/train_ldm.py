@@ -1,5 +1,5 @@
-"""Trains latent diffusion (docs/maths.md §7): a VAE first stage, then a DDPM or a flow-matching model (§6.9,
-`--objective flow_matching`) on its scaled latents.
+"""Trains latent diffusion (docs/maths.md §7): a VAE first stage, then a DDPM, a flow-matching model (§6.9,
+`--objective flow_matching`) or an EDM model (§6.10, `--objective edm`) on its scaled latents.
 
     hfgen train ldm --output_dir hfgen-ldm-mnist                          # both stages, one command
     hfgen train ldm --output_dir ldm --vae_path hfgen-ldm-mnist/first_stage  # reuse a trained VAE
@@ -23,7 +23,6 @@ import os
 import torch
 
 from hfgen.data import image_batches
-from hfgen.diffusion import DDPM, FLOW_MATCHING
 from hfgen.latent_cache import LatentDataset, encode_to_cache
 from hfgen.models import VAEModel
 from hfgen.models.vae import LIKELIHOODS
@@ -105,7 +104,7 @@ def load_first_stage(path: str) -> VAEModel:
 
 
 class LDMTrainer(DDPMTrainer):
-    families = {DDPM: "ldm", FLOW_MATCHING: "latent-flow-matching"}
+    pipeline_kind = "latents"
     clip_sample = False  # scaled latents have unit variance, not the [-1, 1] range of images: z0 is not clipped
     size_name = "the VAE's latent size"
     flag_checks = {**DDPMTrainer.flag_checks, "vae_learning_rate": check_positive_number,
@@ -177,9 +176,9 @@ class LDMTrainer(DDPMTrainer):
         kind = f"text-to-image latent diffusion ({self.text_description()})" if self.text_conditioned else kind
         return (f"{kind[0].upper() + kind[1:]} trained with hfgen on `{self.args.dataset_name}`: a conv VAE first stage with "
                 f"{'x'.join(map(str, self.vae.latent_shape))} latents (scaling factor {self.scaling_factor:.4f}), "
-                f"and a denoiser in its latent space ({self.objective_description()}). FD with "
-                f"{self.args.num_inference_steps} denoising steps; first_stage_reconstruction_mse is the mean squared "
-                f"pixel error of test images decoded from their posterior means.{self.likelihood_note()}")
+                f"and a denoiser in its latent space ({self.objective.describe()}). FD with "
+                f"{self.args.num_inference_steps} sampling steps; first_stage_reconstruction_mse is the mean squared "
+                f"pixel error of test images decoded from their posterior means.{self.objective.likelihood_note}")
 
 
 @torch.no_grad()
