@@ -752,10 +752,10 @@ def growth(small, large) -> float:
 
 
 def draw_figure(sizes, startup, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+    from common import pyplot, save_figure
+
+    plt = pyplot()
 
     figure, (memory, seconds) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     styles = {"hfgen": ("hfgen (streamed folder)", "C0", "o"), "reference": ("diffusers-example loader", "C1", "s"),
@@ -793,8 +793,7 @@ def draw_figure(sizes, startup, path) -> None:
     seconds.set_ylabel("seconds from process start to the first step")
     seconds.set_title("time to the first training step; dashed: extrapolated", fontsize=9)
     seconds.legend(fontsize=8)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def startup_label(key: str) -> str:
@@ -1332,7 +1331,7 @@ def main() -> None:
         small_child_main(sys.argv[2:])
         return
     sys.path.insert(0, HERE)
-    from common import benchmark_parser, check_positive, finish, load_average
+    from common import benchmark_parser, check_positive, finish, load_average, start_clock
 
     parser = benchmark_parser(__doc__.split("\n\n")[0], rounds=1)
     parser.set_defaults(threads=1)
@@ -1375,7 +1374,7 @@ def main() -> None:
     args.sizes = sorted(args.sizes or SIZES)
     args.old_sizes = [4000, 16000] if args.old_sizes is None else args.old_sizes
     check_positive(args, ("threads", "steps", "batches", "rounds"))
-    started, load_before = time.perf_counter(), load_average()
+    started, load_before = start_clock()
     os.makedirs(args.work_dir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                PYTHONUNBUFFERED="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TQDM_MININTERVAL="0")

@@ -56,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import (
     benchmark_parser,
-    check_positive, environment_lines, finish, load_average, markers, run_alternately,
+    check_positive, environment_lines, finish, load_average, markers, run_alternately, start_clock,
 )
 from hfgen import DDPMPipeline
 from hfgen.data import load_image_dataset
@@ -235,8 +235,7 @@ def main():
     check_positive(args, ("train_steps", "rounds", "fd_samples", "ddpm_budget_s", "threads"))
     epochs = max(2, math.ceil(args.train_steps / STEPS_PER_EPOCH))
     steps = epochs * STEPS_PER_EPOCH
-    started, load_before = time.perf_counter(), load_average()
-    torch.set_num_threads(args.threads)
+    started, load_before = start_clock(args.threads)
     train_data = load_image_dataset("hfgen:mnist", "train")
     test_set = load_image_dataset("hfgen:mnist", "test")
     if len(train_data) != NUM_TRAIN:

@@ -32,7 +32,7 @@ import tempfile
 import time
 
 import torch
-from common import environment_lines, finish, load_average
+from common import environment_lines, finish, load_average, start_clock
 from safetensors.torch import load_file
 
 from hfgen.training.preemption import PREEMPTED_EXIT_CODE
@@ -268,7 +268,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.kills < 3:
         raise SystemExit("--kills must be >= 3 (the last two are in the final save)")
-    started, load_before = time.perf_counter(), load_average()
+    started, load_before = start_clock()
     table = run(args)
     text = "\n".join([
         "<!-- faults:start -->",

@@ -44,7 +44,7 @@ import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
                        FlowMatchHeunDiscreteScheduler)
 
-from common import environment_lines, finish, load_average, markers
+from common import environment_lines, finish, load_average, markers, pyplot, save_figure, start_clock
 from hfgen import AutoPipeline
 from hfgen.data import load_image_dataset
 from hfgen.evaluation import evaluate_pipeline
@@ -172,9 +172,7 @@ def verdicts(rows, sampling_steps):
 
 
 def draw_figure(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     spaces = list(results)
     figure, axes = plt.subplots(1, len(spaces), figsize=(5 * len(spaces), 4), constrained_layout=True, squeeze=False)
@@ -192,15 +190,12 @@ def draw_figure(results, path):
         axis.set_title(f"{space}: {results[space]['train_steps']} training steps per objective", fontsize=9)
         axis.grid(alpha=0.3, which="both")
         axis.legend(fontsize=8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main():
     args = parse_args()
-    started, load_before = time.perf_counter(), load_average()
-    torch.set_num_threads(args.threads)
+    started, load_before = start_clock(args.threads)
     features = load_feature_extractor(DEFAULT_FEATURE_EXTRACTOR)  # trained and cached on first use
     test_sets = {"pixel": load_image_dataset("hfgen:mnist", "test"),
                  "latent": load_image_dataset("hfgen:mnist", "test", resolution=32)}

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from common import (
     benchmark_parser,
     TARGET_RATIO, TIMING_HEADER, check_positive, environment_lines, finish, load_average, markers,
-    mean_sd, ratio_sentence, run_alternately, timing_cells, timing_summary,
+    mean_sd, ratio_sentence, run_alternately, start_clock, timing_cells, timing_summary,
 )
 from hfgen import Discriminator, GANPipeline, Generator
 from hfgen.data import load_image_dataset
@@ -246,7 +246,7 @@ def section(args, table, load_before, load_after):
 def main():
     args = parse_args()
     check_positive(args, ("epochs", "base_channels", "seeds", "rounds", "fd_samples", "threads"))
-    started, load_before = time.perf_counter(), load_average()
+    started, load_before = start_clock()
     seconds, run_medians, metrics, untrained = run(args)
     table, _ = report(args, seconds, run_medians, metrics, untrained)
     finish(KEY, section(args, table, load_before, load_average()), args.write, started)

@@ -59,7 +59,8 @@ import time
 
 import torch
 
-from common import benchmark_parser, environment_lines, finish, load_average, markers
+from common import (
+    benchmark_parser, environment_lines, finish, load_average, markers, pyplot, save_figure, start_clock)
 
 from diffusers import DDPMScheduler
 from hfgen import DDPMPipeline, LatentDiffusionPipeline, VAEPipeline
@@ -362,9 +363,7 @@ def tile(images, columns=8, pad=1):
 
 
 def draw_figure(grids, study, hist_sets, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure = plt.figure(figsize=(4 * len(grids), 8.2), constrained_layout=True)
     panels = figure.subplot_mosaic([list(range(len(grids))), ["hist"] * len(grids)], height_ratios=[1, 0.85])
@@ -391,9 +390,7 @@ def draw_figure(grids, study, hist_sets, path):
                     "(dotted / dashed: 1st / 5th percentile of the held-out samples)")
     axis.set_ylabel("count")
     axis.legend(fontsize=8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 # ----- run and report ---------------------------------------------------------------------------------------------
@@ -401,8 +398,7 @@ def draw_figure(grids, study, hist_sets, path):
 
 def main():
     args = parse_args()
-    started, load_before = time.perf_counter(), load_average()
-    torch.set_num_threads(args.threads)
+    started, load_before = start_clock(args.threads)
     train_set = load_image_dataset("hfgen:mnist", "train", resolution=RESOLUTION)
     test_set = load_image_dataset("hfgen:mnist", "test", resolution=RESOLUTION)
     features = load_feature_extractor(DEFAULT_FEATURE_EXTRACTOR)

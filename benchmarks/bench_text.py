@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_lines, finish, load_average, markers  # noqa: E402
+from common import environment_lines, finish, load_average, markers, start_clock  # noqa: E402
 
 KEY = "text"
 SEED, BATCH_SIZE, LEARNING_RATE = 0, 64, 1e-3
@@ -158,8 +158,7 @@ def main():
     from hfgen.features import DEFAULT_FEATURE_EXTRACTOR, load_feature_extractor
     from hfgen.text import ATTRIBUTES
 
-    started, load_before = time.perf_counter(), load_average()
-    torch.set_num_threads(args.threads)
+    started, load_before = start_clock(args.threads)
     features = load_feature_extractor(DEFAULT_FEATURE_EXTRACTOR)
     test = load_image_dataset("hfgen:mnist", "test", 32)
     test_captioned = load_image_dataset("hfgen:mnist", "test", 32, caption_column="text")

@@ -36,7 +36,7 @@ from torch import nn
 from common import (
     benchmark_parser,
     TARGET_RATIO, TIMING_HEADER, check_positive, environment_lines, finish, load_average, markers,
-    mean_sd, ratio_sentence, run_alternately, timing_cells, timing_summary,
+    mean_sd, ratio_sentence, run_alternately, start_clock, timing_cells, timing_summary,
 )
 from hfgen import VAEModel, VAEPipeline
 from hfgen.data import load_image_dataset
@@ -231,7 +231,7 @@ def section(args, table, load_before, load_after):
 def main():
     args = parse_args()
     check_positive(args, ("epochs", "seeds", "rounds", "iwae_samples", "threads"))
-    started, load_before = time.perf_counter(), load_average()
+    started, load_before = start_clock()
     seconds, run_medians, metrics = run(args)
     table, _ = report(args, seconds, run_medians, metrics)
     finish(KEY, section(args, table, load_before, load_average()), args.write, started)

@@ -44,6 +44,30 @@ def check_positive(args, names) -> None:
             raise SystemExit(f"--{name} must be >= 1")
 
 
+def start_clock(threads: int | None = None) -> tuple[float, float]:
+    """A benchmark's start: (time.perf_counter(), the load average before it); sets torch's threads when given."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return time.perf_counter(), load_average()
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (benchmarks run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: str, dpi: int = 80) -> None:
+    """Writes `figure` to `path` (making its folder) and frees it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    pyplot().close(figure)
+
+
 def load_average() -> float:
     """The 1-minute load average (other processes share the cores)."""
     return os.getloadavg()[0]

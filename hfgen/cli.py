@@ -4,22 +4,15 @@
 `hfgen train vae ARGS` runs exactly what `accelerate launch -m hfgen.training.train_vae ARGS` runs.
 """
 
-import argparse
 import importlib
 import json
 import os
 import sys
 
+from hfgen.utils import CommandParser
+
 TRAINERS = {"vae": "hfgen.training.train_vae", "gan": "hfgen.training.train_gan", "ddpm": "hfgen.training.train_ddpm",
             "ldm": "hfgen.training.train_ldm"}
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse, with a bad flag raised as a ValueError: `run_command` prints it on one line (argparse itself
-    prints the whole usage first)."""
-
-    def error(self, message):
-        raise ValueError(f"{message} (`{self.prog} -h` lists the flags)")
 
 
 def check_image_output(name: str, path: str) -> None:

@@ -24,6 +24,7 @@ from .data import collate_function
 from .data.image_datasets import ImageDataset, _Augmented
 from .data.transforms import sample_generator
 from .distributions import DiagonalGaussian
+from .latent_tools import PooledLatentVariance
 
 MOMENTS_FILE = "moments.npy"
 INFO_FILE = "latents.json"
@@ -113,8 +114,7 @@ def encode_to_cache(vae, dataset, cache_dir: str, flips: bool = False, batch_siz
         batches = (dataset[start:start + batch_size] for start in range(0, len(dataset), batch_size))
     else:
         batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_function(dataset), num_workers=num_workers)
-    # pooled statistics of z ~ q(z|x) for the scaling factor: Var z = Var(mean) + E[sigma^2] (law of total variance)
-    total = total_sq = total_var = 0.0
+    pooled = PooledLatentVariance()  # of z ~ q(z|x): the scaling factor
     start = 0
     progress = tqdm(total=len(dataset), desc="encoding latents", disable=not show_progress)
     for images, _ in batches:
@@ -126,18 +126,14 @@ def encode_to_cache(vae, dataset, cache_dir: str, flips: bool = False, batch_siz
             q = vae.encode(pixels.to(parameter.device, parameter.dtype)).latent_dist
             mean, logvar = q.mean.double().cpu(), q.logvar.double().cpu()
             moments[start:start + len(images), view] = torch.cat([mean, logvar], dim=1).float().numpy()
-            total += mean.sum().item()
-            total_sq += (mean ** 2).sum().item()
-            total_var += logvar.exp().sum().item()
+            pooled.update(mean, logvar.exp())
         start += len(images)
         progress.update(len(images))
     progress.close()
     moments.flush()
-    count = moments[:, :, : vae.latent_shape[0]].size
-    variance = total_sq / count - (total / count) ** 2 + total_var / count
     with open(os.path.join(partial, INFO_FILE), "w") as file:
         json.dump({"num_images": len(dataset), "views": views, "latent_shape": list(vae.latent_shape),
-                   "scaling_factor": float(1 / np.sqrt(variance))}, file)
+                   "scaling_factor": pooled.scaling_factor}, file)
     del moments
     for name in CACHE_FILES:
         seal(os.path.join(partial, name))

@@ -1,6 +1,8 @@
 """Working in a VAE's latent space: walks (docs/maths.md §2.5: interpolation, traversal of one dimension), and
 encoding a dataset with the latent scaling factor of latent diffusion (§7.1)."""
 
+import math
+
 import torch
 
 from .distributions import DiagonalGaussian
@@ -51,9 +53,30 @@ def encode_images(vae, images: torch.Tensor, batch_size: int = 500) -> DiagonalG
     return DiagonalGaussian(torch.cat([q.mean for q in posteriors]), torch.cat([q.logvar for q in posteriors]))
 
 
+class PooledLatentVariance:
+    """Var z of z ~ q(z|x) over a dataset's posteriors, all latent dims pooled, accumulated batch by batch: by the
+    law of total variance Var z = Var(mean) + E[sigma^2], computed exactly instead of from samples (in float64)."""
+
+    def __init__(self):
+        self.count, self.total, self.total_squares, self.total_variance = 0, 0.0, 0.0, 0.0
+
+    def update(self, mean: torch.Tensor, variance: torch.Tensor) -> None:
+        """A batch's posterior means and variances, (B, *latent_shape) each."""
+        mean = mean.double()
+        self.count += mean.numel()
+        self.total += mean.sum().item()
+        self.total_squares += (mean ** 2).sum().item()
+        self.total_variance += variance.double().sum().item()
+
+    @property
+    def scaling_factor(self) -> float:
+        """1 / std of z: the scaled latents z * factor have unit variance."""
+        mean = self.total / self.count
+        return float(1 / math.sqrt(self.total_squares / self.count - mean ** 2 + self.total_variance / self.count))
+
+
 def latent_scaling_factor(posterior: DiagonalGaussian) -> float:
-    """1 / std of z ~ q(z|x) over a dataset's posteriors (N, *latent_shape), all latent dims pooled, so that the
-    scaled latents z * factor have unit variance. By the law of total variance,
-    Var z = Var(mean) + E[sigma^2], computed exactly instead of from samples."""
-    mean, var = posterior.mean.double(), posterior.var.double()
-    return float(1 / torch.sqrt(mean.var(unbiased=False) + var.mean()))
+    """1 / std of z ~ q(z|x) over a dataset's posteriors (N, *latent_shape) (see `PooledLatentVariance`)."""
+    pooled = PooledLatentVariance()
+    pooled.update(posterior.mean, posterior.var)
+    return pooled.scaling_factor

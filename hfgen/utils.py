@@ -4,6 +4,7 @@ Each check raises a ValueError (or a TypeError for a wrong type) that names the 
 what it accepts. Trainers name flags with their dashes: `check_positive_number("--learning_rate", value)`.
 """
 
+import argparse
 import math
 import numbers
 import os
@@ -11,6 +12,14 @@ import os
 import torch
 
 CACHE_ENV = "HFGEN_CACHE"  # overrides where hfgen caches what it trains or computes on first use
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse, with a bad flag raised as a ValueError: `hfgen.cli.run_command` prints it on one line (argparse
+    itself prints the whole usage first). The CLI's commands and the trainers' parsers are CommandParsers."""
+
+    def error(self, message):
+        raise ValueError(f"{message} (`{self.prog} -h` lists the flags)")
 
 
 def hfgen_cache_dir() -> str:

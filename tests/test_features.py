@@ -63,15 +63,10 @@ def test_dinov2_features_follow_the_saved_model_and_its_image_processor(dinov2_d
         extractor(torch.rand(2, 2, 28, 28))
 
 
-def test_fd_in_dinov2_features_is_zero_for_a_set_with_itself_and_grows_with_noise(dinov2_dir, digits):
+def test_fd_in_dinov2_features_separates_colour_images(dinov2_dir):
+    """(With the digit classifier, FD growing with noise: test_frechet.py, for both extractors.)"""
     extractor = load_feature_extractor("dinov2:" + dinov2_dir)
-    assert abs(frechet_distance(digits, digits, extractor)) < 1e-6
     generator = torch.Generator().manual_seed(0)
-    distances = [
-        frechet_distance(digits, (digits + sigma * torch.randn(digits.shape, generator=generator)).clamp(0, 1), extractor)
-        for sigma in (0.05, 0.1, 0.2, 0.4)
-    ]
-    assert distances == sorted(distances) and distances[0] > 0, distances
     rgb = torch.rand(100, 3, 28, 28, generator=generator)
     assert frechet_distance(rgb, rgb, extractor) == pytest.approx(0, abs=1e-6)
     assert frechet_distance(rgb, rgb * 0.5, extractor) > 10 * frechet_distance(rgb[:50], rgb[50:], extractor)

@@ -35,7 +35,6 @@ from diffusers.training_utils import EMAModel
 from huggingface_hub import get_token
 from tqdm.auto import tqdm
 
-from hfgen.cli import CommandParser
 from hfgen.data import (
     BUILTIN_DATASETS, StreamingImageDataset, check_color, dataset_length, default_num_workers, open_image_source,
     parse_color, training_dataloader)
@@ -43,7 +42,7 @@ from hfgen.data.pixel_cache import DEFAULT_MEMORY_GB
 from hfgen.hub_utils import SAMPLE_GRID, check_repo_id, push_output_folder, write_model_card
 from hfgen.image_processing import image_grid
 from hfgen.utils import (
-    check_fraction, check_non_negative_int, check_non_negative_number, check_positive_int, check_positive_number,
+    CommandParser, check_fraction, check_non_negative_int, check_non_negative_number, check_positive_int, check_positive_number,
     check_probability)
 from hfgen.evaluation import evaluate_pipeline
 from hfgen.features import describe_feature_space, load_feature_extractor, resolve_feature_extractor
