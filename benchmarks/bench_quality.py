@@ -11,7 +11,7 @@ training (the VAE's Gaussian mixture) is timed and added to that mark's x, not t
 
 Contenders (`CONTENDERS`):
   - hfgen: the README commands, as `RECIPES` (each family's trainer, `--logger none`, no sample grids, no
-    periodic checkpoints; FD with DPM-Solver++ at 20 steps (`hfgen.diffusion.dpm_solver`: on a DDPM's noise
+    periodic checkpoints; FD with DPM-Solver++ at 20 steps (`hfgen.objectives.dpm_solver`: on a DDPM's noise
     levels or a flow model's sigmas); EMA weights where the recipe keeps an EMA);
   - plain-vae: pytorch/examples' vae/main.py (MLP 784-400-20, Bernoulli decoder, Adam 1e-3, batch 128), prior
     samples;
@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -57,7 +58,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BENCHMARKS_MD, cpu_model, environment_lines, load_average, markers, write_section  # noqa: E402
+from common import (  # noqa: E402
+    BENCHMARKS_MD, cpu_model, environment_lines, load_average, markers, pyplot, save_figure, write_section)
 
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 RESULTS = os.path.join(FIGURES, "quality_vs_time.json")
@@ -78,6 +80,8 @@ RECIPES = {
                            "--beta_schedule squaredcos_cap_v2"),
     "hfgen-flow": ("ddpm", "--num_epochs 22 --use_ema --objective flow_matching --lr_scheduler cosine --lr_warmup_steps 50 "
                            "--train_batch_size 32 --weighting_scheme logit_normal --block_out_channels 16 64 64"),
+    "hfgen-edm": ("ddpm", "--num_epochs 22 --use_ema --objective edm --lr_scheduler cosine --lr_warmup_steps 50 "
+                          "--train_batch_size 32 --block_out_channels 16 64 64"),
     "hfgen-cond-flow": ("ddpm", "--num_epochs 22 --use_ema --conditional --objective flow_matching --lr_scheduler cosine "
                                 "--lr_warmup_steps 50 --train_batch_size 32 --weighting_scheme logit_normal "
                                 "--block_out_channels 16 64 64"),
@@ -91,19 +95,26 @@ PEERS = ("plain-vae", "pythae-vae", "plain-dcgan", "diffusers-loop")
 COLOUR_RECIPES = {
     "hfgen-vae": ("vae", "--num_epochs 400 --architecture conv --hidden_dims 32 64 128 --latent_dim 64 "
                          "--latent_sampler gmm --latent_sampler_components 100"),
+    "hfgen-cvae": ("vae", "--num_epochs 400 --conditional --architecture conv --hidden_dims 32 64 128 --latent_dim 64 "
+                          "--latent_sampler gmm --latent_sampler_components 10"),
     "hfgen-gan": ("gan", "--num_epochs 100 --use_ema --learning_rate 4e-4 --diff_augment color,translation"),
+    "hfgen-cgan": ("gan", "--num_epochs 100 --use_ema --conditional --learning_rate 4e-4 "
+                          "--diff_augment color,translation"),
     "hfgen-flow": ("ddpm", "--num_epochs 14 --use_ema --objective flow_matching --lr_scheduler cosine "
                            "--lr_warmup_steps 50 --train_batch_size 32 --weighting_scheme logit_normal "
                            "--block_out_channels 32 64 64"),
+    "hfgen-ddpm": ("ddpm", "--num_epochs 14 --use_ema --lr_scheduler cosine --lr_warmup_steps 50 --train_batch_size 32 "
+                           "--block_out_channels 32 64 64 --snr_gamma 5 --prediction_type v_prediction "
+                           "--beta_schedule squaredcos_cap_v2"),
 }
 CONTENDERS = (*dict.fromkeys([*RECIPES, *COLOUR_RECIPES]), *PEERS)
 # which peer each hfgen family is compared with (the conditional ones with the unconditional peer; for the VAEs the
 # stronger of the two VAE peers at 10 minutes, the plain loop: 102 vs pythae's 138)
 PEER_OF = {"hfgen-vae": "plain-vae", "hfgen-cvae": "plain-vae", "hfgen-gan": "plain-dcgan",
-           "hfgen-cgan": "plain-dcgan", "hfgen-ddpm": "diffusers-loop", "hfgen-flow": "diffusers-loop",
+           "hfgen-cgan": "plain-dcgan", "hfgen-ddpm": "diffusers-loop", "hfgen-flow": "diffusers-loop", "hfgen-edm": "diffusers-loop",
            "hfgen-cond-flow": "diffusers-loop", "hfgen-ldm": "diffusers-loop",
            "hfgen-ldm-flow": "diffusers-loop"}
-TARGETS = {"hfgen-vae": 50, "hfgen-cvae": 50, "hfgen-gan": 50, "hfgen-cgan": 50, "hfgen-ddpm": 25, "hfgen-flow": 25,
+TARGETS = {"hfgen-vae": 50, "hfgen-cvae": 50, "hfgen-gan": 50, "hfgen-cgan": 50, "hfgen-ddpm": 25, "hfgen-flow": 25, "hfgen-edm": 25,
            "hfgen-cond-flow": 25, "hfgen-ldm": 20, "hfgen-ldm-flow": 20}
 
 
@@ -118,6 +129,7 @@ class Data:
     peer_of: dict
     targets: dict  # contender -> the FD it should reach at the budget
     features: str  # how the section names the feature space
+    target_ratio: float  # each hfgen recipe's FD at the budget at most 1 / this of its peer's
 
     @property
     def results(self) -> str:
@@ -179,10 +191,12 @@ class Data:
 
 
 DIGITS = Data("digits", "quality", "Samples per CPU-minute: FD against training time", 28, RECIPES, PEER_OF, TARGETS,
-              f"`{FEATURES}`")
+              f"`{FEATURES}`", 1.5)
 EMOJI = Data("emoji", "quality-colour", "Colour images: FD against training time on the emoji", 32, COLOUR_RECIPES,
-             {"hfgen-vae": "plain-vae", "hfgen-gan": "plain-dcgan", "hfgen-flow": "diffusers-loop"},
-             {}, "the emoji's domain classifier (`--feature_extractor classifier`, trained on the 9 category folders)")
+             {"hfgen-vae": "plain-vae", "hfgen-cvae": "plain-vae", "hfgen-gan": "plain-dcgan",
+              "hfgen-cgan": "plain-dcgan", "hfgen-flow": "diffusers-loop", "hfgen-ddpm": "diffusers-loop"},
+             {}, "the emoji's domain classifier (`--feature_extractor classifier`, trained on the 9 category folders)",
+             2.0)
 DATA = {data.name: data for data in (DIGITS, EMOJI)}
 
 
@@ -275,7 +289,7 @@ def pipeline_sampler(pipeline, num_classes: int, **call_kwargs):
 
 
 def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", data: Data = DIGITS) -> None:
-    from hfgen.diffusion import dpm_solver
+    from hfgen.objectives import dpm_solver
     from hfgen.training import train_ddpm, train_gan, train_ldm, train_vae
 
     family, flags = data.recipes[name]
@@ -584,11 +598,7 @@ def final_fd(rows: list[dict], num_samples: int) -> float | None:
 
 
 def draw(runs: dict, data: Data, floor: float | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 5))
     colors = plt.get_cmap("tab20").colors  # one colour per contender, the same in every redraw
     for name, rows in runs.items():
@@ -604,18 +614,45 @@ def draw(runs: dict, data: Data, floor: float | None = None) -> None:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8, ncol=2)
     figure.tight_layout()
-    figure.savefig(data.figure, dpi=110)
+    save_figure(figure, data.figure, dpi=110)
+
+
+def grids_figure(data: Data, grids: str, contenders) -> str | None:
+    """One figure of each contender's last saved grid (64 samples, from `--grids`) beside 64 real test images;
+    returns its path, or None when no grid was saved."""
+    from PIL import Image, ImageDraw
+
+    from hfgen.image_processing import image_grid, postprocess
+
+    panels = [("real test images", image_grid(postprocess(data.images("test")[:64])))]
+    for name in contenders:
+        saved = {float(match.group(1)): file for file in os.listdir(grids) if
+                 (match := re.fullmatch(re.escape(name) + r"-([0-9.]+)min\.png", file))} if os.path.isdir(grids) else {}
+        if saved:
+            minutes = max(saved)
+            panels.append((f"{name}, {minutes:g} min", Image.open(os.path.join(grids, saved[minutes])).convert("RGB")))
+    if len(panels) == 1:
+        return None
+    width, height, caption = panels[0][1].width, panels[0][1].height, 16
+    figure = Image.new("RGB", (len(panels) * (width + 8), height + caption), "white")
+    draw = ImageDraw.Draw(figure)
+    for index, (title, grid) in enumerate(panels):
+        figure.paste(grid.resize((width, height)), (index * (width + 8), caption))
+        draw.text((index * (width + 8) + 2, 2), title, fill="black")
+    path = os.path.join(FIGURES, f"quality_{data.name}_samples.png")
+    figure.save(path)
+    return path
 
 
 def real_data_floor(data: Data, num_samples: int) -> float:
-    """FD of `num_samples` real training images (the first ones) against the test split, in the same features:
-    what a model that reproduced the training set would score."""
-    evaluator = Evaluator(data)
-    return evaluator.fd(data.images("train")[:num_samples])
+    """FD of `num_samples` real training images (a seeded random draw: the split is in class order) against the test
+    split, in the same features: what a model that reproduced the training set would score."""
+    images = data.images("train")
+    return Evaluator(data).fd(images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:num_samples]])
 
 
 def section(runs: dict, data: Data, budget_minutes: float, num_samples: int, environment: list[str],
-            floor: float | None = None) -> str:
+            floor: float | None = None, samples_figure: str | None = None) -> str:
     start, end = markers(data.section_key)
     if data is DIGITS:
         what = "the 4,000 training digits", "the 1,000 test digits"
@@ -633,7 +670,7 @@ def section(runs: dict, data: Data, budget_minutes: float, num_samples: int, env
              + ("" if floor is None else f" The real-data floor, {num_samples} training images against the test "
                                          f"images in the same features: FD {floor:.2f}."), "",
              f"| contender | recipe | threads | CPU | FD at each mark (minutes: FD) | FD at {budget_minutes:g} min or the "
-             "recipe's end | peer | peer's FD | ratio peer / hfgen (target ≥ 1.5) | target FD |",
+             f"recipe's end | peer | peer's FD | ratio peer / hfgen (target ≥ {data.target_ratio:g}) | target FD |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in runs.items():
         recipe = f"`{data.command(name)}`" if name in data.recipes else "peer"
@@ -649,7 +686,11 @@ def section(runs: dict, data: Data, budget_minutes: float, num_samples: int, env
         lines.append(f"| {name} | {recipe} | {rows[-1]['threads']} | {cpu} | {marks} | {final if final is not None else '–'} | {peer or '–'} | "
                      f"{peer_fd if peer_fd is not None else '–'} | {ratio} | {target_text} |")
     figure = os.path.relpath(data.figure, os.path.dirname(BENCHMARKS_MD))
-    lines += ["", f"![FD against training minutes]({figure})", "", *environment, end]
+    lines += ["", f"![FD against training minutes]({figure})", ""]
+    if samples_figure:
+        lines += [f"![64 samples of each contender at its last mark, beside 64 real test images]"
+                  f"({os.path.relpath(samples_figure, os.path.dirname(BENCHMARKS_MD))})", ""]
+    lines += [*environment, end]
     return "\n".join(lines)
 
 
@@ -695,8 +736,10 @@ def main(argv=None) -> None:
     floor = None if data is DIGITS or not runs else real_data_floor(data, args.num_samples)
     if args.write and runs:
         draw(runs, data, floor)
+        samples_figure = grids_figure(data, args.grids, runs) if args.grids else None
         environment = environment_lines("bench_quality.py", args.threads, load_before, load_average())
-        write_section(data.section_key, section(runs, data, max(args.marks), args.num_samples, environment, floor))
+        write_section(data.section_key, section(runs, data, max(args.marks), args.num_samples, environment, floor,
+                                                samples_figure))
         print(f"wrote {BENCHMARKS_MD}", file=sys.stderr)
     elif runs:
         print(section(runs, data, max(args.marks), args.num_samples, [], floor))

@@ -78,7 +78,8 @@ def test_every_readme_training_command_parses():
 
 
 def test_benchmarked_recipes_are_the_readme_commands():
-    """bench_quality.py measures the README's commands: each recipe parses to the same arguments as one README line."""
+    """bench_quality.py measures the README's commands: each recipe (digits and colour) parses to the same arguments as
+    one README line."""
     import importlib
     import importlib.util
     import shlex
@@ -94,5 +95,7 @@ def test_benchmarked_recipes_are_the_readme_commands():
         return {key: value for key, value in args.items() if key not in ("output_dir", "num_inference_steps")}
 
     readme_args = [parsed(family, flags) for family, flags in readme_training_commands()]
-    for name, (family, flags) in bench_quality.RECIPES.items():
-        assert parsed(family, flags) in readme_args, f"{name}'s recipe `{flags}` is not a README command"
+    for data in bench_quality.DATA.values():  # the digits' recipes and the colour ones (with their data flags)
+        for name in data.recipes:
+            family, flags = data.command(name).split(" ", 3)[2:]
+            assert parsed(family, flags) in readme_args, f"{data.name} {name}'s recipe `{flags}` is not a README command"
