@@ -175,6 +175,13 @@ class Data:
         dataset = self.split(split, resolution or self.resolution)
         return torch.cat([images for images, _ in image_batches(dataset, len(dataset), shuffle=False)])
 
+    def class_labels(self) -> list[int]:
+        """What a conditional contender is asked for: the test split's labels in a seeded random order, so that its
+        samples have the test images' class frequencies (the emoji's categories are far from balanced; FD would
+        penalise balanced samples). The digit rows before 2026-12-06 were sampled with balanced labels."""
+        labels = torch.as_tensor(self.split("test", self.resolution).labels)
+        return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))].tolist()
+
     def command(self, contender: str) -> str:
         """The recipe as the README writes it (the emoji folder as `emoji`, where its dataset command puts it)."""
         family, flags = self.recipes[contender]
@@ -276,10 +283,10 @@ def sample_in_batches(sample, num_samples: int, batch_size: int = 250) -> torch.
                           for start in range(0, num_samples, batch_size)])
 
 
-def pipeline_sampler(pipeline, num_classes: int, **call_kwargs):
-    """Samples of an hfgen pipeline; class-balanced labels for a conditional one."""
+def pipeline_sampler(pipeline, class_labels: list[int] | None, **call_kwargs):
+    """Samples of an hfgen pipeline; for a conditional one, `class_labels` in turn (`Data.class_labels`)."""
     def sample(n, start):
-        labels = [(start + i) % num_classes for i in range(n)] if num_classes else None
+        labels = [class_labels[(start + i) % len(class_labels)] for i in range(n)] if class_labels else None
         generator = torch.Generator().manual_seed(start)
         return pipeline(n, class_labels=labels, generator=generator, output_type="pt", **call_kwargs).images
     return sample
@@ -317,7 +324,8 @@ def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", d
         for component in pipeline.components.values():
             if isinstance(component, torch.nn.Module):
                 component.eval()
-        samples = sample_in_batches(pipeline_sampler(pipeline, pipeline.num_classes, **call_kwargs),
+        samples = sample_in_batches(pipeline_sampler(pipeline, data.class_labels() if pipeline.num_classes else None,
+                                                     **call_kwargs),
                                     clock.num_samples)
         for model in trainer.models.values():
             model.train()
