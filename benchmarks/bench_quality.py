@@ -47,6 +47,7 @@ Results (one JSON line per snapshot) accumulate in --results, so contenders can 
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -118,6 +119,13 @@ TARGETS = {"hfgen-vae": 50, "hfgen-cvae": 50, "hfgen-gan": 50, "hfgen-cgan": 50,
            "hfgen-cond-flow": 25, "hfgen-ldm": 20, "hfgen-ldm-flow": 20}
 
 
+@functools.cache
+def _built_folder(folder: str, build) -> str:
+    """`build(folder)` once per process (it checks or writes the whole folder), then the folder."""
+    build(folder)
+    return folder
+
+
 @dataclasses.dataclass(frozen=True)
 class Data:
     """What a section of the benchmark trains on and scores in: the images, the recipes and the feature space."""
@@ -151,9 +159,7 @@ class Data:
 
         from hfgen.utils import hfgen_cache_dir
 
-        folder = os.path.join(hfgen_cache_dir(), "emoji", "folder")
-        build_emoji_folder(folder)
-        return folder
+        return _built_folder(os.path.join(hfgen_cache_dir(), "emoji", "folder"), build_emoji_folder)
 
     def flags(self) -> list[str]:
         """The hfgen recipes' data flags."""

@@ -213,13 +213,13 @@ def variational_bound(
 # and eps determines the others. `sigmas` are (B,), broadcast over the image dims.
 
 
-def _per_example(sigmas: torch.Tensor, ndim: int) -> torch.Tensor:
+def broadcast_per_example(sigmas: torch.Tensor, ndim: int) -> torch.Tensor:
     return sigmas.float().reshape(-1, *([1] * (ndim - 1)))
 
 
 def flow_sample(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """x_sigma = (1 - sigma) x0 + sigma eps: what diffusers' `scale_noise` computes."""
-    sigma = _per_example(sigmas, x0.dim())
+    sigma = broadcast_per_example(sigmas, x0.dim())
     return (1 - sigma) * x0 + sigma * noise
 
 
@@ -230,22 +230,22 @@ def flow_velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 def flow_predict_x0(x_t: torch.Tensor, sigmas: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
     """x0 = x_sigma - sigma v."""
-    return x_t - _per_example(sigmas, x_t.dim()) * velocity
+    return x_t - broadcast_per_example(sigmas, x_t.dim()) * velocity
 
 
 def flow_predict_epsilon(x_t: torch.Tensor, sigmas: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
     """eps = x_sigma + (1 - sigma) v."""
-    return x_t + (1 - _per_example(sigmas, x_t.dim())) * velocity
+    return x_t + (1 - broadcast_per_example(sigmas, x_t.dim())) * velocity
 
 
 def flow_velocity_from_x0(x_t: torch.Tensor, sigmas: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """v = (x_sigma - x0) / sigma (sigma > 0)."""
-    return (x_t - x0) / _per_example(sigmas, x_t.dim())
+    return (x_t - x0) / broadcast_per_example(sigmas, x_t.dim())
 
 
 def flow_velocity_from_epsilon(x_t: torch.Tensor, sigmas: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
     """v = (eps - x_sigma) / (1 - sigma) (sigma < 1)."""
-    return (epsilon - x_t) / (1 - _per_example(sigmas, x_t.dim()))
+    return (epsilon - x_t) / (1 - broadcast_per_example(sigmas, x_t.dim()))
 
 
 def sample_flow_sigmas(train_sigmas: torch.Tensor, batch_size: int, weighting_scheme: str = "uniform",

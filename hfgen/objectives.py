@@ -20,8 +20,8 @@ from diffusers import (
 from diffusers.training_utils import compute_snr
 
 from .diffusion import (
-    PREDICTION_TYPES, WEIGHTING_SCHEMES, flow_predict_x0, flow_sample, flow_velocity, predict_x0, sample_flow_sigmas,
-    training_target)
+    PREDICTION_TYPES, WEIGHTING_SCHEMES, broadcast_per_example, flow_predict_x0, flow_sample, flow_velocity,
+    predict_x0, sample_flow_sigmas, training_target)
 from .utils import check_positive_number
 
 # The pipelines an objective's denoiser can sit in; each objective names its model-card tag for each.
@@ -88,8 +88,9 @@ class DiffusionObjective:
 
     # ----- training ------------------------------------------------------------------------------------------
 
-    def scheduler(self, num_train_timesteps: int):
-        """The scheduler training draws noise levels from; a fresh copy of it is saved with the pipeline."""
+    def scheduler(self, num_train_timesteps: int, clip_sample: bool = True):
+        """The scheduler training draws noise levels from; a fresh copy of it is saved with the pipeline.
+        `clip_sample`: whether a pixel DDPM's sampler clips x0 to [-1, 1] (the others ignore it)."""
         raise NotImplementedError
 
     def needs_data(self) -> bool:
@@ -108,8 +109,8 @@ class DiffusionObjective:
         """The mean squared error, each example's weighted by `weights`."""
         if weights is None:
             return F.mse_loss(prediction.float(), target.float())
-        per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
-        return (per_example * weights).mean()
+        errors = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+        return (errors * weights).mean()
 
     # ----- for people ----------------------------------------------------------------------------------------
 
@@ -262,10 +263,6 @@ def edm_preconditioning(sigmas: torch.Tensor, sigma_data: float) -> tuple[torch.
     return sigma_data ** 2 / total, sigmas * sigma_data / total.sqrt(), 1 / total.sqrt(), sigmas.log() / 4
 
 
-def _per_example(values: torch.Tensor, ndim: int) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (ndim - 1)))
-
-
 class EDMObjective(DiffusionObjective):
     """Karras et al. (2022): preconditioned denoising at log-normal noise levels, sampled with diffusers' EDM
     schedulers (EDMEulerScheduler saved; EDMDPMSolverMultistepScheduler offered)."""
@@ -313,14 +310,16 @@ class EDMObjective(DiffusionObjective):
     def corrupt(self, x0, noise, scheduler):
         log_sigmas = self.p_mean + self.p_std * torch.randn(x0.shape[0], device=x0.device)
         sigmas = log_sigmas.exp()
-        c_skip, c_out, c_in, c_noise = (_per_example(c, x0.dim()) for c in edm_preconditioning(sigmas, self.sigma_data))
-        x_sigma = x0 + _per_example(sigmas, x0.dim()) * noise
+        c_skip, c_out, c_in, c_noise = (broadcast_per_example(c, x0.dim())
+                                        for c in edm_preconditioning(sigmas, self.sigma_data))
+        x_sigma = x0 + broadcast_per_example(sigmas, x0.dim()) * noise
         return c_in * x_sigma, c_noise.flatten(), (x0 - c_skip * x_sigma) / c_out, None
 
     def predict_x0(self, x_t, timesteps, output, scheduler) -> torch.Tensor:
         """D(x; sigma) from the network's F at the denoiser timesteps c_noise = ln(sigma) / 4 (x_t unscaled)."""
         sigmas = (4 * timesteps).exp()
-        c_skip, c_out, _, _ = (_per_example(c, x_t.dim()) for c in edm_preconditioning(sigmas, self.sigma_data))
+        c_skip, c_out, _, _ = (broadcast_per_example(c, x_t.dim())
+                               for c in edm_preconditioning(sigmas, self.sigma_data))
         return c_skip * x_t + c_out * output
 
     def describe(self) -> str:

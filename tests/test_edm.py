@@ -7,11 +7,10 @@ import pytest
 import torch
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
-from helpers import Identity, quick_training_args
+from helpers import quick_training_args, trained_and_untrained_pixel_fd
 
 from hfgen import AutoPipeline, DDPMPipeline
 from hfgen.data import load_image_dataset
-from hfgen.evaluation import evaluate_pipeline
 from hfgen.objectives import EDMObjective, dpm_solver, edm_preconditioning, objective_of
 from hfgen.training.train_ddpm import main
 
@@ -107,16 +106,7 @@ def edm_dir(tmp_path_factory):
 
 
 def test_short_training_lowers_fd_far_below_the_untrained_denoisers(edm_dir):
-    digits_test = load_image_dataset("hfgen:digits", "test", resolution=8)
-    pipe = DDPMPipeline.from_pretrained(edm_dir)
-    torch.manual_seed(0)
-    untrained = DDPMPipeline(UNet2DModel.from_config(pipe.unet.config).eval(), pipe.scheduler, objective="edm")
-
-    def fd(pipeline):  # in pixel space: no feature extractor is trained for 8x8 digits
-        return evaluate_pipeline(pipeline, digits_test, num_samples=200, feature_extractor=Identity(64),
-                                 pipeline_kwargs={"num_inference_steps": 10}, likelihood=False)["fd"]
-
-    trained_fd, untrained_fd = fd(pipe), fd(untrained)
+    trained_fd, untrained_fd = trained_and_untrained_pixel_fd(edm_dir, "edm")
     assert trained_fd < 0.2 * untrained_fd, (trained_fd, untrained_fd)
 
 

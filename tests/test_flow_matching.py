@@ -7,10 +7,11 @@ import logging
 import pytest
 import torch
 from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
-                       ModelMixin, UNet2DModel)
+                       ModelMixin)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
-from helpers import Identity, RawSamples, interrupt_then_resume, quick_training_args, same_weights, tiny_unet
+from helpers import (
+    RawSamples, interrupt_then_resume, quick_training_args, same_weights, tiny_unet, trained_and_untrained_pixel_fd)
 from hub_fixtures import hub_server  # noqa: F401  (the fixture)
 
 from hfgen import AutoPipeline, DDPMPipeline, LatentDiffusionPipeline, VAEModel, VAEPipeline, ViTDenoiser
@@ -145,16 +146,8 @@ def digits_test():
     return load_image_dataset("hfgen:digits", "test", resolution=8)
 
 
-def test_short_training_lowers_fd_far_below_the_untrained_denoisers(flow_dir, digits_test):
-    pipe = DDPMPipeline.from_pretrained(flow_dir)
-    torch.manual_seed(0)
-    untrained = DDPMPipeline(UNet2DModel.from_config(pipe.unet.config).eval(), pipe.scheduler, objective="flow_matching")
-
-    def fd(pipeline):  # in pixel space: no feature extractor is trained for 8x8 digits
-        return evaluate_pipeline(pipeline, digits_test, num_samples=200, feature_extractor=Identity(64),
-                                 pipeline_kwargs={"num_inference_steps": 10}, likelihood=False)["fd"]
-
-    trained_fd, untrained_fd = fd(pipe), fd(untrained)
+def test_short_training_lowers_fd_far_below_the_untrained_denoisers(flow_dir):
+    trained_fd, untrained_fd = trained_and_untrained_pixel_fd(flow_dir, "flow_matching")
     assert trained_fd < 0.2 * untrained_fd, (trained_fd, untrained_fd)
 
 

@@ -24,6 +24,7 @@ text encoder's token states (training/text_conditioning.py); the output is a Tex
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
+from hfgen.data import image_batches
 from hfgen.diffusion import class_embeddings_for, null_class_labels
 from hfgen.image_processing import SYMMETRIC, from_unit_range
 from hfgen.models import ViTDenoiser
@@ -89,7 +90,8 @@ class DDPMTrainer(TextConditionedTraining, Trainer):
 
     @property
     def objective(self):
-        """The run's objective (hfgen.objectives), with its flags' values; set up by `build_noise_scheduler`."""
+        """The run's objective (hfgen.objectives) with its flags' values (EDM's sigma_data filled in by
+        `build_noise_scheduler`)."""
         if "_objective" not in self.__dict__:
             self._objective = objective_from_args(self.args)
         return self._objective
@@ -106,8 +108,6 @@ class DDPMTrainer(TextConditionedTraining, Trainer):
 
     def clean_samples_for_statistics(self, num_images: int = 1024) -> torch.Tensor:
         """x0 of the first `num_images` training examples (images, or a latent diffusion's latents)."""
-        from hfgen.data import image_batches
-
         batches, count = [], 0
         for images, _ in image_batches(self.training_data(), batch_size=min(256, num_images), shuffle=False):
             batches.append(self.clean_sample(images.to(self.accelerator.device)))
