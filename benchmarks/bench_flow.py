@@ -34,6 +34,7 @@ Progress goes to stderr, the section to stdout; --write also draws benchmarks/fi
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -126,9 +127,9 @@ def first_stage(args, root):
         start = time.perf_counter()
         ldm_args = train_ldm.parse_args([*common_flags(root, 1), "--resolution", "32", "--vae_num_epochs",
                                          str(args.vae_epochs)])
-        vae_args = train_ldm.first_stage_args(ldm_args)
-        vae_args.output_dir, vae_args.eval_importance_samples = folder, 1  # its likelihood is not what is compared
-        train_vae.VAETrainer(vae_args).train()
+        vae_config = dataclasses.replace(ldm_args.first_stage_config(), output_dir=folder,
+                                         eval_importance_samples=1)  # its likelihood is not what is compared
+        train_vae.VAETrainer(vae_config).train()
         torch.set_num_threads(args.threads)
         log(f"first stage: {args.vae_epochs} epochs in {time.perf_counter() - start:.0f} s")
     return folder

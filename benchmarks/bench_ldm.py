@@ -3,7 +3,7 @@
 One run trains, with hfgen's own trainers and --seed, on the 4,000 training digits of `hfgen:mnist` resized to 32 px:
 
   - latent diffusion as `hfgen.training.train_ldm.main` does it: the conv VAE first stage (4x8x8 latent,
-    `train_vae.main(first_stage_args(args))`, --vae_epochs epochs), then `LDMTrainer` (a U-Net of widths 64 128 on
+    `train_ldm.train_first_stage(config)`, --vae_epochs epochs), then `LDMTrainer` (a U-Net of widths 64 128 on
     the scaled latents) for --train_steps steps;
   - a pixel DDPM, `DDPMTrainer` with train_ddpm.py's default U-Net (widths 32 64 64) at `--resolution 32`, for the
     same --train_steps steps (same batch 64, lr 1e-3, DDPMScheduler(1000), epsilon prediction).
@@ -49,6 +49,7 @@ and --reuse evaluates them again without training (the section then says so; its
 run that trained them, from timings.json). Sampling is deterministic: --reuse reproduces the FDs exactly.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -162,10 +163,10 @@ def train_all(args, root):
     """Trains the VAE, the latent diffusion U-Net and the pixel DDPM into root/ldm and root/ddpm; returns timings."""
     timings = {"trained_with": {name: getattr(args, name) for name in TRAINING_FLAGS}}
     ldm_args = train_ldm.parse_args(common_flags(args, os.path.join(root, "ldm")) + ["--vae_num_epochs", str(args.vae_epochs)])
-    ldm_args.vae_path = os.path.join(ldm_args.output_dir, train_ldm.FIRST_STAGE)
     stages = (
         ("vae", lambda: train_ldm.train_first_stage(ldm_args)),
-        ("ldm", lambda: TimedLDMTrainer(ldm_args)),
+        ("ldm", lambda: TimedLDMTrainer(dataclasses.replace(
+            ldm_args, vae_path=os.path.join(ldm_args.output_dir, train_ldm.FIRST_STAGE)))),
         ("ddpm", lambda: TimedDDPMTrainer(train_ddpm.parse_args(common_flags(args, os.path.join(root, "ddpm"))))),
     )
     for name, build in stages:

@@ -107,7 +107,19 @@ COLOUR_RECIPES = {
     "hfgen-ddpm": ("ddpm", "--num_epochs 14 --use_ema --lr_scheduler cosine --lr_warmup_steps 50 --train_batch_size 32 "
                            "--block_out_channels 32 64 64 --snr_gamma 5 --prediction_type v_prediction "
                            "--beta_schedule squaredcos_cap_v2"),
+    "hfgen-ldm-flow": ("ldm", "--resolution 64 --num_epochs 40 --use_ema --objective flow_matching --lr_scheduler cosine "
+                              "--lr_warmup_steps 50 --train_batch_size 32 --block_out_channels 64 128 --vae_beta 0.1 "
+                              "--vae_hidden_dims 32 64 --vae_num_epochs 10"),
+    "hfgen-t2i": ("ddpm", "--num_epochs 14 --use_ema --objective flow_matching --lr_scheduler cosine "
+                          "--lr_warmup_steps 50 --train_batch_size 32 --weighting_scheme logit_normal "
+                          "--block_out_channels 32 64 64 --caption_column text --prompt_dropout 0.1"),
 }
+# Text-to-image on the emoji's names: each prompt should move the samples towards its category (under the emoji's
+# domain classifier) and its colour, against the other prompts and the empty one. The names are the captions'
+# words ("red apple", "cat face with tears of joy"); "a" is a word the captions never use.
+PROMPT_CHECKS = {"a red apple": "Food & Drink", "a cat face with tears of joy": "Smileys & Emotion",
+                 "flag: japan": "Flags"}
+PROMPT_CHECK_SAMPLES = 100
 CONTENDERS = (*dict.fromkeys([*RECIPES, *COLOUR_RECIPES]), *PEERS)
 # which peer each hfgen family is compared with (the conditional ones with the unconditional peer; for the VAEs the
 # stronger of the two VAE peers at 10 minutes, the plain loop: 102 vs pythae's 138)
@@ -161,18 +173,23 @@ class Data:
 
         return _built_folder(os.path.join(hfgen_cache_dir(), "emoji", "folder"), build_emoji_folder)
 
-    def flags(self) -> list[str]:
-        """The hfgen recipes' data flags."""
-        folder = self.folder()
-        return [] if folder is None else ["--train_data_dir", folder, "--resolution", str(self.resolution)]
+    def flags(self, contender: str, folder: str | None = None) -> list[str]:
+        """The hfgen recipes' data flags (the section's resolution, unless the recipe sets its own), with the image
+        folder at `folder` (default: where `folder()` builds it)."""
+        if self.name == "digits":
+            return []
+        folder = folder or self.folder()
+        own_resolution = "--resolution" in self.recipes[contender][1].split()
+        return ["--train_data_dir", folder, *([] if own_resolution else ["--resolution", str(self.resolution)])]
 
-    def split(self, split: str, resolution: int):
+    def split(self, split: str, resolution: int, caption_column: str | None = None):
         """One split, unaugmented (resized and center-cropped to `resolution`)."""
         from hfgen.data import load_image_dataset
 
         if self.name == "digits":
-            return load_image_dataset("hfgen:mnist", split, resolution, num_channels=1)
-        return load_image_dataset(None, split, resolution, train_data_dir=self.folder(), num_channels=3)
+            return load_image_dataset("hfgen:mnist", split, resolution, num_channels=1, caption_column=caption_column)
+        return load_image_dataset(None, split, resolution, train_data_dir=self.folder(), num_channels=3,
+                                  caption_column=caption_column)
 
     def images(self, split: str, resolution: int | None = None) -> torch.Tensor:
         """(N, C, R, R) in [0, 1]: every image of the split."""
@@ -180,6 +197,12 @@ class Data:
 
         dataset = self.split(split, resolution or self.resolution)
         return torch.cat([images for images, _ in image_batches(dataset, len(dataset), shuffle=False)])
+
+    def captions(self) -> list[str]:
+        """What a text-to-image contender is asked for: the test split's captions, in `class_labels`' order."""
+        dataset = self.split("test", self.resolution, caption_column="text")
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+        return [dataset.captions[i] for i in order]
 
     def class_labels(self) -> list[int]:
         """What a conditional contender is asked for: the test split's labels in a seeded random order, so that its
@@ -191,8 +214,8 @@ class Data:
     def command(self, contender: str) -> str:
         """The recipe as the README writes it (the emoji folder as `emoji`, where its dataset command puts it)."""
         family, flags = self.recipes[contender]
-        data_flags = "" if self.name == "digits" else f"--train_data_dir {self.name} --resolution {self.resolution} "
-        return f"hfgen train {family} {data_flags}{flags}"
+        data_flags = " ".join(self.flags(contender, folder=self.name))
+        return f"hfgen train {family} {data_flags + ' ' if data_flags else ''}{flags}"
 
     def feature_extractor(self):
         from hfgen.features import load_feature_extractor
@@ -207,7 +230,8 @@ DIGITS = Data("digits", "quality", "Samples per CPU-minute: FD against training 
               f"`{FEATURES}`", 1.5)
 EMOJI = Data("emoji", "quality-colour", "Colour images: FD against training time on the emoji", 32, COLOUR_RECIPES,
              {"hfgen-vae": "plain-vae", "hfgen-cvae": "plain-vae", "hfgen-gan": "plain-dcgan",
-              "hfgen-cgan": "plain-dcgan", "hfgen-flow": "diffusers-loop", "hfgen-ddpm": "diffusers-loop"},
+              "hfgen-cgan": "plain-dcgan", "hfgen-flow": "diffusers-loop", "hfgen-ddpm": "diffusers-loop",
+              "hfgen-ldm-flow": "diffusers-loop", "hfgen-t2i": "diffusers-loop"},
              {}, "the emoji's domain classifier (`--feature_extractor classifier`, trained on the 9 category folders)",
              2.0)
 DATA = {data.name: data for data in (DIGITS, EMOJI)}
@@ -240,9 +264,14 @@ class Clock:
         return time.perf_counter() - self.start - self.paused
 
     @property
+    def final(self) -> bool:
+        """Whether the next snapshot is the last: at the budget, or at a recipe's end."""
+        return len(self.pending) <= 1
+
+    @property
     def num_samples(self) -> int:
         """What the next snapshot samples: N at the budget (and at a recipe's end), fewer at earlier marks."""
-        return self.curve_num_samples if len(self.pending) > 1 else self.final_num_samples
+        return self.final_num_samples if self.final else self.curve_num_samples
 
     def check(self, snapshot) -> None:
         if self.pending and self.seconds() >= self.pending[0]:
@@ -289,19 +318,48 @@ def sample_in_batches(sample, num_samples: int, batch_size: int = 250) -> torch.
                           for start in range(0, num_samples, batch_size)])
 
 
-def pipeline_sampler(pipeline, class_labels: list[int] | None, **call_kwargs):
-    """Samples of an hfgen pipeline; for a conditional one, `class_labels` in turn (`Data.class_labels`)."""
+def pipeline_sampler(pipeline, class_labels: list[int] | None = None, prompts: list[str] | None = None,
+                     **call_kwargs):
+    """Samples of an hfgen pipeline; for a conditional one, `class_labels` in turn (`Data.class_labels`), for a
+    text-to-image one `prompts` in turn (`Data.captions`)."""
     def sample(n, start):
-        labels = [class_labels[(start + i) % len(class_labels)] for i in range(n)] if class_labels else None
         generator = torch.Generator().manual_seed(start)
+        if prompts:
+            batch = [prompts[(start + i) % len(prompts)] for i in range(n)]
+            return pipeline(prompt=batch, generator=generator, output_type="pt", **call_kwargs).images
+        labels = [class_labels[(start + i) % len(class_labels)] for i in range(n)] if class_labels else None
         return pipeline(n, class_labels=labels, generator=generator, output_type="pt", **call_kwargs).images
     return sample
+
+
+def prompt_directions(pipeline, classifier, grids: str | None = None, **call_kwargs) -> dict:
+    """PROMPT_CHECKS on a text-to-image pipeline: for each prompt (and the empty one), the share of
+    PROMPT_CHECK_SAMPLES samples `classifier` (the emoji's domain classifier) puts in each checked category, and the
+    samples' mean redness (R - (G + B) / 2, in [0, 1] units); a grid of each prompt's samples goes into `grids`."""
+    names = classifier.config.id2label
+    report = {}
+    for prompt in ["", *PROMPT_CHECKS]:
+        images = sample_in_batches(pipeline_sampler(pipeline, prompts=[prompt], **call_kwargs), PROMPT_CHECK_SAMPLES)
+        with torch.no_grad():
+            predicted = classifier(images.to(classifier.dtype)).logits.argmax(-1)
+        shares = {category: float((predicted == int(key)).float().mean())
+                  for key, category in names.items() if category in PROMPT_CHECKS.values()}
+        redness = float((images[:, 0] - images[:, 1:].mean(1)).mean())
+        report[prompt] = {"category_share": shares, "redness": round(redness, 4)}
+        if grids:
+            from hfgen.image_processing import image_grid, postprocess
+
+            os.makedirs(grids, exist_ok=True)
+            name = re.sub(r"\W+", "-", prompt).strip("-") or "empty-prompt"
+            image_grid(postprocess(images[:64].clamp(0, 1))).save(os.path.join(grids, f"hfgen-t2i-{name}.png"))
+    return report
 
 
 # ----- hfgen contenders -------------------------------------------------------------------------------------
 
 
-def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", data: Data = DIGITS) -> None:
+def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", data: Data = DIGITS,
+              grids: str | None = None) -> None:
     from hfgen.objectives import dpm_solver
     from hfgen.training import train_ddpm, train_gan, train_ldm, train_vae
 
@@ -309,7 +367,7 @@ def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", d
     module = {"vae": train_vae, "gan": train_gan, "ddpm": train_ddpm, "ldm": train_ldm}[family]
     trainer_class = {"vae": train_vae.VAETrainer, "gan": train_gan.GANTrainer, "ddpm": train_ddpm.DDPMTrainer,
                      "ldm": train_ldm.LDMTrainer}[family]
-    argv = ["--output_dir", output_dir, *data.flags(), *flags.split(), *extra_flags.split(), "--logger", "none",
+    argv = ["--output_dir", output_dir, *data.flags(name), *flags.split(), *extra_flags.split(), "--logger", "none",
             "--save_images_epochs", "0", "--feature_extractor", "none", "--checkpointing_steps", str(10 ** 9)]
     args = module.parse_args(argv)
 
@@ -330,12 +388,19 @@ def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", d
         for component in pipeline.components.values():
             if isinstance(component, torch.nn.Module):
                 component.eval()
-        samples = sample_in_batches(pipeline_sampler(pipeline, data.class_labels() if pipeline.num_classes else None,
-                                                     **call_kwargs),
-                                    clock.num_samples)
+        details = {}
+        if args.caption_column:  # the test captions, at the guidance the card reports
+            call_kwargs["guidance_scale"] = trainer.guidance_scale
+            sampler = pipeline_sampler(pipeline, prompts=data.captions(), **call_kwargs)
+            if clock.final:
+                details["prompts"] = prompt_directions(pipeline, data.feature_extractor().classifier, grids,
+                                                       **call_kwargs)
+        else:
+            sampler = pipeline_sampler(pipeline, data.class_labels() if pipeline.num_classes else None, **call_kwargs)
+        samples = sample_in_batches(sampler, clock.num_samples)
         for model in trainer.models.values():
             model.train()
-        return samples, extra
+        return samples, extra, *([details] if details else [])
 
     class ClockedTrainer(trainer_class):
         def training_step(self, images, labels):
@@ -346,11 +411,7 @@ def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", d
             clock.pending = clock.pending[-1:]
             clock.evaluate(lambda: snapshot(self))
 
-    if family == "ldm":
-        trainer_class.check_args(args)
-        args.vae_path = os.path.join(output_dir, train_ldm.FIRST_STAGE)
-        train_ldm.train_first_stage(args)  # on the clock
-    ClockedTrainer(args).train()
+    ClockedTrainer(args).train()  # latent diffusion trains its first stage first, on the clock
 
 
 # ----- peers (each adapted to the data's channels and size, and no further) --------------------------------
@@ -558,14 +619,14 @@ def worker(args) -> None:
     load_before = load_average()
 
     def record(seconds, snapshot):
-        samples, extra = snapshot()
+        samples, extra, *details = snapshot()  # details: a text-to-image contender's prompt checks
         fd = evaluator.fd(samples)
         row = {"contender": args.worker, "train_seconds": round(seconds + extra, 1), "fit_seconds": round(extra, 1),
                "fd": round(fd, 2), "num_samples": len(samples), "threads": args.threads,
                "load_before": round(load_before, 2), "load_now": round(load_average(), 2),
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": cpu_model(),
                **({"sampler": FD_SAMPLER} if samples_by_diffusion(args.worker, data) else {}),
-               **({"extra_flags": args.extra_flags} if args.extra_flags else {})}
+               **({"extra_flags": args.extra_flags} if args.extra_flags else {}), **(details[0] if details else {})}
         print(json.dumps(row), flush=True)
         with open(args.results, "a") as file:
             file.write(json.dumps(row) + "\n")
@@ -579,7 +640,7 @@ def worker(args) -> None:
     clock = Clock([60 * minutes for minutes in args.marks], args.num_samples, args.curve_num_samples, record)
     with tempfile.TemporaryDirectory() as output_dir, contextlib.suppress(BudgetReached):
         if args.worker in data.recipes:
-            run_hfgen(args.worker, clock, output_dir, args.extra_flags, data)
+            run_hfgen(args.worker, clock, output_dir, args.extra_flags, data, args.grids)
         elif args.worker == "plain-vae":
             run_plain_vae(clock, data)
         elif args.worker == "pythae-vae":
@@ -665,6 +726,27 @@ def real_data_floor(data: Data, num_samples: int) -> float:
     return Evaluator(data).fd(images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:num_samples]])
 
 
+def prompt_table(name: str, report: dict) -> list[str]:
+    """PROMPT_CHECKS' results: each prompt's category shares and redness, and whether it moved the samples the
+    right way (its category's share above the empty prompt's and every other prompt's)."""
+    categories = list(PROMPT_CHECKS.values())
+    lines = [f"{name}'s prompts at its last mark ({PROMPT_CHECK_SAMPLES} samples each, the guidance of its card; "
+             "category shares under the domain classifier, redness = mean R - (G + B) / 2):", "",
+             f"| prompt | {' | '.join(categories)} | redness | moves its category's share the right way |",
+             "|---|" + "---|" * (len(categories) + 2)]
+    for prompt, result in report.items():
+        shares = result["category_share"]
+        if prompt:
+            category = PROMPT_CHECKS[prompt]
+            others = [other["category_share"][category] for key, other in report.items() if key != prompt]
+            verdict = "yes" if shares[category] > max(others) else "no"
+        else:
+            verdict = "(the reference)"
+        lines.append(f"| {prompt or '(empty prompt)'} | {' | '.join(f'{shares[c]:.0%}' for c in categories)} | "
+                     f"{result['redness']:+.3f} | {verdict} |")
+    return lines
+
+
 def section(runs: dict, data: Data, budget_minutes: float, num_samples: int, environment: list[str],
             floor: float | None = None, samples_figure: str | None = None) -> str:
     start, end = markers(data.section_key)
@@ -699,6 +781,9 @@ def section(runs: dict, data: Data, budget_minutes: float, num_samples: int, env
         cpu = rows[-1].get("cpu", "not recorded").replace("(R)", "")
         lines.append(f"| {name} | {recipe} | {rows[-1]['threads']} | {cpu} | {marks} | {final if final is not None else '–'} | {peer or '–'} | "
                      f"{peer_fd if peer_fd is not None else '–'} | {ratio} | {target_text} |")
+    for name, rows in runs.items():
+        if "prompts" in rows[-1]:
+            lines += ["", *prompt_table(name, rows[-1]["prompts"])]
     figure = os.path.relpath(data.figure, os.path.dirname(BENCHMARKS_MD))
     lines += ["", f"![FD against training minutes]({figure})", ""]
     if samples_figure:

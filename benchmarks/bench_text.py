@@ -24,6 +24,7 @@ Measured for each, with --sampling_steps Euler steps and guidance --guidance_sca
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -75,9 +76,8 @@ def first_stage(args, root):
 
     folder = os.path.join(root, "first_stage")
     ldm_args = train_ldm.parse_args([*common_flags(root, args), "--vae_num_epochs", str(args.vae_epochs)])
-    vae_args = train_ldm.first_stage_args(ldm_args)
-    vae_args.output_dir, vae_args.eval_importance_samples = folder, 1
-    train_vae.VAETrainer(vae_args).train()
+    vae_config = dataclasses.replace(ldm_args.first_stage_config(), output_dir=folder, eval_importance_samples=1)
+    train_vae.VAETrainer(vae_config).train()
     return folder
 
 

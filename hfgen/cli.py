@@ -151,9 +151,8 @@ def evaluate(argv) -> dict[str, float]:
 
     from hfgen import AutoPipeline
     from hfgen.data import load_image_dataset
-    from hfgen.evaluation import evaluate_pipeline
-    from hfgen.features import (DEFAULT_FEATURE_EXTRACTOR, default_classifier_dir, load_feature_extractor,
-                                resolve_feature_extractor)
+    from hfgen.evaluation import EvaluationConfig, evaluate, feature_space
+    from hfgen.features import ClassifierFeatures
     from hfgen.hub_utils import update_model_card_metrics
     from hfgen.sample_metrics import MEMORISATION_QUANTILE
     from hfgen.utils import check_device
@@ -171,34 +170,26 @@ def evaluate(argv) -> dict[str, float]:
     dataset = load_image_dataset(args.dataset_name, args.split, pipeline.sample_size, args.train_data_dir,
                                  caption_column=caption_column)
     # the dataset is loaded at the pipeline's size, so its image shape is that of the samples
-    choice = resolve_feature_extractor(args.feature_extractor, dataset.image_shape)
-    if choice is None:
-        shape = "x".join(map(str, dataset.image_shape))
-        raise ValueError(f"no default feature extractor fits {shape} images; pass --feature_extractor, "
-                         'e.g. dinov2:facebook/dinov2-small, or inception after pip install "hfgen[fid]", or none '
-                         "for the likelihood bounds alone")
-    feature_extractor = None
-    if choice != "none":
-        if choice == DEFAULT_FEATURE_EXTRACTOR and not os.path.isdir(default_classifier_dir()):
-            # stderr: stdout carries only the JSON
-            print(f"training the default feature extractor {DEFAULT_FEATURE_EXTRACTOR} (once; it is cached in "
-                  f"{default_classifier_dir()})", file=sys.stderr)
-        feature_extractor = load_feature_extractor(choice).to(args.device)
-    pipeline_kwargs = {} if args.num_inference_steps is None else {"num_inference_steps": args.num_inference_steps}
+    feature_extractor = feature_space(args.feature_extractor, dataset.image_shape)
+    if feature_extractor is not None:
+        feature_extractor = feature_extractor.to(args.device)
+    config = EvaluationConfig(
+        num_samples=args.num_samples, feature_extractor=feature_extractor or "none", seed=args.seed,
+        batch_size=args.batch_size, sample_metrics=args.sample_metrics, nearest_k=args.nearest_k,
+        memorisation=args.memorisation, num_importance_samples=args.num_importance_samples,
+        pipeline_kwargs={} if args.num_inference_steps is None else {"num_inference_steps": args.num_inference_steps},
+        vlb_num_images=args.vlb_num_images, vlb_num_timesteps=args.vlb_num_timesteps,
+        digit_prompts=text_to_image and bundled, prompts_per_digit=args.prompts_per_digit,
+        guidance_scale=args.guidance_scale, clip_model=args.clip_model, num_clip_images=args.num_clip_images)
+    reads_train = args.memorisation or (config.digit_prompts and not isinstance(feature_extractor, ClassifierFeatures))
     train_dataset = None
-    if args.memorisation:
+    if reads_train:
         train_dataset = load_image_dataset(args.dataset_name, "train", pipeline.sample_size, args.train_data_dir)
-    metrics = evaluate_pipeline(pipeline, dataset, args.num_samples, feature_extractor, args.seed, args.batch_size,
-                                args.num_importance_samples, pipeline_kwargs=pipeline_kwargs,
-                                vlb_num_images=args.vlb_num_images, vlb_num_timesteps=args.vlb_num_timesteps,
-                                fd=feature_extractor is not None, sample_metrics=args.sample_metrics,
-                                nearest_k=args.nearest_k, train_dataset=train_dataset)
-    if text_to_image and (bundled or args.clip_model):
-        metrics.update(prompt_following_metrics(args, pipeline, dataset, feature_extractor, bundled, pipeline_kwargs))
+    metrics = evaluate(pipeline, dataset, config, train_dataset)
     print(json.dumps(metrics, indent=2))
     if args.write_card:
         dataset_name = args.train_data_dir or args.dataset_name
-        fd_args = {"feature_extractor": choice, "num_samples": args.num_samples, "seed": args.seed}
+        fd_args = {"feature_extractor": getattr(feature_extractor, "name_or_path", "none"), "num_samples": args.num_samples, "seed": args.seed}
         metric_args = {"fd": fd_args, "kid": fd_args, "kid_std": fd_args, "class_accuracy": fd_args,
                        "memorisation": {**fd_args, "quantile": MEMORISATION_QUANTILE, "train_split": "train"},
                        **dict.fromkeys(("precision", "recall", "density", "coverage"),
@@ -207,26 +198,6 @@ def evaluate(argv) -> dict[str, float]:
                                   metric_args={name: value for name, value in metric_args.items() if name in metrics})
         print(f"wrote the metrics into {os.path.join(args.pretrained, 'README.md')} and metrics.json", file=sys.stderr)
     return metrics
-
-
-def prompt_following_metrics(args, pipeline, dataset, feature_extractor, bundled: bool, pipeline_kwargs) -> dict:
-    """`hfgen evaluate`'s prompt-following metrics of a text-to-image pipeline (hfgen.prompt_following)."""
-    from hfgen.data import load_image_dataset
-    from hfgen.features import ClassifierFeatures
-    from hfgen.prompt_following import digit_classifier_for, evaluate_prompt_following, resolve_guidance_scale
-
-    classifier = None
-    if bundled:
-        if isinstance(feature_extractor, ClassifierFeatures):
-            classifier = feature_extractor.classifier
-        else:
-            classifier = digit_classifier_for(load_image_dataset(args.dataset_name, "train", pipeline.sample_size), dataset)
-    guidance_scale = resolve_guidance_scale(args.guidance_scale, pipeline.config.get("prompt_dropout"))
-    if classifier is not None:
-        classifier = classifier.to(args.device)
-    return evaluate_prompt_following(pipeline, dataset, classifier, args.clip_model,
-                                     args.prompts_per_digit, args.num_clip_images, args.seed, args.batch_size,
-                                     {**pipeline_kwargs, "guidance_scale": guidance_scale})
 
 
 def demo(argv) -> str | None:

@@ -3,6 +3,7 @@
 features: hfgen.sample_metrics), and the family's likelihood bound where it has one (not a flow-matching model's:
 the DDPM variational bound does not apply to it), for any dataset of (image, label) items, in memory or not."""
 
+import dataclasses
 import logging
 
 import torch
@@ -10,8 +11,7 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from .data import image_batches
-from .features import (AUTO, DEFAULT_FEATURE_EXTRACTOR, ClassifierFeatures, load_feature_extractor,
-                       resolve_feature_extractor)
+from .features import AUTO, DEFAULT_FEATURE_EXTRACTOR, ClassifierFeatures, load_feature_space
 from .frechet import (
     FeatureStatistics,
     batch_features,
@@ -210,8 +210,9 @@ def evaluate_pipeline(
     sample_seeds = torch.randint(2**62, (num_samples,), generator=generator).tolist()
     metrics = {}
     if fd:
-        if not isinstance(feature_extractor, nn.Module):
-            feature_extractor = _load_for(feature_extractor, dataset)
+        feature_extractor = feature_space(feature_extractor or DEFAULT_FEATURE_EXTRACTOR, dataset.image_shape)
+        if feature_extractor is None:
+            raise ValueError('`feature_extractor` "none" computes no FD: pass fd=False for the likelihood bounds alone')
         real, labels, real_features = _real_features(dataset, num_samples, feature_extractor, batch_size, seed,
                                                      cache_statistics, num_workers, keep_features=sample_metrics)
         samples = _samples(pipeline, sample_seeds, labels if num_classes else None, batch_size, pipeline_kwargs or {},
@@ -275,12 +276,136 @@ def _check_train_dataset(train_dataset, dataset, sample_metrics: bool) -> None:
                          "samples with the training images through held-out real images (e.g. the test split)")
 
 
-def _load_for(name_or_path: str | None, dataset) -> nn.Module:
-    """load_feature_extractor(name_or_path), with "auto" resolved for the dataset's images."""
-    name = name_or_path or DEFAULT_FEATURE_EXTRACTOR
-    if name == AUTO:
-        name = resolve_feature_extractor(name, tuple(dataset.image_shape))
-    if name is None:
-        raise ValueError(f"`feature_extractor` {AUTO!r} has no default for images of shape "
-                         f"{tuple(dataset.image_shape)}: pass one, e.g. 'dinov2:facebook/dinov2-small', or fd=False")
-    return load_feature_extractor(name)
+
+
+
+# ----- the one evaluation path: the shared metrics, then the extras the pipeline's family has ----------------------
+
+
+@dataclasses.dataclass
+class EvaluationConfig:
+    """What `evaluate` measures. `full=False` is the cheap evaluation a trainer logs every --eval_fd_steps: FD alone.
+
+    Args:
+        num_samples: samples drawn, and real images of the dataset compared with.
+        feature_extractor: the FD's features: a module, or a name or folder for `load_feature_extractor` ("auto":
+            chosen for the dataset's image shape, once, here; "none": no FD).
+        pipeline_kwargs: more arguments of the pipeline's calls, e.g. {"num_inference_steps": 50}.
+        sample_metrics: with `full`, KID, precision/recall, density/coverage and class accuracy in the FD's features.
+        memorisation: with `sample_metrics`, the share of samples close to the training images (needs them).
+        num_importance_samples: K of a VAE's IWAE bound.
+        vlb_num_images, vlb_num_timesteps: a pixel DDPM's variational bound in bits/dim (0 images: none).
+        digit_prompts: the dataset holds hfgen's captioned digits: a text-to-image pipeline's prompt following is
+            measured with a digit classifier, `prompts_per_digit` images per digit of each prompt set.
+        guidance_scale: of the prompt-following samples (None: 3 for a model trained with prompt dropout, else 1).
+        clip_model, num_clip_images: a text-to-image pipeline's CLIP score on the dataset's captions.
+    """
+
+    num_samples: int = 1000
+    feature_extractor: "str | nn.Module" = AUTO
+    seed: int = 0
+    batch_size: int = 250
+    num_workers: int = 0
+    pipeline_kwargs: dict = dataclasses.field(default_factory=dict)
+    full: bool = True
+    sample_metrics: bool = True
+    nearest_k: int = 3
+    memorisation: bool = False
+    num_importance_samples: int = 100
+    vlb_num_images: int = 100
+    vlb_num_timesteps: int | None = None
+    digit_prompts: bool = False
+    prompts_per_digit: int = 20
+    guidance_scale: float | None = None
+    clip_model: str | None = None
+    num_clip_images: int = 100
+
+    def cheap(self, num_samples: int) -> "EvaluationConfig":
+        """The periodic evaluation: FD of `num_samples` samples, nothing else."""
+        return dataclasses.replace(self, num_samples=num_samples, full=False)
+
+
+def feature_space(feature_extractor, image_shape) -> nn.Module | None:
+    """A module passes through; a name or folder is loaded for images of `image_shape` ("none": None)."""
+    if isinstance(feature_extractor, nn.Module):
+        return feature_extractor
+    return load_feature_space(feature_extractor, image_shape)
+
+
+def evaluate(pipeline, dataset, config: EvaluationConfig | None = None, train_dataset=None) -> dict[str, float]:
+    """A pipeline's metrics against `dataset`, as trainers (final and periodic) and `hfgen evaluate` report them:
+    `evaluate_pipeline`'s shared metrics, then, with `config.full`, the extras its family has:
+
+    - a VAE pipeline with a fitted latent sampler: "fd_prior", the FD of samples of the prior N(0, I);
+    - latent diffusion: "first_stage_reconstruction_mse" (`reconstruction_mse` over `dataset`);
+    - text-to-image: prompt following (hfgen.prompt_following) with `digit_prompts` or a `clip_model`.
+
+    `train_dataset`: the training images, for the memorisation check and for training a digit classifier of small
+    digits (prompt following)."""
+    config = config or EvaluationConfig()
+    feature_extractor = feature_space(config.feature_extractor, dataset.image_shape)
+    fd = feature_extractor is not None
+    sample_metrics = config.full and config.sample_metrics and fd and config.num_samples > config.nearest_k
+    if sample_metrics and config.memorisation and train_dataset is None:
+        raise ValueError("`memorisation` compares samples with the training images: pass `train_dataset`")
+    shared = dict(num_samples=config.num_samples, feature_extractor=feature_extractor, seed=config.seed,
+                  batch_size=config.batch_size, pipeline_kwargs=config.pipeline_kwargs, fd=fd,
+                  num_workers=config.num_workers)
+    metrics = evaluate_pipeline(
+        pipeline, dataset, likelihood=config.full, num_importance_samples=config.num_importance_samples,
+        vlb_num_images=config.vlb_num_images, vlb_num_timesteps=config.vlb_num_timesteps,
+        sample_metrics=sample_metrics, nearest_k=config.nearest_k,
+        train_dataset=train_dataset if sample_metrics and config.memorisation else None, **shared)
+    if not config.full:
+        return metrics
+    if fd and getattr(pipeline, "latent_sampler", None) is not None:
+        prior = evaluate_pipeline(pipeline, dataset, likelihood=False, **{
+            **shared, "pipeline_kwargs": {**config.pipeline_kwargs, "latent_sampler": "prior"}})
+        metrics = _after(metrics, "fd", {"fd_prior": prior["fd"]})
+    if isinstance(getattr(pipeline, "vae", None), VAEModel) and hasattr(pipeline, "unet"):  # a VAE's latents denoised
+        metrics["first_stage_reconstruction_mse"] = reconstruction_mse(pipeline.vae, dataset, config.batch_size)
+    if hasattr(pipeline, "encode_prompt") and (config.digit_prompts or config.clip_model):
+        metrics.update(_prompt_following(pipeline, dataset, config, feature_extractor, train_dataset))
+    return metrics
+
+
+def _after(metrics: dict, key: str, more: dict) -> dict:
+    """`metrics` with `more` right after `key`."""
+    ordered = {}
+    for name, value in metrics.items():
+        ordered[name] = value
+        if name == key:
+            ordered.update(more)
+    return ordered
+
+
+def _prompt_following(pipeline, dataset, config: EvaluationConfig, feature_extractor, train_dataset) -> dict:
+    from .prompt_following import digit_classifier_for, evaluate_prompt_following, resolve_guidance_scale
+
+    classifier = None
+    if config.digit_prompts:
+        if isinstance(feature_extractor, ClassifierFeatures):
+            classifier = feature_extractor.classifier
+        elif train_dataset is not None:
+            classifier = digit_classifier_for(train_dataset, dataset)
+        else:
+            raise ValueError("digit prompt following needs a digit classifier: pass `train_dataset` or the digit "
+                             "classifier's features")
+        classifier = classifier.to(pipeline.device)
+    guidance_scale = resolve_guidance_scale(config.guidance_scale, pipeline.config.get("prompt_dropout"))
+    return evaluate_prompt_following(pipeline, dataset, classifier, config.clip_model, config.prompts_per_digit,
+                                     config.num_clip_images, config.seed, config.batch_size,
+                                     {**config.pipeline_kwargs, "guidance_scale": guidance_scale})
+
+
+@torch.no_grad()
+def reconstruction_mse(vae: VAEModel, dataset, batch_size: int = 500) -> float:
+    """Mean squared error per pixel of x against decode(E[q(z|x)]) over the images of `dataset` (in [0, 1])."""
+    parameter = next(vae.parameters())
+    total, count = 0.0, 0
+    for images, _ in image_batches(dataset, batch_size=batch_size, shuffle=False):
+        posterior = vae.encode(images.to(parameter.device, parameter.dtype)).latent_dist
+        decoded = vae.decode(posterior.mean).sample.float().cpu()
+        total += torch.sum((decoded - images) ** 2).item()
+        count += images.numel()
+    return total / count

@@ -218,6 +218,9 @@ def _train_default_classifier(folder: str) -> None:
     """Trains the default classifier and saves it to `folder` atomically."""
     from .data import load_image_dataset
 
+    # a warning: shown by commands that configure no logging, such as `hfgen evaluate`, on stderr
+    logger.warning("training the default feature extractor %s (once; it is cached in %s)", DEFAULT_FEATURE_EXTRACTOR,
+                   folder)
     train, test = load_image_dataset("hfgen:mnist", "train"), load_image_dataset("hfgen:mnist", "test")
     with torch.enable_grad():  # callers may be evaluating under torch.no_grad
         classifier, accuracy = train_digit_classifier(train, test)
@@ -707,3 +710,23 @@ def resolve_feature_extractor(name_or_path: str, image_shape: tuple[int, int, in
                    "dinov2:facebook/dinov2-small, or inception after %s",
                    "x".join(map(str, image_shape)), DOMAIN_CLASSIFIER, FID_EXTRA)
     return None
+
+
+def load_feature_space(name_or_path: str, image_shape: tuple[int, int, int], required: bool = True,
+                       **load_kwargs) -> nn.Module | None:
+    """The FD's features for images of `image_shape` (C, H, W), the one place "auto" is resolved: None for "none",
+    and for an "auto" that fits no images of this shape (an error when `required`, else the warning of
+    `resolve_feature_extractor`); otherwise `load_feature_extractor(name, **load_kwargs)` with the name it was loaded
+    by as its `name_or_path`."""
+    choice = None if name_or_path == "none" else resolve_feature_extractor(name_or_path, tuple(image_shape))
+    if choice is None and required and name_or_path != "none":
+        shape = "x".join(map(str, image_shape))
+        raise ValueError(f"no default feature extractor fits {shape} images; pass --feature_extractor "
+                         f"(`feature_extractor` in Python), e.g. {DOMAIN_CLASSIFIER} for labelled images, "
+                         f"dinov2:facebook/dinov2-small, or inception after {FID_EXTRA}, or none for the likelihood "
+                         "bounds alone")
+    if choice is None:
+        return None
+    extractor = load_feature_extractor(choice, **load_kwargs)
+    extractor.name_or_path = choice
+    return extractor

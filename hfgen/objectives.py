@@ -22,7 +22,7 @@ from diffusers.training_utils import compute_snr
 from .diffusion import (
     PREDICTION_TYPES, WEIGHTING_SCHEMES, broadcast_per_example, flow_predict_x0, flow_sample, flow_velocity,
     predict_x0, sample_flow_sigmas, training_target)
-from .utils import check_positive_number
+from .utils import check_choice, check_non_negative_int, check_positive_int, check_positive_number
 
 # The pipelines an objective's denoiser can sit in; each objective names its model-card tag for each.
 PIPELINE_KINDS = ("pixels", "latents", "text", "latent_text")
@@ -62,7 +62,11 @@ class DiffusionObjective:
         self.values = {name: flag.default for name, flag in self.flags.items()}
         self.values.update({name: value for name, value in values.items() if value is not None})
         for name, flag in self.flags.items():
-            if flag.check and self.values[name] is not None:
+            if self.values[name] is None:
+                continue
+            if flag.choices:
+                check_choice(f"--{name}", self.values[name], flag.choices)
+            if flag.check:
                 flag.check(f"--{name}", self.values[name])
 
     def __getattr__(self, name: str):
@@ -134,9 +138,9 @@ class DDPMObjective(DiffusionObjective):
         "snr_gamma": Flag(None, float, "DDPM only: min-SNR loss weighting with this gamma (5 is common).",
                           check=check_positive_number),
         "eval_vlb_num_images": Flag(100, int, "DDPM only: test images of the variational bound in bits/dim (default "
-                                    "100; it does not apply to the other objectives)."),
+                                    "100; it does not apply to the other objectives).", check=check_non_negative_int),
         "eval_vlb_num_timesteps": Flag(None, int, "DDPM only: sampled KL terms of the bound (default: all T, exact "
-                                       "but T denoiser calls per image)."),
+                                       "but T denoiser calls per image).", check=check_positive_int),
     }
     has_likelihood_bound = True
     clip_sample = True

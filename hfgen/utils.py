@@ -44,6 +44,12 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
 
 
+def check_positive_ints(name: str, value) -> None:
+    """A non-empty list of positive integers (e.g. a network's widths)."""
+    if not isinstance(value, (list, tuple)) or not value or not all(_is_int(item) and item > 0 for item in value):
+        raise ValueError(f"`{name}` must be a non-empty list of positive integers, got {value!r}")
+
+
 def check_non_negative_int(name: str, value) -> None:
     if not _is_int(value) or value < 0:
         raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}")

@@ -101,7 +101,7 @@ def test_an_unknown_lr_scheduler_and_an_empty_output_dir_are_one_line_errors(tmp
 
 
 def test_a_push_without_a_token_and_an_unwritable_output_dir_are_refused_up_front(tmp_path, monkeypatch):
-    monkeypatch.setattr("hfgen.training.trainer.get_token", lambda: None)
+    monkeypatch.setattr("hfgen.training.config.get_token", lambda: None)
     with pytest.raises(ValueError, match="`--push_to_hub` needs a Hub token"):
         train_vae.main(vae_args(tmp_path, "--push_to_hub", "--hub_model_id", "user/model"))
     (tmp_path / "a-file").write_text("")

@@ -91,7 +91,7 @@ def test_benchmarked_recipes_are_the_readme_commands():
     spec.loader.exec_module(bench_quality)
 
     def parsed(family, flags):  # the training arguments, without where they go and the grids' sampling steps
-        args = vars(importlib.import_module(TRAINERS[family]).parse_args(["--output_dir", "x", *shlex.split(flags)]))
+        args = importlib.import_module(TRAINERS[family]).parse_args(["--output_dir", "x", *shlex.split(flags)]).to_flags()
         return {key: value for key, value in args.items() if key not in ("output_dir", "num_inference_steps")}
 
     readme_args = [parsed(family, flags) for family, flags in readme_training_commands()]

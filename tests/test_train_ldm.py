@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -8,8 +9,8 @@ from diffusers import UNet2DModel
 from hfgen import AutoPipeline, GANPipeline, Generator, LatentDiffusionPipeline, VAEModel, VAEPipeline
 from hfgen.data import load_image_dataset
 from hfgen.latent_tools import encode_images
-from hfgen.evaluation import evaluate_pipeline
-from hfgen.training.train_ldm import LDMTrainer, main, reconstruction_mse
+from hfgen.evaluation import evaluate_pipeline, reconstruction_mse
+from hfgen.training.train_ldm import LDMTrainer, main
 
 pytestmark = pytest.mark.slow  # real runs: a first stage trained once for the module
 
@@ -100,20 +101,23 @@ def test_first_stages_that_cannot_serve_are_clear_errors(trained_vae_dir, traine
 
 
 def test_every_shared_flag_reaches_the_first_stage_unless_it_configures_the_second():
-    from hfgen.training.train_ldm import SECOND_STAGE_ONLY, first_stage_args, parse_args
-    from hfgen.training.trainer import training_parser
+    import dataclasses
 
-    args = parse_args(["--output_dir", "out", "--random_flip", "--max_train_samples", "50", "--seed", "7",
-                       "--dataloader_num_workers", "2", "--learning_rate", "5e-4", "--vae_learning_rate", "1e-3",
-                       "--vae_beta", "0.01"])
-    vae_args = first_stage_args(args)
-    shared = {action.dest for action in training_parser("")._actions} - {"help"}
+    from hfgen.training import TrainingConfig
+    from hfgen.training.train_ldm import SECOND_STAGE_ONLY, parse_args
+
+    config = parse_args(["--output_dir", "out", "--random_flip", "--max_train_samples", "50", "--seed", "7",
+                         "--dataloader_num_workers", "2", "--learning_rate", "5e-4", "--vae_learning_rate", "1e-3",
+                         "--vae_beta", "0.01"])
+    vae_config = config.first_stage_config()
+    shared = {field.name for field in dataclasses.fields(TrainingConfig)}
     assert SECOND_STAGE_ONLY < shared  # no stale names
-    for name in shared - SECOND_STAGE_ONLY:
-        assert getattr(vae_args, name) == getattr(args, name), name
-    assert vae_args.random_flip and vae_args.max_train_samples == 50 and vae_args.dataloader_num_workers == 2
-    assert vae_args.learning_rate == 1e-3 and vae_args.output_dir == "out/first_stage"
-    assert vae_args.architecture == "conv" and vae_args.latent_channels == 4 and vae_args.beta == 0.01
+    for name in shared - SECOND_STAGE_ONLY - {"resume_from_checkpoint"}:
+        assert getattr(vae_config, name) == getattr(config, name), name
+    assert vae_config.random_flip and vae_config.max_train_samples == 50 and vae_config.dataloader_num_workers == 2
+    assert vae_config.learning_rate == 1e-3 and vae_config.output_dir == os.path.join("out", "first_stage")
+    assert vae_config.architecture == "conv" and vae_config.latent_channels == 4 and vae_config.beta == 0.01
+    assert config.first_stage.learning_rate == 1e-3 and config.to_flags()["vae_beta"] == 0.01
 
 
 def test_the_latent_cache_is_on_disk_reused_and_keyed_by_first_stage_and_data(trained_ldm_dir, tmp_path, monkeypatch):

@@ -8,46 +8,62 @@ of captions by the empty prompt, which guidance contrasts with. The denoiser att
 a UNet2DConditionModel, or the ViTDenoiser with cross-attention.
 """
 
+import dataclasses
+
 import torch
 
 from hfgen.data.sources import BundledSource
-from hfgen.features import ClassifierFeatures
 from hfgen.pipelines import TextToImagePipeline
-from hfgen.prompt_following import DEFAULT_GUIDANCE_SCALE, digit_classifier_for, evaluate_prompt_following, \
-    resolve_guidance_scale
+from hfgen.prompt_following import DEFAULT_GUIDANCE_SCALE, resolve_guidance_scale
 from hfgen.text import build_word_tokenizer, load_text_encoder, load_tokenizer, tiny_text_encoder, tokenize_prompts
 from hfgen.utils import check_positive_int, check_positive_number, check_probability
 
-from .trainer import optional
+from .config import TrainingConfig, flag, optional
 
 
-def add_text_arguments(parser) -> None:
-    add = parser.add_argument
-    add("--text_encoder_name_or_path", default=None,
-        help="With --caption_column: a transformers text encoder and its tokenizer, by Hub id or folder (CLIPTextModel, "
-             "T5EncoderModel, ...), frozen unless --train_text_encoder. Default: a small CLIPTextModel with a "
-             "word-level tokenizer built from the training captions, trained with the denoiser.")
-    add("--train_text_encoder", action="store_true", help="Tune the --text_encoder_name_or_path encoder too.")
-    add("--text_encoder_hidden_size", type=int, default=64, help="The default text encoder's width.")
-    add("--text_encoder_layers", type=int, default=2, help="The default text encoder's layers.")
-    add("--text_encoder_heads", type=int, default=4, help="The default text encoder's attention heads.")
-    add("--attention_head_dim", type=int, default=8, help="With --caption_column: the U-Net's attention head width.")
-    add("--prompt_dropout", type=float, default=0.1,
-        help="With --caption_column: share of captions replaced by the empty prompt, for classifier-free guidance.")
-    add("--guidance_scale", type=float, default=None,
-        help=f"With --caption_column: guidance of the sample grids and of the prompt-following metrics (default "
-             f"{DEFAULT_GUIDANCE_SCALE:g} with --prompt_dropout, else 1).")
-    add("--eval_prompts_per_digit", type=int, default=20,
-        help="With hfgen's captions of the bundled digits: images per digit of each prompt set of the final "
-             "prompt-following metrics (hfgen.prompt_following; 7 sets).")
+@dataclasses.dataclass(kw_only=True)
+class TextConditioningConfig(TrainingConfig):
+    """The flags of text conditioning (with --caption_column), shared by the diffusion families' configs."""
 
+    text_encoder_name_or_path: str | None = flag(
+        None, "With --caption_column: a transformers text encoder and its tokenizer, by Hub id or folder "
+        "(CLIPTextModel, T5EncoderModel, ...), frozen unless --train_text_encoder. Default: a small CLIPTextModel "
+        "with a word-level tokenizer built from the training captions, trained with the denoiser.")
+    train_text_encoder: bool = flag(False, "Tune the --text_encoder_name_or_path encoder too.")
+    text_encoder_hidden_size: int = flag(64, "The default text encoder's width.", check=check_positive_int)
+    text_encoder_layers: int = flag(2, "The default text encoder's layers.", check=check_positive_int)
+    text_encoder_heads: int = flag(4, "The default text encoder's attention heads.", check=check_positive_int)
+    attention_head_dim: int = flag(8, "With --caption_column: the U-Net's attention head width.",
+                                   check=check_positive_int)
+    prompt_dropout: float = flag(
+        0.1, "With --caption_column: share of captions replaced by the empty prompt, for classifier-free guidance.",
+        check=check_probability)
+    guidance_scale: float | None = flag(
+        None, f"With --caption_column: guidance of the sample grids and of the prompt-following metrics (default "
+        f"{DEFAULT_GUIDANCE_SCALE:g} with --prompt_dropout, else 1).", check=optional(check_positive_number))
+    eval_prompts_per_digit: int = flag(
+        20, "With hfgen's captions of the bundled digits: images per digit of each prompt set of the final "
+        "prompt-following metrics (hfgen.prompt_following; 7 sets).", check=check_positive_int)
 
-TEXT_FLAG_CHECKS = {
-    **dict.fromkeys(("text_encoder_hidden_size", "text_encoder_layers", "text_encoder_heads", "attention_head_dim"),
-                    check_positive_int),
-    "prompt_dropout": check_probability, "eval_prompts_per_digit": check_positive_int,
-    "guidance_scale": optional(check_positive_number),
-}
+    def validate(self) -> None:
+        super().validate()
+        if self.caption_column is None:
+            given = [name for name in ("text_encoder_name_or_path", "train_text_encoder", "guidance_scale")
+                     if getattr(self, name)]
+            if given:
+                raise ValueError(f"`--{given[0]}` conditions on captions: it needs `--caption_column`")
+            return
+        if self.conditional:
+            raise ValueError("`--conditional` (class labels) and `--caption_column` (text) are two kinds of "
+                             "conditioning: pass one of them")
+        if self.streaming:
+            raise ValueError("`--caption_column` tokenizes every caption once: `--streaming` is not supported with it")
+        if self.train_text_encoder and not self.text_encoder_name_or_path:
+            raise ValueError("`--train_text_encoder` tunes the `--text_encoder_name_or_path` encoder; the default "
+                             "small encoder is always trained")
+        if self.prompt_dropout == 0 and self.guidance_scale not in (None, 1.0):
+            raise ValueError(f"`--guidance_scale` {self.guidance_scale:g} contrasts with the empty prompt, which "
+                             "`--prompt_dropout 0` never trains: pass --prompt_dropout 0.1 or leave the guidance out")
 
 
 class TextConditionedTraining:
@@ -55,34 +71,14 @@ class TextConditionedTraining:
     captions' token ids (B, L) and the denoiser gets `encoder_hidden_states`; without it every hook defers to the
     trainer's own."""
 
-    @classmethod
-    def check_text_args(cls, args) -> None:
-        if args.caption_column is None:
-            given = [flag for flag in ("text_encoder_name_or_path", "train_text_encoder", "guidance_scale")
-                     if getattr(args, flag)]
-            if given:
-                raise ValueError(f"`--{given[0]}` conditions on captions: it needs `--caption_column`")
-            return
-        if args.conditional:
-            raise ValueError("`--conditional` (class labels) and `--caption_column` (text) are two kinds of "
-                             "conditioning: pass one of them")
-        if args.streaming:
-            raise ValueError("`--caption_column` tokenizes every caption once: `--streaming` is not supported with it")
-        if args.train_text_encoder and not args.text_encoder_name_or_path:
-            raise ValueError("`--train_text_encoder` tunes the `--text_encoder_name_or_path` encoder; the default "
-                             "small encoder is always trained")
-        if args.prompt_dropout == 0 and args.guidance_scale not in (None, 1.0):
-            raise ValueError(f"`--guidance_scale` {args.guidance_scale:g} contrasts with the empty prompt, which "
-                             "`--prompt_dropout 0` never trains: pass --prompt_dropout 0.1 or leave the guidance out")
-
     @property
     def text_conditioned(self) -> bool:
-        return self.args.caption_column is not None
+        return self.config.caption_column is not None
 
     @property
     def trains_text_encoder(self) -> bool:
         """The default small encoder trains with the denoiser; a given one only with --train_text_encoder."""
-        return self.text_conditioned and (self.args.train_text_encoder or not self.args.text_encoder_name_or_path)
+        return self.text_conditioned and (self.config.train_text_encoder or not self.config.text_encoder_name_or_path)
 
     @property
     def conditions_on_batches(self) -> bool:
@@ -102,7 +98,7 @@ class TextConditionedTraining:
         if not self.text_conditioned:
             return
         captions = self.train_dataset.captions
-        path = self.args.text_encoder_name_or_path
+        path = self.config.text_encoder_name_or_path
         self.tokenizer = load_tokenizer(path) if path else build_word_tokenizer(captions)
         self.caption_ids = tokenize_prompts(self.tokenizer, captions)
         self.empty_prompt_ids = tokenize_prompts(self.tokenizer, [""])  # (1, L): the unconditional input
@@ -115,7 +111,7 @@ class TextConditionedTraining:
     def build_text_encoder(self) -> dict:
         """{"text_encoder": the encoder} when it trains (a prepared, checkpointed model), else {} and the frozen
         encoder kept aside. Sets `cross_attention_dim` (the encoder's width) for the denoiser; None without text."""
-        args = self.args
+        args = self.config
         self.cross_attention_dim = None
         if not self.text_conditioned:
             return {}
@@ -137,7 +133,7 @@ class TextConditionedTraining:
     def build_optimizers(self):
         if not self.trains_text_encoder:
             return super().build_optimizers()
-        args = self.args
+        args = self.config
         # one optimizer over both: the text encoder learns from the denoising loss, with the same schedule
         both = torch.nn.ModuleList([self.models["unet"], self.models["text_encoder"]])
         return {"unet": self.adamw(both, args.learning_rate, (args.adam_beta1, args.adam_beta2))}
@@ -146,8 +142,8 @@ class TextConditionedTraining:
         """The denoiser's keywords for a batch's captions' token ids (B, L), with prompt dropout:
         {"encoder_hidden_states": (B, L, D)}."""
         ids = caption_ids
-        if self.args.prompt_dropout:
-            dropped = torch.rand(ids.shape[:1], device=ids.device) < self.args.prompt_dropout
+        if self.config.prompt_dropout:
+            dropped = torch.rand(ids.shape[:1], device=ids.device) < self.config.prompt_dropout
             ids = torch.where(dropped[:, None], self.empty_prompt_ids.to(ids.device), ids)
         with torch.set_grad_enabled(self.trains_text_encoder):
             return {"encoder_hidden_states": self.text_encoder()(ids)[0]}
@@ -155,17 +151,17 @@ class TextConditionedTraining:
     def text_pipeline(self, unet, scheduler) -> TextToImagePipeline:
         text_encoder = self.sampling_model("text_encoder") if self.trains_text_encoder else self.frozen_text_encoder
         return TextToImagePipeline(unet, scheduler, text_encoder, self.tokenizer,
-                                   prompt_dropout=self.args.prompt_dropout, objective=self.args.objective)
+                                   prompt_dropout=self.config.prompt_dropout, objective=self.config.objective)
 
     @property
     def guidance_scale(self) -> float:
-        return resolve_guidance_scale(self.args.guidance_scale, self.args.prompt_dropout)
+        return resolve_guidance_scale(self.config.guidance_scale, self.config.prompt_dropout)
 
     def sample_images(self, pipeline, num_images: int):
         """Samples of the test captions, with guidance."""
         if not self.text_conditioned:
             return super().sample_images(pipeline, num_images)
-        generator = torch.Generator(pipeline.device).manual_seed(self.args.seed)
+        generator = torch.Generator(pipeline.device).manual_seed(self.config.seed)
         prompts = [self.sample_prompts[i % len(self.sample_prompts)] for i in range(num_images)]
         return pipeline(prompt=prompts, generator=generator, guidance_scale=self.guidance_scale,
                         **self.pipeline_kwargs()).images
@@ -175,25 +171,18 @@ class TextConditionedTraining:
         """Whether the captions are hfgen's of the bundled digits, whose prompt-following is measured."""
         return self.text_conditioned and isinstance(self.source, BundledSource)
 
-    def evaluate(self, pipeline, num_samples: int, likelihood: bool = True, **call_kwargs) -> dict[str, float]:
-        """The family's metrics (FD of empty-prompt samples), and in the final evaluation on hfgen's captioned digits
-        the prompt-following metrics (hfgen.prompt_following) at `guidance_scale`."""
-        metrics = super().evaluate(pipeline, num_samples, likelihood, **call_kwargs)
-        if likelihood and self.follows_digit_prompts and self.accelerator.is_main_process:
-            if isinstance(self.feature_extractor, ClassifierFeatures):
-                classifier = self.feature_extractor.classifier
-            else:
-                classifier = digit_classifier_for(self.load_split("train"), self.test_dataset)
-            kwargs = {**self.pipeline_kwargs(), **call_kwargs, "guidance_scale": self.guidance_scale}
-            metrics.update(evaluate_prompt_following(pipeline, self.test_dataset, classifier.to(pipeline.device),
-                                                     num_images_per_digit=self.args.eval_prompts_per_digit,
-                                                     seed=self.args.seed, batch_size=self.args.eval_batch_size,
-                                                     pipeline_kwargs=kwargs))
-        return metrics
+    def evaluation_options(self) -> dict:
+        """With hfgen's captions of the bundled digits, the final evaluation measures prompt following
+        (hfgen.prompt_following) at --guidance_scale."""
+        options = super().evaluation_options()
+        if self.follows_digit_prompts:
+            options.update(digit_prompts=True, prompts_per_digit=self.config.eval_prompts_per_digit,
+                           guidance_scale=self.config.guidance_scale)
+        return options
 
     def text_description(self) -> str:
         """The text encoder, for the card."""
-        args = self.args
+        args = self.config
         if args.text_encoder_name_or_path:
             return (f"text encoder `{args.text_encoder_name_or_path}`, "
                     f"{'tuned' if args.train_text_encoder else 'frozen'}; {self.guidance_description()}")
@@ -204,4 +193,4 @@ class TextConditionedTraining:
     def guidance_description(self) -> str:
         following = (f"; prompt-following metrics (digit accuracy, attribute separation) at guidance scale "
                      f"{self.guidance_scale:g}" if self.follows_digit_prompts else "")
-        return f"prompt dropout {self.args.prompt_dropout:g}{following}"
+        return f"prompt dropout {self.config.prompt_dropout:g}{following}"

@@ -21,6 +21,8 @@ captions of the bundled digits): the denoiser (a UNet2DConditionModel, or the Vi
 text encoder's token states (training/text_conditioning.py); the output is a TextToImagePipeline.
 """
 
+import dataclasses
+
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
@@ -31,49 +33,67 @@ from hfgen.models import ViTDenoiser
 from hfgen.objectives import OBJECTIVES, DDPMObjective, objective_flags, objective_from_args
 from hfgen.pipelines import DDPMPipeline
 
-from hfgen.utils import check_non_negative_int, check_positive_int, check_probability
+from hfgen.utils import check_positive_int, check_positive_ints, check_probability
 
-from .text_conditioning import TEXT_FLAG_CHECKS, TextConditionedTraining, add_text_arguments
-from .trainer import Trainer, optional, training_parser
+from .config import TrainingConfig, flag, redefault
+from .text_conditioning import TextConditionedTraining, TextConditioningConfig
+from .trainer import Trainer
 
-def diffusion_parser(description: str):
-    """The DDPM flags (also latent diffusion's second stage)."""
-    parser = training_parser(description)
-    add = parser.add_argument
-    add("--denoiser", default="unet", choices=["unet", "vit"], help="diffusers' UNet2DModel or hfgen's ViTDenoiser.")
-    add("--block_out_channels", type=int, nargs="+", default=[32, 64, 64],
-        help="U-Net widths; the image size must be divisible by 2 ** (number of blocks - 1).")
-    add("--layers_per_block", type=int, default=1)
-    add("--patch_size", type=int, default=4, help="ViT: pixels per patch side.")
-    add("--vit_hidden_size", type=int, default=128)
-    add("--vit_layers", type=int, default=4)
-    add("--vit_heads", type=int, default=4)
-    add("--objective", default=DDPMObjective.name, choices=list(OBJECTIVES),
-        help="ddpm (docs/maths.md §6), flow_matching (straight path, velocity target, §6.9) or edm (Karras et al. "
-             "2022, §6.10).")
-    add("--num_train_timesteps", type=int, default=1000, help="T: the schedule's number of noise levels.")
-    for name, (_, flag) in objective_flags().items():  # None: not given (another objective's flag is then refused)
-        add(f"--{name}", type=flag.type, default=None, choices=flag.choices, help=flag.help)
-    add("--label_dropout", type=float, default=0.1,
-        help="With --conditional: share of labels replaced by the null class, for classifier-free guidance.")
-    add("--num_inference_steps", type=int, default=50, help="Denoising steps for sample grids and FD.")
-    add_text_arguments(parser)
-    parser.set_defaults(learning_rate=1e-3, train_batch_size=64, num_epochs=5)
-    return parser
+def objective_flag(name: str):
+    """A config field for an objective's own flag (hfgen.objectives): None until given, so that a flag given to
+    another objective can be refused by name; its help, choices and check are the objective's."""
+    _, spec = objective_flags()[name]
+    return flag(None, spec.help, choices=spec.choices)
 
 
-def parse_args(argv=None):
-    return diffusion_parser("Train a DDPM or a flow-matching model on images in [-1, 1].").parse_args(argv)
+@dataclasses.dataclass(kw_only=True)
+class DDPMTrainingConfig(TextConditioningConfig):
+    """Train a DDPM, a flow-matching or an EDM model on images in [-1, 1]."""
+
+    denoiser: str = flag("unet", "diffusers' UNet2DModel or hfgen's ViTDenoiser.", choices=("unet", "vit"))
+    block_out_channels: list[int] = flag(
+        [32, 64, 64], "U-Net widths; the image size must be divisible by 2 ** (number of blocks - 1).",
+        check=check_positive_ints)
+    layers_per_block: int = flag(1, "U-Net: resnet layers per block.", check=check_positive_int)
+    patch_size: int = flag(4, "ViT: pixels per patch side.", check=check_positive_int)
+    vit_hidden_size: int = flag(128, "ViT: width.", check=check_positive_int)
+    vit_layers: int = flag(4, "ViT: transformer blocks.", check=check_positive_int)
+    vit_heads: int = flag(4, "ViT: attention heads.", check=check_positive_int)
+    objective: str = flag(
+        DDPMObjective.name, "ddpm (docs/maths.md §6), flow_matching (straight path, velocity target, §6.9) or edm "
+        "(Karras et al. 2022, §6.10).", choices=list(OBJECTIVES))
+    num_train_timesteps: int = flag(1000, "T: the schedule's number of noise levels.", check=check_positive_int)
+    # each objective's own flags (hfgen.objectives), checked by the objective
+    prediction_type: str | None = objective_flag("prediction_type")
+    beta_schedule: str | None = objective_flag("beta_schedule")
+    snr_gamma: float | None = objective_flag("snr_gamma")
+    eval_vlb_num_images: int | None = objective_flag("eval_vlb_num_images")
+    eval_vlb_num_timesteps: int | None = objective_flag("eval_vlb_num_timesteps")
+    weighting_scheme: str | None = objective_flag("weighting_scheme")
+    logit_mean: float | None = objective_flag("logit_mean")
+    logit_std: float | None = objective_flag("logit_std")
+    flow_shift: float | None = objective_flag("flow_shift")
+    p_mean: float | None = objective_flag("p_mean")
+    p_std: float | None = objective_flag("p_std")
+    sigma_data: float | None = objective_flag("sigma_data")
+    label_dropout: float = flag(
+        0.1, "With --conditional: share of labels replaced by the null class, for classifier-free guidance.",
+        check=check_probability)
+    num_inference_steps: int = flag(50, "Denoising steps for sample grids and FD.", check=check_positive_int)
+    train_batch_size: int = redefault(TrainingConfig, "train_batch_size", 64)
+    num_epochs: int = redefault(TrainingConfig, "num_epochs", 5)
+
+    def validate(self) -> None:
+        super().validate()
+        objective_from_args(self)  # another objective's flags refused, this one's checked
+
+
+def parse_args(argv=None) -> DDPMTrainingConfig:
+    return DDPMTrainingConfig.from_command_line(argv)
 
 
 class DDPMTrainer(TextConditionedTraining, Trainer):
-    flag_checks = {
-        **dict.fromkeys(("layers_per_block", "patch_size", "vit_hidden_size", "vit_layers", "vit_heads",
-                         "num_train_timesteps", "num_inference_steps"), check_positive_int),
-        **TEXT_FLAG_CHECKS,
-        "label_dropout": check_probability,
-        "eval_vlb_num_images": optional(check_non_negative_int), "eval_vlb_num_timesteps": optional(check_positive_int),
-    }
+    config_class = DDPMTrainingConfig
     pipeline_kind = "pixels"  # which of the objective's card tags names this trainer's runs (PIPELINE_KINDS)
     clip_sample = True  # the DDPM sampler clips x0 to the images' [-1, 1]
 
@@ -82,18 +102,12 @@ class DDPMTrainer(TextConditionedTraining, Trainer):
         """The card's tag, and what a checkpoint records: a checkpoint of one objective does not resume another."""
         return self.objective.tags[self.pipeline_kind]
 
-    @classmethod
-    def check_args(cls, args):
-        objective_from_args(args)  # another objective's flags refused, this one's checked, before any work
-        super().check_args(args)
-        cls.check_text_args(args)
-
     @property
     def objective(self):
         """The run's objective (hfgen.objectives) with its flags' values (EDM's sigma_data filled in by
         `build_noise_scheduler`)."""
         if "_objective" not in self.__dict__:
-            self._objective = objective_from_args(self.args)
+            self._objective = objective_from_args(self.config)
         return self._objective
 
     def build_noise_scheduler(self):
@@ -103,8 +117,8 @@ class DDPMTrainer(TextConditionedTraining, Trainer):
         if objective.needs_data():
             objective.fit(self.clean_samples_for_statistics())
         for name in objective.flags:  # what was used, recorded with the run (and its card)
-            setattr(self.args, name, getattr(objective, name))
-        return objective.scheduler(self.args.num_train_timesteps, clip_sample=self.clip_sample)
+            setattr(self.config, name, getattr(objective, name))
+        return objective.scheduler(self.config.num_train_timesteps, clip_sample=self.clip_sample)
 
     def clean_samples_for_statistics(self, num_images: int = 1024) -> torch.Tensor:
         """x0 of the first `num_images` training examples (images, or a latent diffusion's latents)."""
@@ -122,7 +136,7 @@ class DDPMTrainer(TextConditionedTraining, Trainer):
         return samples
 
     def build_models(self):
-        args = self.args
+        args = self.config
         channels, size, _ = self.sample_shape()
         self.noise_scheduler = self.build_noise_scheduler()
         num_class_embeds = class_embeddings_for(self.num_classes)  # the null class K included
@@ -175,35 +189,36 @@ class DDPMTrainer(TextConditionedTraining, Trainer):
         label or prompt dropout."""
         if self.text_conditioned:
             return self.text_conditioning(labels)
-        if labels is not None and self.args.label_dropout:
-            dropped = torch.rand(labels.shape, device=labels.device) < self.args.label_dropout
+        if labels is not None and self.config.label_dropout:
+            dropped = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
             labels = torch.where(dropped, null_class_labels(labels, self.num_classes), labels)
         return {"class_labels": labels}
 
     def pipeline_kwargs(self):
-        return {"num_inference_steps": self.args.num_inference_steps}
+        return {"num_inference_steps": self.config.num_inference_steps}
 
     def evaluation_options(self):
         # only the DDPM has a variational bound to evaluate (§6.9, §6.10): the card says so for the others
-        return {"vlb_num_images": self.args.eval_vlb_num_images or 0, "vlb_num_timesteps": self.args.eval_vlb_num_timesteps}
+        return {**super().evaluation_options(), "vlb_num_images": self.config.eval_vlb_num_images or 0,
+                "vlb_num_timesteps": self.config.eval_vlb_num_timesteps}
 
     def build_pipeline(self):
         scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config)  # fresh: sampling changes it
         if self.text_conditioned:
             return self.text_pipeline(self.sampling_model("unet"), scheduler)
         return DDPMPipeline(self.sampling_model("unet"), scheduler,
-                            label_dropout=self.args.label_dropout if self.num_classes else None,
-                            objective=self.args.objective)
+                            label_dropout=self.config.label_dropout if self.num_classes else None,
+                            objective=self.config.objective)
 
     def model_card_description(self):
         objective = self.objective
         kind = f"class-conditional {objective.title}" if self.num_classes else objective.title
         kind = f"text-to-image {kind} ({self.text_description()})" if self.text_conditioned else kind
-        denoiser = "hfgen ViTDenoiser" if self.args.denoiser == "vit" else (
+        denoiser = "hfgen ViTDenoiser" if self.config.denoiser == "vit" else (
             "diffusers UNet2DConditionModel" if self.text_conditioned else "diffusers UNet2DModel")
         pipeline = "" if objective.has_likelihood_bound else f" `DDPMPipeline` serves {objective.title}s too."
         return (f"A {kind} ({denoiser}, {objective.describe()}) trained with hfgen on "
-                f"`{self.args.dataset_name}`; FD with {self.args.num_inference_steps} "
+                f"`{self.config.dataset_name}`; FD with {self.config.num_inference_steps} "
                 f"sampling steps.{pipeline}{objective.likelihood_note}")
 
 

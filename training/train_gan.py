@@ -7,6 +7,8 @@ Each batch is one discriminator ascent step on a fresh minibatch (the inner loop
 of them the generator takes one descent step (the outer loop). A training step is a discriminator step.
 """
 
+import dataclasses
+
 import torch
 
 from hfgen.augment import DIFF_AUGMENTATIONS, diff_augment, parse_policy
@@ -18,47 +20,55 @@ from hfgen.pipelines import ConditionalPipeline, GANPipeline
 
 from hfgen.utils import check_non_negative_number, check_positive_int, check_positive_number, check_probability
 
-from .trainer import Trainer, optional, training_parser
+from .config import TrainingConfig, flag, optional, redefault
+from .trainer import Trainer
 
 
-def parse_args(argv=None):
-    parser = training_parser("Train a GAN (or a conditional GAN) on images in [-1, 1].")
-    add = parser.add_argument
-    add("--architecture", default="dcgan", choices=ARCHITECTURES)
-    add("--latent_dim", type=int, default=64)
-    add("--base_channels", type=int, default=32, help="Width of the nets (channels of the outermost conv layers).")
-    add("--loss", default="non_saturating", choices=GAN_LOSSES,
-        help="minimax (docs/maths.md §4.1), non_saturating generator loss (§4.4) or hinge (§4.5).")
-    add("--d_steps", type=int, default=1, help="Discriminator steps per generator step (k of docs/maths.md §4.3).")
-    add("--discriminator_learning_rate", type=float, default=None, help="Defaults to --learning_rate.")
-    add("--discriminator_adam_beta1", type=float, default=None, help="Defaults to --adam_beta1.")
-    add("--discriminator_adam_beta2", type=float, default=None, help="Defaults to --adam_beta2.")
-    add("--r1_gamma", type=float, default=0.0, help="Weight of the R1 penalty gamma/2 E||grad D(x)||^2 (0: off).")
-    add("--spectral_norm", action="store_true", help="Spectral normalisation in the discriminator.")
-    add("--diff_augment", default="none",
-        help=f"Differentiable augmentation of everything D sees (DiffAugment): 'none' or a comma-separated list of "
-             f"{', '.join(DIFF_AUGMENTATIONS)}, e.g. color,translation,cutout.")
+@dataclasses.dataclass(kw_only=True)
+class GANTrainingConfig(TrainingConfig):
+    """Train a GAN (or a conditional GAN) on images in [-1, 1]."""
+
+    architecture: str = flag("dcgan", "The generator and discriminator nets.", choices=ARCHITECTURES)
+    latent_dim: int = flag(64, "Size of the generator's noise z.", check=check_positive_int)
+    base_channels: int = flag(32, "Width of the nets (channels of the outermost conv layers).",
+                              check=check_positive_int)
+    loss: str = flag("non_saturating", "minimax (docs/maths.md §4.1), non_saturating generator loss (§4.4) or hinge "
+                     "(§4.5).", choices=GAN_LOSSES)
+    d_steps: int = flag(1, "Discriminator steps per generator step (k of docs/maths.md §4.3).",
+                        check=check_positive_int)
+    discriminator_learning_rate: float | None = flag(None, "Defaults to --learning_rate.",
+                                                     check=optional(check_positive_number))
+    discriminator_adam_beta1: float | None = flag(None, "Defaults to --adam_beta1.", check=optional(check_probability))
+    discriminator_adam_beta2: float | None = flag(None, "Defaults to --adam_beta2.", check=optional(check_probability))
+    r1_gamma: float = flag(0.0, "Weight of the R1 penalty gamma/2 E||grad D(x)||^2 (0: off).",
+                           check=check_non_negative_number)
+    spectral_norm: bool = flag(False, "Spectral normalisation in the discriminator.")
+    diff_augment: str = flag(
+        "none", "Differentiable augmentation of everything D sees (DiffAugment): 'none' or a comma-separated list of "
+        f"{', '.join(DIFF_AUGMENTATIONS)}, e.g. color,translation,cutout.", check=parse_policy)
     # DCGAN's settings: Adam(2e-4, betas (0.5, 0.999)), batch 64
-    parser.set_defaults(learning_rate=2e-4, adam_beta1=0.5, train_batch_size=64, num_epochs=5)
-    return parser.parse_args(argv)
+    learning_rate: float = redefault(TrainingConfig, "learning_rate", 2e-4)
+    adam_beta1: float = redefault(TrainingConfig, "adam_beta1", 0.5)
+    train_batch_size: int = redefault(TrainingConfig, "train_batch_size", 64)
+    num_epochs: int = redefault(TrainingConfig, "num_epochs", 5)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError("`--gradient_accumulation_steps` must be 1 for GANs: each batch is one update of D")
+
+
+def parse_args(argv=None) -> GANTrainingConfig:
+    return GANTrainingConfig.from_command_line(argv)
 
 
 class GANTrainer(Trainer):
     family = "gan"
     ema_model_names = ("generator",)
-    flag_checks = {**dict.fromkeys(("latent_dim", "base_channels", "d_steps"), check_positive_int),
-                   "r1_gamma": check_non_negative_number, "diff_augment": parse_policy,
-                   "discriminator_learning_rate": optional(check_positive_number),
-                   **dict.fromkeys(("discriminator_adam_beta1", "discriminator_adam_beta2"), optional(check_probability))}
-
-    @classmethod
-    def check_args(cls, args):
-        super().check_args(args)
-        if args.gradient_accumulation_steps != 1:
-            raise ValueError("`--gradient_accumulation_steps` must be 1 for GANs: each batch is one update of D")
+    config_class = GANTrainingConfig
 
     def build_models(self):
-        args, data = self.args, self.train_dataset
+        args, data = self.config, self.train_dataset
         channels, size, _ = data.image_shape
         shared = dict(
             sample_size=size, channels=channels, architecture=args.architecture, base_channels=args.base_channels,
@@ -71,7 +81,7 @@ class GANTrainer(Trainer):
         }
 
     def build_optimizers(self):
-        args = self.args
+        args = self.config
         d_betas = (
             args.adam_beta1 if args.discriminator_adam_beta1 is None else args.discriminator_adam_beta1,
             args.adam_beta2 if args.discriminator_adam_beta2 is None else args.discriminator_adam_beta2,
@@ -83,7 +93,7 @@ class GANTrainer(Trainer):
         }
 
     def training_step(self, images, labels):
-        args = self.args
+        args = self.config
         real = from_unit_range(images, SYMMETRIC)
         generator, discriminator = self.unwrap("generator"), self.unwrap("discriminator")
         latent_shape = (real.shape[0], args.latent_dim)
@@ -116,18 +126,18 @@ class GANTrainer(Trainer):
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         """What D sees of real and generated images: their DiffAugment under --diff_augment, else themselves."""
-        return diff_augment(images, parse_policy("--diff_augment", self.args.diff_augment))
+        return diff_augment(images, parse_policy("--diff_augment", self.config.diff_augment))
 
     def build_pipeline(self):
         generator, discriminator = self.sampling_model("generator"), self.unwrap("discriminator")
-        if self.args.conditional:
+        if self.config.conditional:
             return ConditionalPipeline(generator, discriminator)
         return GANPipeline(generator, discriminator)
 
     def model_card_description(self):
-        kind = "conditional GAN" if self.args.conditional else "GAN"
-        return (f"A {kind} ({self.args.architecture}, {self.args.loss} loss) trained with hfgen on "
-                f"`{self.args.dataset_name}`. The discriminator is included as an optional pipeline component, "
+        kind = "conditional GAN" if self.config.conditional else "GAN"
+        return (f"A {kind} ({self.config.architecture}, {self.config.loss} loss) trained with hfgen on "
+                f"`{self.config.dataset_name}`. The discriminator is included as an optional pipeline component, "
                 f"so adversarial fine-tuning can resume from this folder.")
 
 

@@ -6,6 +6,7 @@
     hfgen train vae --output_dir hfgen-cvae-mnist --conditional --latent_sampler gmm   # one per class, q(z|y)
 """
 
+import dataclasses
 import logging
 import math
 
@@ -18,9 +19,10 @@ from hfgen.models.vae import ARCHITECTURES, KL_ESTIMATORS, LIKELIHOODS
 from hfgen.pipelines import ConditionalPipeline, VAEPipeline
 
 from hfgen.utils import (
-    check_choice, check_non_negative_int, check_non_negative_number, check_positive_int, check_positive_number)
+    check_non_negative_int, check_non_negative_number, check_positive_int, check_positive_ints, check_positive_number)
 
-from .trainer import Trainer, training_parser
+from .config import TrainingConfig, flag
+from .trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -29,48 +31,53 @@ LATENT_SAMPLERS = ("none", "gmm")
 LATENT_SAMPLER_MAX_IMAGES = 20_000
 
 
-def parse_args(argv=None):
-    parser = training_parser("Train a VAE (or a conditional VAE) on images in [0, 1].")
-    add = parser.add_argument
-    add("--architecture", default="mlp", choices=ARCHITECTURES)
-    add("--hidden_dims", type=int, nargs="+", default=[400], help="Encoder widths (mlp) or channels (conv).")
-    add("--latent_dim", type=int, default=20)
-    add("--latent_channels", type=int, default=0,
-        help="conv: a spatial latent of this many channels at 1 / 2 ** len(hidden_dims) of the image size "
-             "(latent diffusion's first stage); 0: a vector of --latent_dim.")
-    add("--likelihood", default="bernoulli", choices=LIKELIHOODS)
-    add("--decoder_std", type=float, default=0.1, help="Gaussian decoder std (fixed, or initial if learned).")
-    add("--learn_decoder_std", action="store_true")
-    add("--beta", type=float, default=1.0, help="Weight of the KL term (1: the ELBO).")
-    add("--kl_estimator", default="analytic", choices=KL_ESTIMATORS)
-    add("--num_latent_samples", type=int, default=1, help="Reparameterized samples K per example.")
-    add("--eval_importance_samples", type=int, default=100, help="K of the IWAE bound on the test split.")
-    add("--latent_sampler", default="none", choices=LATENT_SAMPLERS,
-        help='"gmm": after training, fit a Gaussian mixture to the aggregated posterior q(z) (one z ~ q(z|x) per '
-             f'training image, at most {LATENT_SAMPLER_MAX_IMAGES:,}; under --conditional one mixture per class, '
-             'fitted to q(z|y)) and save it in the pipeline, which then samples from it by default (docs/maths.md '
-             '§7.2); the card reports FD for it ("fd") and for the prior ("fd_prior"). "none": sample the prior '
-             'N(0, I).')
-    add("--latent_sampler_components", type=int, default=10,
-        help="Components K of the --latent_sampler mixture (of each class's mixture under --conditional).")
-    add("--latent_sampler_covariance", default="full", choices=COVARIANCE_TYPES,
-        help="Covariance of each mixture component: full, or diagonal (for large, e.g. spatial, latents).")
-    return parser.parse_args(argv)
+@dataclasses.dataclass(kw_only=True)
+class VAETrainingConfig(TrainingConfig):
+    """Train a VAE (or a conditional VAE) on images in [0, 1]."""
+
+    architecture: str = flag("mlp", "mlp, or conv (needed for a spatial latent).", choices=ARCHITECTURES)
+    hidden_dims: list[int] = flag([400], "Encoder widths (mlp) or channels (conv).", check=check_positive_ints)
+    latent_dim: int = flag(20, "Size of the vector latent z.", check=check_positive_int)
+    latent_channels: int = flag(
+        0, "conv: a spatial latent of this many channels at 1 / 2 ** len(hidden_dims) of the image size (latent "
+        "diffusion's first stage); 0: a vector of --latent_dim.", check=check_non_negative_int)
+    likelihood: str = flag("bernoulli", "The decoder p(x|z).", choices=LIKELIHOODS)
+    decoder_std: float = flag(0.1, "Gaussian decoder std (fixed, or initial if learned).", check=check_positive_number)
+    learn_decoder_std: bool = flag(False, "Learn the Gaussian decoder's std.")
+    beta: float = flag(
+        1.0, "Weight of the KL term (1: the ELBO). Below 1 the codes carry more of the image and reconstruct better, "
+        "and q(z) strays further from N(0, I).", check=check_non_negative_number)
+    kl_estimator: str = flag("analytic", "The KL term: in closed form, or estimated from the samples.",
+                             choices=KL_ESTIMATORS)
+    num_latent_samples: int = flag(1, "Reparameterized samples K per example.", check=check_positive_int)
+    eval_importance_samples: int = flag(100, "K of the IWAE bound on the test split.", check=check_positive_int)
+    latent_sampler: str = flag(
+        "none", '"gmm": after training, fit a Gaussian mixture to the aggregated posterior q(z) (one z ~ q(z|x) per '
+        f'training image, at most {LATENT_SAMPLER_MAX_IMAGES:,}; under --conditional one mixture per class, fitted to '
+        'q(z|y)) and save it in the pipeline, which then samples from it by default (docs/maths.md §7.2); the card '
+        'reports FD for it ("fd") and for the prior ("fd_prior"). "none": sample the prior N(0, I).',
+        choices=LATENT_SAMPLERS)
+    latent_sampler_components: int = flag(
+        10, "Components K of the --latent_sampler mixture (of each class's mixture under --conditional).",
+        check=check_positive_int)
+    latent_sampler_covariance: str = flag(
+        "full", "Covariance of each mixture component: full, or diagonal (for large, e.g. spatial, latents).",
+        choices=COVARIANCE_TYPES)
+
+
+def parse_args(argv=None) -> VAETrainingConfig:
+    return VAETrainingConfig.from_command_line(argv)
 
 
 class VAETrainer(Trainer):
     family = "vae"
     ema_model_names = ("vae",)
-    flag_checks = {**dict.fromkeys(("latent_dim", "num_latent_samples", "eval_importance_samples"), check_positive_int),
-                   "latent_channels": check_non_negative_int, "beta": check_non_negative_number,
-                   "decoder_std": check_positive_number, "latent_sampler_components": check_positive_int,
-                   "latent_sampler": lambda name, value: check_choice(name, value, LATENT_SAMPLERS),
-                   "latent_sampler_covariance": lambda name, value: check_choice(name, value, COVARIANCE_TYPES)}
+    config_class = VAETrainingConfig
     _latent_sampler = None  # (global_step, the sampler fitted at that step), fitted once at the end
 
     def load_data(self):
         super().load_data()
-        args, num_images = self.args, dataset_length(self.train_dataset)
+        args, num_images = self.config, dataset_length(self.train_dataset)
         # checked now, not when the mixture is fitted at the end of training
         if args.latent_sampler == "none" or num_images is None:
             return
@@ -85,7 +92,7 @@ class VAETrainer(Trainer):
                              f"{num_images} training images whose latents the mixture is fitted to")
 
     def build_models(self):
-        args, data = self.args, self.train_dataset
+        args, data = self.config, self.train_dataset
         channels, size, _ = data.image_shape
         vae = VAEModel(
             sample_size=size,
@@ -103,7 +110,7 @@ class VAETrainer(Trainer):
         return {"vae": vae}
 
     def training_step(self, images, labels):
-        args = self.args
+        args = self.config
         output = self.models["vae"](
             images, labels, num_samples=args.num_latent_samples,
             kl_estimator=args.kl_estimator,
@@ -128,7 +135,7 @@ class VAETrainer(Trainer):
         """Under --latent_sampler gmm, once training has ended: the mixture fitted to `vae`'s q(z), fitted once and
         cached (the final grid, FD and saved folder share it). Before the end, and without the flag: None (the
         grids during training sample the prior)."""
-        if self.args.latent_sampler == "none" or self.global_step < self.max_train_steps:
+        if self.config.latent_sampler == "none" or self.global_step < self.max_train_steps:
             return None
         if self._latent_sampler is None or self._latent_sampler[0] != self.global_step:
             self._latent_sampler = (self.global_step, self.fit_latent_sampler(vae))
@@ -139,7 +146,7 @@ class VAETrainer(Trainer):
         """A Gaussian mixture fitted to one sample z ~ q(z|x) of each training image (the first
         LATENT_SAMPLER_MAX_IMAGES, as stored: without random crops and flips), i.e. to the aggregated posterior
         q(z); for a CVAE, z ~ q(z|x, y) and one mixture per class y, fitted to q(z|y) (docs/maths.md §7.2)."""
-        args = self.args
+        args = self.config
         parameter = next(vae.parameters())
         generator = torch.Generator(parameter.device).manual_seed(args.seed)
         images_as_stored = self.load_split("train")
@@ -164,25 +171,11 @@ class VAETrainer(Trainer):
                     args.latent_sampler_components, len(latents))
         return sampler.to(parameter.device)
 
-    def evaluate(self, pipeline, num_samples: int, likelihood: bool = True) -> dict[str, float]:
-        """The shared metrics ("fd" samples the pipeline's default: its fitted sampler when it has one); with a
-        fitted sampler also "fd_prior", the FD of samples from the prior N(0, I)."""
-        metrics = super().evaluate(pipeline, num_samples, likelihood)
-        if "fd" not in metrics or getattr(pipeline, "latent_sampler", None) is None:
-            return metrics
-        fd_prior = super().evaluate(pipeline, num_samples, likelihood=False, latent_sampler="prior")["fd"]
-        ordered = {}  # "fd_prior" right after "fd"
-        for name, value in metrics.items():
-            ordered[name] = value
-            if name == "fd":
-                ordered["fd_prior"] = fd_prior
-        return ordered
-
     def evaluation_options(self):
-        return {"num_importance_samples": self.args.eval_importance_samples}
+        return {"num_importance_samples": self.config.eval_importance_samples}
 
     def model_card_description(self):
-        args = self.args
+        args = self.config
         kind = "conditional VAE" if args.conditional else "VAE"
         text = (f"A {kind} trained with hfgen on `{args.dataset_name}`. The negative ELBO and the "
                 f"importance-weighted NLL bound (K = {args.eval_importance_samples}) are in nats per image.")

@@ -1,26 +1,26 @@
-"""The training skeleton every family shares: arguments, accelerator, data, loop, checkpoints, output.
+"""The training skeleton every family shares: config, accelerator, data, loop, checkpoints, output.
 
-A family subclasses `Trainer` and supplies its models, its objective and its pipeline:
+A family subclasses `Trainer` and supplies its config (training/config.py), its models, its objective and its
+pipeline:
 
     class VAETrainer(Trainer):
         family = "vae"
+        config_class = VAETrainingConfig
         def build_models(self): return {"vae": VAEModel(...)}
         def training_step(self, images, labels): loss = ...; self.optimize("vae", loss); return {"loss": loss}
         def build_pipeline(self): return VAEPipeline(self.sampling_model("vae"))
-        def evaluation_options(self): return {"num_importance_samples": self.args.eval_importance_samples}
+        def evaluation_options(self): return {"num_importance_samples": self.config.eval_importance_samples}
 
-`Trainer(args).train()` then runs on one process or many (`accelerate launch`), resumes from checkpoints,
+`Trainer(config).train()` then runs on one process or many (`accelerate launch`), resumes from checkpoints,
 and writes `output_dir` as a loadable, pushable pipeline folder with a model card and a sample grid.
 """
 
-import argparse
 import copy
 import importlib.util
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import socket
 import time
@@ -30,183 +30,35 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
-from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from huggingface_hub import get_token
 from tqdm.auto import tqdm
 
 from hfgen.data import (
-    BUILTIN_DATASETS, StreamingImageDataset, check_color, dataset_length, default_num_workers, open_image_source,
-    parse_color, training_dataloader)
-from hfgen.data.pixel_cache import DEFAULT_MEMORY_GB
-from hfgen.hub_utils import SAMPLE_GRID, check_repo_id, push_output_folder, write_model_card
+    StreamingImageDataset, dataset_length, default_num_workers, open_image_source, parse_color, training_dataloader)
+from hfgen.hub_utils import SAMPLE_GRID, push_output_folder, write_model_card
 from hfgen.image_processing import image_grid
-from hfgen.utils import (
-    CommandParser, check_fraction, check_non_negative_int, check_non_negative_number, check_positive_int, check_positive_number,
-    check_probability)
-from hfgen.evaluation import evaluate_pipeline
-from hfgen.features import describe_feature_space, load_feature_extractor, resolve_feature_extractor
+from hfgen.evaluation import EvaluationConfig, evaluate
+from hfgen.features import ClassifierFeatures, describe_feature_space, load_feature_space
 from hfgen.training.allocator import keep_freed_memory_for_reuse
+from hfgen.training.config import FINISHED_MARK, TrainingConfig, list_checkpoints
 from hfgen.training.disk_space import SaveError, folder_bytes, save_failure, space_shortage, state_bytes
 from hfgen.training.preemption import (
     PREEMPTED_EXIT_CODE, IgnoreStopSignals, StopSignals, TrainingStopped, resume_command, signal_to_a_process)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 LOCK_FILE = ".hfgen-run.lock"  # held by the live run writing the folder
 STAGING = ".output.incomplete"  # the final output is written here, then moved into place, model_index.json last
-FINISHED_MARK = "model_index.json"  # a folder holding it is a finished pipeline
 
 
 class NonFiniteError(ValueError):
     """Training produced nan or inf: stopped before anything non-finite is saved."""
-LOGGERS = ("auto", "tensorboard", "wandb", "none")
+
+
 NEAREST_K = 3  # k of the k-NN balls of precision, recall, density and coverage
 PLAIN_STEP_TYPES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-
-
-def training_parser(description: str) -> argparse.ArgumentParser:
-    """The flags every family shares, named like diffusers' example scripts."""
-    parser = CommandParser(description=description)
-    add = parser.add_argument
-    add("--output_dir", required=True, help="Where the pipeline folder, checkpoints and logs are written.")
-    add("--overwrite_output_dir", action="store_true",
-        help="Replace the run already in --output_dir (otherwise it is refused unless resumed).")
-    add("--dataset_name", default="hfgen:mnist",
-        help=f"Built-in ({', '.join(BUILTIN_DATASETS)}: no network), a `datasets` name on the Hub, a folder saved "
-             "with save_to_disk, or a folder of parquet files.")
-    add("--dataset_config_name", default=None, help="The dataset's configuration, if it has several.")
-    add("--train_data_dir", default=None, help="A local image folder (class sub-folders or metadata.jsonl).")
-    add("--image_column", default=None, help="Column of the images (default: the first image column).")
-    add("--caption_column", default=None, help="Column of the captions (kept with the data for text conditioning).")
-    add("--cache_dir", default=None, help="Where `datasets` caches downloaded datasets.")
-    add("--streaming", action="store_true",
-        help="Stream a dataset too large to download; each process reads its own shard. Needs --max_train_steps.")
-    add("--max_train_samples", type=int, default=None, help="Train on this many images of the train split at most.")
-    add("--validation_split", type=float, default=None,
-        help="Hold out this share of a source without a test split as its test split (for FD).")
-    add("--resolution", type=int, default=28,
-        help="The shorter side is resized to this, then a resolution x resolution crop is taken.")
-    add("--center_crop", action="store_true", help="Crop the center (default: a random crop, as diffusers' scripts).")
-    add("--random_flip", action="store_true", help="Flip training images horizontally with probability 1/2.")
-    add("--no_resize", action="store_true", help="Crop images as they are, without resizing the shorter side first.")
-    add("--num_channels", type=int, default=None, help="1 or 3 for image folders; inferred when omitted.")
-    add("--skip_corrupt_images", action="store_true",
-        help="Skip image files that cannot be decoded, and metadata rows without an image or images without a row "
-             "(counted in the log), instead of stopping with an error.")
-    add("--background_color", default="white",
-        help='What transparent pixels are composited onto: a colour name, "#rrggbb" or "r,g,b" (0-255).')
-    add("--pixel_cache_memory_gb", type=float, default=DEFAULT_MEMORY_GB,
-        help="An image folder's decoded pixels are kept in RAM up to this many GiB per process, else in a "
-             "memory-mapped file under $HFGEN_CACHE, so that only the first epoch decodes images.")
-    add("--no_pixel_cache", action="store_true", help="Decode every image on every epoch (no pixel cache).")
-    add("--conditional", action="store_true", help="Condition the model on the dataset's class labels.")
-    add("--train_batch_size", type=int, default=100, help="Batch size per process.")
-    add("--eval_batch_size", type=int, default=250)
-    add("--num_epochs", type=int, default=10)
-    add("--max_train_steps", type=int, default=None, help="Overrides --num_epochs when set.")
-    add("--learning_rate", type=float, default=1e-3)
-    add("--adam_beta1", type=float, default=0.9)
-    add("--adam_beta2", type=float, default=0.999)
-    add("--adam_weight_decay", type=float, default=0.0)
-    add("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (off by default).")
-    add("--use_ema", action="store_true", help="Keep an EMA of the weights and sample with it.")
-    add("--ema_max_decay", type=float, default=0.9999)
-    add("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power.")
-    add("--ema_power", type=float, default=0.75)
-    add("--lr_scheduler", default="constant", choices=[kind.value for kind in SchedulerType],
-        help="A diffusers learning-rate schedule.")
-    add("--lr_warmup_steps", type=int, default=0)
-    add("--gradient_accumulation_steps", type=int, default=1)
-    add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    add("--dataloader_num_workers", type=int, default=None,
-        help="Processes decoding images (default: none for data in memory or on 2-3 cores, else half the cores "
-             "of each training process, at most 8).")
-    add("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
-    add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    add("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
-    add("--save_images_epochs", type=int, default=1, help="Write a sample grid every N epochs (0: never).")
-    add("--num_validation_images", type=int, default=64)
-    add("--logging_steps", type=int, default=10)
-    add("--feature_extractor", default="auto",
-        help='Features of the Fréchet distance (FD): "auto" (hfgen\'s digit classifier for 1-channel images of at '
-             'least 28 px; Inception for RGB when torch-fidelity is installed; else no FD, with a warning), "none", '
-             '"classifier" (a domain feature space for any labelled dataset, e.g. colour images in class folders: a '
-             "small CNN trained once on this run's training split and its labels, cached under $HFGEN_CACHE), "
-             '"hfgen:digit-classifier", a saved DigitClassifier or DomainClassifier folder, "inception" '
-             '(pip install "hfgen[fid]"), "dinov2:<Hub id or folder>" or "clip:<Hub id or folder>". FD, KID, '
-             'precision/recall, density/coverage and memorisation are all computed in these features.')
-    add("--eval_num_samples", type=int, default=1000,
-        help="Samples for the final FD, against as many images of the test split (else of the training images).")
-    add("--eval_fd_steps", type=int, default=0, help="Also log a cheap FD every N steps (0: only at the end).")
-    add("--eval_fd_num_samples", type=int, default=200, help="Samples for the periodic FD.")
-    add("--seed", type=int, default=0)
-    add("--logger", default="auto", choices=LOGGERS, help='"auto": TensorBoard when it is installed.')
-    add("--push_to_hub", action="store_true")
-    add("--hub_model_id", default=None, help="Repository on the Hub, e.g. user/hfgen-vae-mnist.")
-    add("--hub_token", default=None)
-    add("--hub_private_repo", action="store_true")
-    add("--push_demo", action="store_true",
-        help='With --push_to_hub: also push a Gradio demo of the model as the Space <hub_model_id>-demo (pip install '
-             '"hfgen[demo]").')
-    return parser
-
-
-def optional(check):
-    """A flag check that also accepts None (the flag left unset)."""
-    def check_if_given(name, value):
-        if value is not None:
-            check(name, value)
-    return check_if_given
-
-
-# flag -> the check its value must pass, before any work; a family adds its own in `Trainer.flag_checks`
-FLAG_CHECKS = {
-    **dict.fromkeys(("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                     "logging_steps", "num_epochs", "num_validation_images", "eval_num_samples", "eval_fd_num_samples"),
-                    check_positive_int),
-    **dict.fromkeys(("lr_warmup_steps", "save_images_epochs", "eval_fd_steps", "seed"), check_non_negative_int),
-    "dataloader_num_workers": optional(check_non_negative_int),
-    "pixel_cache_memory_gb": check_non_negative_number,
-    "background_color": check_color,
-    **dict.fromkeys(("max_train_steps", "checkpoints_total_limit", "max_train_samples"), optional(check_positive_int)),
-    **dict.fromkeys(("learning_rate", "ema_inv_gamma", "ema_power"), check_positive_number),
-    **dict.fromkeys(("adam_beta1", "adam_beta2", "ema_max_decay"), check_probability),
-    "adam_weight_decay": check_non_negative_number,
-    "max_grad_norm": optional(check_positive_number),
-    "validation_split": optional(check_fraction),
-}
-
-
-def check_training_args(args: argparse.Namespace, flag_checks: dict | None = None) -> None:
-    """Clear errors for flag values that cannot work, before any work starts."""
-    for name, check in {**FLAG_CHECKS, **(flag_checks or {})}.items():
-        check(f"--{name}", getattr(args, name))
-    if not isinstance(args.output_dir, str) or not args.output_dir.strip():
-        raise ValueError(f"`--output_dir` must name a folder, got {args.output_dir!r}")
-    if args.streaming and args.max_train_steps is None:
-        raise ValueError("`--streaming` needs `--max_train_steps`: a streamed dataset has no length to count "
-                         "epochs (`--num_epochs`) from")
-    if args.streaming and args.validation_split is not None:
-        raise ValueError("`--validation_split` needs the dataset's length, which `--streaming` does not have")
-    if args.num_channels not in (None, 1, 3):
-        raise ValueError(f"`--num_channels` must be 1 or 3, got {args.num_channels}")
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("`--mixed_precision fp16` needs a GPU (its loss scaling is CUDA's); on this machine use "
-                         "`--mixed_precision bf16` or `no`")
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. user/my-model)")
-    if args.hub_model_id is not None:
-        check_repo_id("--hub_model_id", args.hub_model_id)
-    if args.push_to_hub and not (args.hub_token or get_token()):
-        raise ValueError("`--push_to_hub` needs a Hub token: pass `--hub_token`, set HF_TOKEN or run `hf auth login`")
-    if args.push_demo:
-        check_push_demo(args)
-    if args.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise ValueError('`--logger tensorboard` needs tensorboard: pip install "hfgen[tensorboard]"')
-    check_output_dir(args)
 
 
 def check_launch(accelerator: Accelerator) -> None:
@@ -222,40 +74,6 @@ def check_launch(accelerator: Accelerator) -> None:
     raise ValueError(f"the launcher started {launched} processes, but they could not join one run (accelerate "
                      f"found {accelerator.num_processes} process): `--multi_gpu` needs GPUs; on CPUs launch with "
                      f"`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} ...`")
-
-
-def check_push_demo(args: argparse.Namespace) -> None:
-    """--push_demo pushes a Space beside the pushed model, which its app loads by the model's full id."""
-    if not args.push_to_hub:
-        raise ValueError("`--push_demo` pushes a demo Space beside the model pushed to the Hub: it needs `--push_to_hub`")
-    if args.hub_model_id.count("/") != 1:
-        raise ValueError(f"`--push_demo`: the demo loads the model by its full Hub id, so `--hub_model_id` must be "
-                         f"user/name, got {args.hub_model_id!r}")
-    if importlib.util.find_spec("gradio") is None:
-        raise ValueError('`--push_demo` writes a Gradio app, which needs gradio: pip install "hfgen[demo]"')
-
-
-def check_output_dir(args: argparse.Namespace) -> None:
-    """--output_dir must be writable, and must not hold another run unless it is resumed or overwritten."""
-    folder = args.output_dir
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"`--output_dir` {folder!r} is a file, not a folder")
-    parent = os.path.abspath(folder)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"`--output_dir` {folder!r} cannot be written: {parent!r} is not writable")
-    checkpoints = list_checkpoints(os.path.join(folder, "checkpoints"))
-    holds_run = checkpoints or os.path.isfile(os.path.join(folder, FINISHED_MARK))
-    resumable = args.resume_from_checkpoint not in (None, "latest") or checkpoints
-    if args.overwrite_output_dir and args.resume_from_checkpoint:
-        raise ValueError("`--overwrite_output_dir` replaces the run that `--resume_from_checkpoint` would continue: "
-                         "pass one of them")
-    if holds_run and not args.overwrite_output_dir and not (args.resume_from_checkpoint and resumable):
-        what = f"{len(checkpoints)} checkpoints" if checkpoints else "a finished pipeline"
-        raise ValueError(f"`--output_dir` {folder!r} already holds a run ({what}): resume it with "
-                         "`--resume_from_checkpoint latest`, pass `--overwrite_output_dir` to replace it, or choose "
-                         "another folder")
 
 
 def clear_run(folder: str) -> None:
@@ -324,26 +142,20 @@ def check_finite_weights(models: dict, what: str) -> None:
                                  f"{', ...' if len(bad) > 3 else ''}); nothing was saved")
 
 
-def list_checkpoints(checkpoint_dir: str) -> list[str]:
-    """Complete checkpoints, oldest first. A checkpoint is complete once renamed to checkpoint-<step>."""
-    if not os.path.isdir(checkpoint_dir):
-        return []
-    names = [name for name in os.listdir(checkpoint_dir) if CHECKPOINT_PATTERN.match(name)]
-    names.sort(key=lambda name: int(CHECKPOINT_PATTERN.match(name).group(1)))
-    return [os.path.join(checkpoint_dir, name) for name in names]
-
-
 class Trainer:
     """The shared training loop; see the module docstring for what a family supplies."""
 
     family: str = ""
-    flag_checks: dict = {}  # the family's own flags -> their checks (see FLAG_CHECKS)
+    config_class = TrainingConfig  # the family's config (training/config.py)
     pipeline_task = "unconditional-image-generation"
     ema_model_names: tuple[str, ...] = ()  # the models whose weights --use_ema averages (the samplers)
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.check_args(args)
+    def __init__(self, config: TrainingConfig):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"`config` must be a {self.config_class.__name__}, got {type(config).__name__}")
+        config.validate()
+        # the run records what it chooses (e.g. the data loader's workers) in its own copy
+        self.config = args = copy.deepcopy(config)
         keep_freed_memory_for_reuse()  # each step's activations reuse the last step's pages, whatever the data path
         self.global_step = 0
         self.checkpoint_dir = os.path.join(args.output_dir, "checkpoints")
@@ -372,14 +184,8 @@ class Trainer:
 
     # ----- set-up, in the order __init__ runs it ------------------------------------------------------------
 
-    @classmethod
-    def check_args(cls, args: argparse.Namespace) -> None:
-        """Every flag checked before any work: the shared ones, then the family's `flag_checks`; families with
-        rules across flags extend this."""
-        check_training_args(args, cls.flag_checks)
-
     def build_accelerator(self) -> Accelerator:
-        args = self.args
+        args = self.config
         # accelerate keeps one state per process; each Trainer (a second run in a notebook or a test, maybe with
         # another precision) starts from a fresh one. The process-level distributed set-up (PartialState) stays.
         AcceleratorState._reset_state()
@@ -405,15 +211,15 @@ class Trainer:
         """The main process locks --output_dir (and, with --overwrite_output_dir, clears the old run from it)."""
         if not self.accelerator.is_main_process:
             return None
-        lock = OutputLock(self.args.output_dir)
-        if self.args.overwrite_output_dir:
-            clear_run(self.args.output_dir)
+        lock = OutputLock(self.config.output_dir)
+        if self.config.overwrite_output_dir:
+            clear_run(self.config.output_dir)
         return lock
 
     def load_data(self) -> None:
         """The training split (augmented) and the split FD compares with (the test split, else the training
         images), decoded lazily; what the family's models condition on."""
-        args = self.args
+        args = self.config
         self.source = open_image_source(
             args.dataset_name, args.train_data_dir, dataset_config_name=args.dataset_config_name,
             image_column=args.image_column, caption_column=args.caption_column, streaming=args.streaming,
@@ -430,7 +236,7 @@ class Trainer:
 
     def plan_steps(self) -> None:
         """max_train_steps, from the number of batches each process will see."""
-        args = self.args
+        args = self.config
         self.steps_per_epoch = self.num_epochs = None  # known once the dataloader is prepared, unless streamed
         if dataset_length(self.train_dataloader.dataset) is None:  # streamed: --max_train_steps is required
             self.max_train_steps = args.max_train_steps
@@ -459,12 +265,12 @@ class Trainer:
         self.lr_schedulers = dict(zip(self.lr_schedulers, prepared[len(names) + len(optimizer_names): len(objects)]))
         if not streamed:
             self.train_dataloader = prepared[-1]
-            self.steps_per_epoch = math.ceil(len(self.train_dataloader) / self.args.gradient_accumulation_steps)
+            self.steps_per_epoch = math.ceil(len(self.train_dataloader) / self.config.gradient_accumulation_steps)
             self.num_epochs = math.ceil(self.max_train_steps / self.steps_per_epoch)
 
     def build_ema_models(self) -> dict:
         """An EMA of each of `ema_model_names` under --use_ema, checkpointed with the run."""
-        args, ema_models = self.args, {}
+        args, ema_models = self.config, {}
         for name in self.ema_model_names if args.use_ema else ():
             model = self.unwrap(name)
             ema = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
@@ -478,7 +284,7 @@ class Trainer:
     # ----- what a family supplies -------------------------------------------------------------------------
 
     def build_models(self) -> dict:
-        """name -> ModelMixin, built from self.args and the data (self.train_dataset)."""
+        """name -> ModelMixin, built from self.config and the data (self.train_dataset)."""
         raise NotImplementedError
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -494,7 +300,7 @@ class Trainer:
     def conditions_on_batches(self) -> bool:
         """Whether `training_step` gets the batches' second element: the class labels under --conditional (a
         family with its own conditioning, e.g. captions' token ids, extends this)."""
-        return self.args.conditional
+        return self.config.conditional
 
     def training_data(self):
         """The `ImageDataset` the training batches come from (after `build_models`): the training images, or
@@ -502,30 +308,31 @@ class Trainer:
         return self.train_dataset
 
     def evaluation_options(self) -> dict:
-        """Extra keyword arguments of `hfgen.evaluation.evaluate_pipeline` for this family."""
+        """This family's fields of the evaluation's `hfgen.evaluation.EvaluationConfig` (e.g. a VAE's K)."""
         return {}
 
     def pipeline_kwargs(self) -> dict:
         """Extra arguments of the pipeline's call for sample grids and FD (e.g. fewer denoising steps)."""
         return {}
 
-    def evaluate(self, pipeline, num_samples: int, likelihood: bool = True, **call_kwargs) -> dict[str, float]:
-        """Test-split metrics: FD of `num_samples` samples, and the family's likelihood bounds if it has them. The
-        final evaluation (`likelihood`) adds KID, precision/recall, density/coverage, the class accuracy of a
-        conditional model and, against the training images, the memorisation check (hfgen.sample_metrics).
-        `call_kwargs` go to the pipeline's calls, after `pipeline_kwargs()`."""
+    def evaluate(self, pipeline, full: bool = True) -> dict[str, float]:
+        """Test-split metrics by `hfgen.evaluation.evaluate`, as `hfgen evaluate` computes them: the final evaluation
+        (FD of --eval_num_samples samples, KID, precision/recall, density/coverage, class accuracy, the memorisation
+        check, the family's likelihood bounds and extras), or with `full=False` the periodic one (FD of
+        --eval_fd_num_samples samples)."""
+        args = self.config
         available = dataset_length(self.test_dataset)  # None: streamed, its first num_samples images
-        num_samples = min(num_samples, available or num_samples)
-        fd = self.feature_extractor is not None
-        sample_metrics = likelihood and fd and num_samples > NEAREST_K
-        # the memorisation check compares with all the training images: a test split apart from them, not streamed
-        memorisation = sample_metrics and self.source.test_split != "train" and not self.args.streaming
-        train_dataset = self.load_split("train") if memorisation else None
-        return evaluate_pipeline(pipeline, self.test_dataset, num_samples, self.feature_extractor, self.args.seed,
-                                 self.args.eval_batch_size, likelihood=likelihood,
-                                 pipeline_kwargs={**self.pipeline_kwargs(), **call_kwargs},
-                                 fd=fd, sample_metrics=sample_metrics, nearest_k=NEAREST_K, train_dataset=train_dataset,
-                                 num_workers=self.args.dataloader_num_workers, **self.evaluation_options())
+        num_samples = args.eval_num_samples if full else args.eval_fd_num_samples
+        config = EvaluationConfig(
+            num_samples=min(num_samples, available or num_samples), full=full,
+            feature_extractor=self.feature_extractor or "none", seed=args.seed, batch_size=args.eval_batch_size,
+            num_workers=args.dataloader_num_workers, pipeline_kwargs=self.pipeline_kwargs(), nearest_k=NEAREST_K,
+            # the memorisation check compares with all the training images: a test split apart from them, not streamed
+            memorisation=self.source.test_split != "train" and not args.streaming, **self.evaluation_options())
+        reads_train = (config.memorisation and self.feature_extractor is not None) or (
+            config.digit_prompts and not isinstance(self.feature_extractor, ClassifierFeatures))
+        train_dataset = self.load_split("train") if full and reads_train else None
+        return evaluate(pipeline, self.test_dataset, config, train_dataset)
 
     def model_card_description(self) -> str:
         return ""
@@ -543,20 +350,20 @@ class Trainer:
 
     def build_optimizers(self) -> dict:
         """One AdamW per model by default; families with other needs override."""
-        args = self.args
+        args = self.config
         return {name: self.adamw(model, args.learning_rate, (args.adam_beta1, args.adam_beta2))
                 for name, model in self.models.items()}
 
     def adamw(self, model, learning_rate: float, betas: tuple[float, float]) -> torch.optim.AdamW:
         # fused=True: one kernel for all parameters, ~3x faster steps than torch's default on CPU too
         return torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=betas,
-                                 weight_decay=self.args.adam_weight_decay, fused=True)
+                                 weight_decay=self.config.adam_weight_decay, fused=True)
 
     # ----- helpers for families --------------------------------------------------------------------------
 
     def load_split(self, split: str, augment: bool = False):
         """A split of the source with this run's transform; `augment`: random crops and flips, seeded per sample."""
-        args = self.args
+        args = self.config
         return self.source.dataset(split, args.resolution, args.num_channels, resize=not args.no_resize,
                                    center_crop=args.center_crop, random_flip=args.random_flip, augment=augment,
                                    seed=args.seed, skip_corrupt_images=args.skip_corrupt_images,
@@ -565,14 +372,10 @@ class Trainer:
 
     def load_feature_extractor(self):
         """The FD features for --feature_extractor, or None (with a warning under "auto") when none fits the data."""
-        choice = self.args.feature_extractor
-        if choice != "none":
-            choice = resolve_feature_extractor(choice, self.train_dataset.image_shape)  # "auto" may find none
-        if choice in ("none", None):
-            return None
         with self.accelerator.main_process_first():  # the main process trains and caches a classifier once
-            return load_feature_extractor(choice, dataset=self.train_dataset,
-                                          dataset_name=self.source.name).to(self.accelerator.device)
+            extractor = load_feature_space(self.config.feature_extractor, self.train_dataset.image_shape,
+                                           required=False, dataset=self.train_dataset, dataset_name=self.source.name)
+        return None if extractor is None else extractor.to(self.accelerator.device)
 
     def unwrap(self, name: str):
         return self.accelerator.unwrap_model(self.models[name])
@@ -597,8 +400,8 @@ class Trainer:
             return  # accumulating: the update comes with the last micro-batch
         # what optimizer `name` steps: its model's parameters, or more (a text encoder trained with a denoiser)
         parameters = [parameter for group in self.optimizers[name].param_groups for parameter in group["params"]]
-        if self.args.max_grad_norm:
-            norm = accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
+        if self.config.max_grad_norm:
+            norm = accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
         if guarded and not torch.isfinite(norm):
@@ -625,7 +428,7 @@ class Trainer:
 
     def stop_non_finite(self, what: str) -> None:
         """Stops the run before a non-finite update reaches the weights; the last checkpoint stays as it was."""
-        args = self.args
+        args = self.config
         checkpoints = list_checkpoints(self.checkpoint_dir)
         kept = f"the last checkpoint ({checkpoints[-1]}) is kept as it was" if checkpoints else "no checkpoint was written"
         raise NonFiniteError(
@@ -657,10 +460,10 @@ class Trainer:
                     pass  # a read-only disk: the error that stopped the run says so; the next run takes over the lock
 
     def _train(self) -> str:
-        args, accelerator = self.args, self.accelerator
+        args, accelerator = self.config, self.accelerator
         if accelerator.log_with:
             # trackers take scalars only: lists become strings, unset flags are left out
-            config = {k: str(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()
+            config = {k: str(v) if isinstance(v, (list, tuple)) else v for k, v in args.to_flags().items()
                       if v is not None and k != "hub_token"}
             accelerator.init_trackers(self.family, config=config)
         epoch, skip_batches = self.resume()
@@ -711,7 +514,7 @@ class Trainer:
     def stop_on_signal(self, received: str, saved: bool) -> None:
         """Saves a checkpoint at this step (unless `saved` already), logs it with the command that resumes, and
         raises TrainingStopped."""
-        args, accelerator = self.args, self.accelerator
+        args, accelerator = self.config, self.accelerator
         checkpoint = os.path.join(self.checkpoint_dir, f"checkpoint-{self.global_step}")
         if not saved:
             self.stop_signals.then = f"saving {checkpoint}, then exiting"
@@ -763,15 +566,15 @@ class Trainer:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)  # the order of a prepared loader
         if isinstance(dataset, StreamingImageDataset):  # skipped before decoding, in each worker
-            dataset.skip_batches(skip_batches, self.args.train_batch_size)
+            dataset.skip_batches(skip_batches, self.config.train_batch_size)
             batches = iter(loader)  # the workers start now, with this skip
-            dataset.skip_batches(0, self.args.train_batch_size)
+            dataset.skip_batches(0, self.config.train_batch_size)
             return batches
         return self.accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
 
     def train_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Training steps over one pass of the data, until the pass ends or the run reaches max_train_steps."""
-        args, accelerator = self.args, self.accelerator
+        args, accelerator = self.config, self.accelerator
         epoch_start = time.perf_counter()
         models = list(self.models.values())
         for model in models:
@@ -827,7 +630,7 @@ class Trainer:
 
     def sample_images(self, pipeline, num_images: int):
         """A fixed seed, so grids from different steps show the same noise decoded by a better model."""
-        generator = torch.Generator(pipeline.device).manual_seed(self.args.seed)
+        generator = torch.Generator(pipeline.device).manual_seed(self.config.seed)
         num_classes = pipeline.num_classes
         labels = [i % num_classes for i in range(num_images)] if num_classes else None
         return pipeline(num_images, class_labels=labels, generator=generator, **self.pipeline_kwargs()).images
@@ -838,7 +641,7 @@ class Trainer:
             return
         for model in self.models.values():
             model.eval()
-        grid = image_grid(self.sample_images(self.build_pipeline(), self.args.num_validation_images))
+        grid = image_grid(self.sample_images(self.build_pipeline(), self.config.num_validation_images))
         for model in self.models.values():
             model.train()
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -853,10 +656,10 @@ class Trainer:
             return
         for model in self.models.values():
             model.eval()
-        fd = self.evaluate(self.build_pipeline(), self.args.eval_fd_num_samples, likelihood=False)["fd"]
+        fd = self.evaluate(self.build_pipeline(), full=False)["fd"]
         for model in self.models.values():
             model.train()
-        logger.info("step %d: FD %.2f (%d samples)", self.global_step, fd, self.args.eval_fd_num_samples)
+        logger.info("step %d: FD %.2f (%d samples)", self.global_step, fd, self.config.eval_fd_num_samples)
         if self.accelerator.log_with:
             self.accelerator.log({"fd": fd}, step=self.global_step)
 
@@ -868,7 +671,7 @@ class Trainer:
         write that fails on a full or read-only disk stops with one line (`SaveError`), the staging folder removed
         and an earlier output as it was.
         """
-        args = self.args
+        args = self.config
         pipeline = self.build_pipeline()
         modules = {name: component for name, component in pipeline.components.items()
                    if isinstance(component, torch.nn.Module)}
@@ -905,19 +708,19 @@ class Trainer:
 
     def write_output(self, pipeline, staging: str) -> None:
         """The pipeline folder, sample grid, metrics and model card, written into `staging`."""
-        args = self.args
+        args = self.config
         pipeline.save_pretrained(staging)
         self.save_sample_grid(os.path.join(staging, SAMPLE_GRID))  # leaves the models in train mode
         for component in pipeline.components.values():
             if isinstance(component, torch.nn.Module):
                 component.eval()  # evaluated as it is loaded: batch norm on its running statistics
-        metrics = self.evaluate(pipeline, args.eval_num_samples)
+        metrics = self.evaluate(pipeline)
         logger.info("test metrics: %s", metrics)
         with open(os.path.join(staging, "metrics.json"), "w") as file:
             json.dump(metrics, file, indent=2)
         model = pipeline.generative_model
         dataset = args.train_data_dir if args.train_data_dir else args.dataset_name
-        training_config = {key: value for key, value in vars(args).items()
+        training_config = {key: value for key, value in args.to_flags().items()
                            if key not in ("hub_token", "output_dir") and value is not None}
         training_config["global_step"] = self.global_step
         write_model_card(
@@ -937,7 +740,7 @@ class Trainer:
 
     def push_output(self) -> None:
         """Under --push_to_hub (and --push_demo), uploads the finished output folder."""
-        args = self.args
+        args = self.config
         if args.push_to_hub:
             url = push_output_folder(args.output_dir, args.hub_model_id, token=args.hub_token,
                                      private=args.hub_private_repo or None)
@@ -991,7 +794,7 @@ class Trainer:
         if accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
-            limit = self.args.checkpoints_total_limit
+            limit = self.config.checkpoints_total_limit
             if limit:
                 for old in list_checkpoints(self.checkpoint_dir)[:-limit]:
                     shutil.rmtree(old)
@@ -1019,7 +822,7 @@ class Trainer:
 
     def resume(self) -> tuple[int, int]:
         """Loads the checkpoint named by --resume_from_checkpoint; returns (first epoch, batches to skip)."""
-        choice = self.args.resume_from_checkpoint
+        choice = self.config.resume_from_checkpoint
         if not choice:
             return 0, 0
         if choice == "latest":
@@ -1064,5 +867,5 @@ class Trainer:
             epoch, batches = positions[self.accelerator.process_index]
             return int(epoch), int(batches)
         first_epoch = self.global_step // self.steps_per_epoch
-        skip = (self.global_step % self.steps_per_epoch) * self.args.gradient_accumulation_steps
+        skip = (self.global_step % self.steps_per_epoch) * self.config.gradient_accumulation_steps
         return first_epoch, skip
