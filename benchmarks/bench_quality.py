@@ -98,9 +98,12 @@ COLOUR_RECIPES = {
                          "--latent_sampler gmm --latent_sampler_components 100"),
     "hfgen-cvae": ("vae", "--num_epochs 400 --conditional --architecture conv --hidden_dims 32 64 128 --latent_dim 64 "
                           "--latent_sampler gmm --latent_sampler_components 10"),
-    "hfgen-gan": ("gan", "--num_epochs 100 --use_ema --learning_rate 4e-4 --diff_augment color,translation"),
+    # a cosine learning rate: with a constant one both GANs were best at 2.5-5 minutes and worse at 10 (GAN 7.4 -> 6.9,
+    # cGAN 4.8 -> 8.1); with it the GAN reached 4.1 at 10 minutes
+    "hfgen-gan": ("gan", "--num_epochs 100 --use_ema --learning_rate 4e-4 --diff_augment color,translation "
+                         "--lr_scheduler cosine"),
     "hfgen-cgan": ("gan", "--num_epochs 100 --use_ema --conditional --learning_rate 4e-4 "
-                          "--diff_augment color,translation"),
+                          "--diff_augment color,translation --lr_scheduler cosine"),
     "hfgen-flow": ("ddpm", "--num_epochs 14 --use_ema --objective flow_matching --lr_scheduler cosine "
                            "--lr_warmup_steps 50 --train_batch_size 32 --weighting_scheme logit_normal "
                            "--block_out_channels 32 64 64"),
@@ -111,16 +114,17 @@ COLOUR_RECIPES = {
     "hfgen-ldm-flow": ("ldm", "--resolution 64 --num_epochs 12 --use_ema --objective flow_matching --lr_scheduler cosine "
                               "--lr_warmup_steps 50 --train_batch_size 32 --block_out_channels 64 128 --vae_beta 0.1 "
                               "--vae_hidden_dims 32 64 --vae_num_epochs 25"),
-    "hfgen-t2i": ("ddpm", "--num_epochs 14 --use_ema --objective flow_matching --lr_scheduler cosine "
+    # the text U-Net's step takes 2.6x the unconditional one's (1.0 s at batch 32): 5 epochs fill the budget
+    "hfgen-t2i": ("ddpm", "--num_epochs 5 --use_ema --objective flow_matching --lr_scheduler cosine "
                           "--lr_warmup_steps 50 --train_batch_size 32 --weighting_scheme logit_normal "
                           "--block_out_channels 32 64 64 --caption_column text --prompt_dropout 0.1"),
 }
 # Text-to-image on the emoji's names: each prompt should move the samples towards its category (under the emoji's
 # domain classifier) and its colour, against the other prompts and the empty one. The names are the captions'
 # words ("red apple", "cat face with tears of joy"); "a" is a word the captions never use.
-PROMPT_CHECKS = {"a red apple": "Food & Drink", "a cat face with tears of joy": "Smileys & Emotion",
-                 "flag: japan": "Flags"}
+PROMPT_CHECKS = {"a red apple": "food-drink", "a cat face with tears of joy": "smileys-emotion", "flag: japan": "flags"}
 PROMPT_CHECK_SAMPLES = 100
+PROMPTS_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures", "quality_emoji_prompts.json")
 CONTENDERS = (*dict.fromkeys([*RECIPES, *COLOUR_RECIPES]), *PEERS)
 # which peer each hfgen family is compared with (the conditional ones with the unconditional peer; for the VAEs the
 # stronger of the two VAE peers at 10 minutes, the plain loop: 102 vs pythae's 138)
@@ -162,7 +166,7 @@ class Data:
 
     @property
     def contenders(self) -> tuple[str, ...]:
-        return (*self.recipes, *(peer for peer in PEERS if peer in self.peer_of.values()))
+        return (*self.recipes, *PEERS)
 
     def folder(self) -> str | None:
         """The image folder (the emoji, built on first use from the npm package); None for the bundled digits."""
@@ -335,8 +339,9 @@ def pipeline_sampler(pipeline, class_labels: list[int] | None = None, prompts: l
 
 def prompt_directions(pipeline, classifier, grids: str | None = None, **call_kwargs) -> dict:
     """PROMPT_CHECKS on a text-to-image pipeline: for each prompt (and the empty one), the share of
-    PROMPT_CHECK_SAMPLES samples `classifier` (the emoji's domain classifier) puts in each checked category, and the
-    samples' mean redness (R - (G + B) / 2, in [0, 1] units); a grid of each prompt's samples goes into `grids`."""
+    PROMPT_CHECK_SAMPLES samples `classifier` (the emoji's domain classifier) puts in each checked category (class
+    folder), and the samples' mean redness (R - max(G, B), in [0, 1] units: high for red, about 0 for yellow, white
+    and grey); a grid of each prompt's samples goes into `grids`."""
     names = classifier.config.id2label
     report = {}
     for prompt in ["", *PROMPT_CHECKS]:
@@ -345,7 +350,7 @@ def prompt_directions(pipeline, classifier, grids: str | None = None, **call_kwa
             predicted = classifier(images.to(classifier.dtype)).logits.argmax(-1)
         shares = {category: float((predicted == int(key)).float().mean())
                   for key, category in names.items() if category in PROMPT_CHECKS.values()}
-        redness = float((images[:, 0] - images[:, 1:].mean(1)).mean())
+        redness = float((images[:, 0] - images[:, 1:].amax(1)).mean())
         report[prompt] = {"category_share": shares, "redness": round(redness, 4)}
         if grids:
             from hfgen.image_processing import image_grid, postprocess
@@ -359,8 +364,7 @@ def prompt_directions(pipeline, classifier, grids: str | None = None, **call_kwa
 # ----- hfgen contenders -------------------------------------------------------------------------------------
 
 
-def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", data: Data = DIGITS,
-              grids: str | None = None) -> None:
+def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", data: Data = DIGITS) -> None:
     from hfgen.objectives import dpm_solver
     from hfgen.training import train_ddpm, train_gan, train_ldm, train_vae
 
@@ -389,19 +393,15 @@ def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", d
         for component in pipeline.components.values():
             if isinstance(component, torch.nn.Module):
                 component.eval()
-        details = {}
         if args.caption_column:  # the test captions, at the guidance the card reports
             call_kwargs["guidance_scale"] = trainer.guidance_scale
             sampler = pipeline_sampler(pipeline, prompts=data.captions(), **call_kwargs)
-            if clock.final:
-                details["prompts"] = prompt_directions(pipeline, data.feature_extractor().classifier, grids,
-                                                       **call_kwargs)
         else:
             sampler = pipeline_sampler(pipeline, data.class_labels() if pipeline.num_classes else None, **call_kwargs)
         samples = sample_in_batches(sampler, clock.num_samples)
         for model in trainer.models.values():
             model.train()
-        return samples, extra, *([details] if details else [])
+        return samples, extra
 
     class ClockedTrainer(trainer_class):
         def training_step(self, images, labels):
@@ -620,14 +620,14 @@ def worker(args) -> None:
     load_before = load_average()
 
     def record(seconds, snapshot):
-        samples, extra, *details = snapshot()  # details: a text-to-image contender's prompt checks
+        samples, extra = snapshot()
         fd = evaluator.fd(samples)
         row = {"contender": args.worker, "train_seconds": round(seconds + extra, 1), "fit_seconds": round(extra, 1),
                "fd": round(fd, 2), "num_samples": len(samples), "threads": args.threads,
                "load_before": round(load_before, 2), "load_now": round(load_average(), 2),
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": cpu_model(),
                **({"sampler": FD_SAMPLER} if samples_by_diffusion(args.worker, data) else {}),
-               **({"extra_flags": args.extra_flags} if args.extra_flags else {}), **(details[0] if details else {})}
+               **({"extra_flags": args.extra_flags} if args.extra_flags else {})}
         print(json.dumps(row), flush=True)
         with open(args.results, "a") as file:
             file.write(json.dumps(row) + "\n")
@@ -641,7 +641,7 @@ def worker(args) -> None:
     clock = Clock([60 * minutes for minutes in args.marks], args.num_samples, args.curve_num_samples, record)
     with tempfile.TemporaryDirectory() as output_dir, contextlib.suppress(BudgetReached):
         if args.worker in data.recipes:
-            run_hfgen(args.worker, clock, output_dir, args.extra_flags, data, args.grids)
+            run_hfgen(args.worker, clock, output_dir, args.extra_flags, data)
         elif args.worker == "plain-vae":
             run_plain_vae(clock, data)
         elif args.worker == "pythae-vae":
@@ -650,6 +650,37 @@ def worker(args) -> None:
             run_plain_dcgan(clock, data)
         else:
             run_diffusers_loop(clock, data)
+
+
+def run_prompt_check(data: Data, grids: str | None, threads: int) -> dict:
+    """Trains the text-to-image recipe (the README's command) to its end, then measures PROMPT_CHECKS on the folder it
+    wrote (`prompt_directions`, DPM-Solver++ at FD_SOLVER_STEPS steps, the card's guidance); the result is written to
+    PROMPTS_RESULTS."""
+    from hfgen import TextToImagePipeline
+    from hfgen.objectives import dpm_solver
+    from hfgen.prompt_following import resolve_guidance_scale
+    from hfgen.training import DDPMTrainer, train_ddpm
+
+    torch.set_num_threads(threads)
+    name = "hfgen-t2i"
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as output_dir:
+        argv = ["--output_dir", output_dir, *data.flags(name), *data.recipes[name][1].split(), "--logger", "none",
+                "--save_images_epochs", "0", "--feature_extractor", "none", "--eval_num_samples", "16",
+                "--checkpointing_steps", str(10 ** 9)]
+        DDPMTrainer(train_ddpm.parse_args(argv)).train()
+        minutes = (time.perf_counter() - start) / 60
+        pipeline = TextToImagePipeline.from_pretrained(output_dir)
+    pipeline.scheduler = dpm_solver(pipeline.scheduler)
+    guidance = resolve_guidance_scale(None, pipeline.config.get("prompt_dropout"))
+    report = prompt_directions(pipeline, data.feature_extractor().classifier, grids,
+                               num_inference_steps=FD_SOLVER_STEPS, guidance_scale=guidance)
+    result = {"contender": name, "command": data.command(name), "train_minutes": round(minutes, 1),
+              "guidance_scale": guidance, "prompts": report, "threads": threads, "date": time.strftime("%Y-%m-%d"),
+              "torch": torch.__version__, "cpu": cpu_model()}
+    with open(PROMPTS_RESULTS, "w") as file:
+        json.dump(result, file, indent=1)
+    return result
 
 
 def read_results(path: str) -> dict[str, list[dict]]:
@@ -693,6 +724,55 @@ def draw(runs: dict, data: Data, floor: float | None = None) -> None:
     save_figure(figure, data.figure, dpi=110)
 
 
+def last_grid(grids: str, name: str) -> tuple[float, str] | None:
+    """(minutes, path) of the contender's grid at its last mark in `grids`, or None."""
+    saved = {float(match.group(1)): file for file in os.listdir(grids) if
+             (match := re.fullmatch(re.escape(name) + r"-([0-9.]+)min\.png", file))} if os.path.isdir(grids) else {}
+    return (max(saved), os.path.join(grids, saved[max(saved)])) if saved else None
+
+
+def grid_images(path: str, resolution: int) -> torch.Tensor:
+    """The (64, 3, resolution, resolution) samples in [0, 1] of a saved 8x8 grid (hfgen.image_processing.image_grid:
+    no padding), area-resized from the grid's own tile size (a 64 px contender's) where it differs."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    size = pixels.shape[2] // 8
+    tiles = pixels.reshape(3, 8, size, 8, size).permute(1, 3, 0, 2, 4).reshape(64, 3, size, size)
+    return tiles if size == resolution else torch.nn.functional.interpolate(tiles, size=resolution, mode="area")
+
+
+def ranking_check(runs: dict, data: Data, grids: str, num_samples: int) -> list[str]:
+    """Does the domain feature space rank the contenders as raw pixels do? Each contender's FD at the budget (N=1000,
+    domain features) beside the pixel-space KID of its last grid's 64 samples against the test images (the
+    polynomial kernel on the 3,072 pixel values; 100 subsets of 50), and the Spearman correlation of the two
+    rankings."""
+    from scipy.stats import spearmanr
+
+    from hfgen.sample_metrics import kernel_distance
+
+    real = data.images("test").flatten(1)
+    rows = []
+    for name, contender_rows in runs.items():
+        fd, grid = final_fd(contender_rows, num_samples), last_grid(grids, name)
+        if fd is None or grid is None:
+            continue
+        samples = grid_images(grid[1], data.resolution).flatten(1)
+        kid, kid_std = kernel_distance(real, samples, subset_size=50)
+        rows.append((name, fd, kid, kid_std))
+    if len(rows) < 3:
+        return []
+    rho = spearmanr([row[1] for row in rows], [row[2] for row in rows]).statistic
+    lines = [f"Does the domain feature space rank the recipes as raw pixels do? Spearman correlation of the FD ranking "
+             f"above with the pixel-space KID of each contender's last 64 samples (the grids): {rho:.2f} over "
+             f"{len(rows)} contenders.", "",
+             "| contender | FD (domain features, N=1000) | pixel KID ×10³ (64 samples) |", "|---|---|---|"]
+    lines += [f"| {name} | {fd:.1f} | {1000 * kid:.2f} ± {1000 * kid_std:.2f} |"
+              for name, fd, kid, kid_std in sorted(rows, key=lambda row: row[1])]
+    return lines
+
+
 def grids_figure(data: Data, grids: str, contenders) -> str | None:
     """One figure of each contender's last saved grid (64 samples, from `--grids`) beside 64 real test images;
     returns its path, or None when no grid was saved."""
@@ -702,11 +782,9 @@ def grids_figure(data: Data, grids: str, contenders) -> str | None:
 
     panels = [("real test images", image_grid(postprocess(data.images("test")[:64])))]
     for name in contenders:
-        saved = {float(match.group(1)): file for file in os.listdir(grids) if
-                 (match := re.fullmatch(re.escape(name) + r"-([0-9.]+)min\.png", file))} if os.path.isdir(grids) else {}
-        if saved:
-            minutes = max(saved)
-            panels.append((f"{name}, {minutes:g} min", Image.open(os.path.join(grids, saved[minutes])).convert("RGB")))
+        if grid := last_grid(grids, name):
+            minutes, path = grid
+            panels.append((f"{name}, {minutes:g} min", Image.open(path).convert("RGB")))
     if len(panels) == 1:
         return None
     width, height, caption = panels[0][1].width, panels[0][1].height, 16
@@ -727,13 +805,16 @@ def real_data_floor(data: Data, num_samples: int) -> float:
     return Evaluator(data).fd(images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:num_samples]])
 
 
-def prompt_table(name: str, report: dict) -> list[str]:
-    """PROMPT_CHECKS' results: each prompt's category shares and redness, and whether it moved the samples the
-    right way (its category's share above the empty prompt's and every other prompt's)."""
-    categories = list(PROMPT_CHECKS.values())
-    lines = [f"{name}'s prompts at its last mark ({PROMPT_CHECK_SAMPLES} samples each, the guidance of its card; "
-             "category shares under the domain classifier, redness = mean R - (G + B) / 2):", "",
-             f"| prompt | {' | '.join(categories)} | redness | moves its category's share the right way |",
+def prompt_table(result: dict) -> list[str]:
+    """PROMPT_CHECKS' results (`run_prompt_check`): each prompt's category shares and redness, and whether it moved
+    the samples the right way (its category's share above the empty prompt's and every other prompt's)."""
+    report, categories = result["prompts"], list(PROMPT_CHECKS.values())
+    lines = [f"Text-to-image: does a prompt move the samples? `{result['command']}` trained to its end "
+             f"({result['train_minutes']:g} minutes, {result['threads']} threads, {result['cpu']}, {result['date']}; "
+             f"`python benchmarks/bench_quality.py --data emoji --prompt_check`), then {PROMPT_CHECK_SAMPLES} samples "
+             f"of each prompt at guidance {result['guidance_scale']:g} with DPM-Solver++ at {FD_SOLVER_STEPS} steps: "
+             "the share the domain classifier puts in each category, and the mean redness R - max(G, B).", "",
+             f"| prompt | {' | '.join(categories)} | redness | raises its category's share above every other prompt's |",
              "|---|" + "---|" * (len(categories) + 2)]
     for prompt, result in report.items():
         shares = result["category_share"]
@@ -749,7 +830,7 @@ def prompt_table(name: str, report: dict) -> list[str]:
 
 
 def section(runs: dict, data: Data, budget_minutes: float, num_samples: int, environment: list[str],
-            floor: float | None = None, samples_figure: str | None = None) -> str:
+            floor: float | None = None, samples_figure: str | None = None, ranking: list[str] = ()) -> str:
     start, end = markers(data.section_key)
     if data is DIGITS:
         what = "the 4,000 training digits", "the 1,000 test digits"
@@ -782,9 +863,11 @@ def section(runs: dict, data: Data, budget_minutes: float, num_samples: int, env
         cpu = rows[-1].get("cpu", "not recorded").replace("(R)", "")
         lines.append(f"| {name} | {recipe} | {rows[-1]['threads']} | {cpu} | {marks} | {final if final is not None else '–'} | {peer or '–'} | "
                      f"{peer_fd if peer_fd is not None else '–'} | {ratio} | {target_text} |")
-    for name, rows in runs.items():
-        if "prompts" in rows[-1]:
-            lines += ["", *prompt_table(name, rows[-1]["prompts"])]
+    if data is EMOJI and os.path.exists(PROMPTS_RESULTS):
+        with open(PROMPTS_RESULTS) as file:
+            lines += ["", *prompt_table(json.load(file))]
+    if ranking:
+        lines += ["", *ranking]
     figure = os.path.relpath(data.figure, os.path.dirname(BENCHMARKS_MD))
     lines += ["", f"![FD against training minutes]({figure})", ""]
     if samples_figure:
@@ -811,6 +894,9 @@ def main(argv=None) -> None:
     parser.add_argument("--extra_flags", default="",
                         help="Trainer flags added to an hfgen recipe's (a lever tried; the rows record them). Use "
                              "another --results file for such trials.")
+    parser.add_argument("--prompt_check", action="store_true",
+                        help="--data emoji: train the text-to-image recipe to its end and measure whether its prompts "
+                             "move the samples (written to figures/quality_emoji_prompts.json).")
     parser.add_argument("--worker", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if any(minutes <= 0 for minutes in args.marks):
@@ -822,6 +908,11 @@ def main(argv=None) -> None:
         parser.error(f"--only: {', '.join(unknown)} not in the {data.name} contenders ({', '.join(data.contenders)})")
     if args.worker:
         return worker(args)
+    if args.prompt_check:
+        if data is not EMOJI:
+            parser.error("--prompt_check measures the emoji's text-to-image recipe: pass --data emoji")
+        print(json.dumps(run_prompt_check(data, args.grids, args.threads), indent=1))
+        return
     load_before = load_average()
     if not args.no_train:
         for name in args.only or data.contenders:
@@ -837,9 +928,10 @@ def main(argv=None) -> None:
     if args.write and runs:
         draw(runs, data, floor)
         samples_figure = grids_figure(data, args.grids, runs) if args.grids else None
+        ranking = ranking_check(runs, data, args.grids, args.num_samples) if args.grids and data is not DIGITS else []
         environment = environment_lines("bench_quality.py", args.threads, load_before, load_average())
         write_section(data.section_key, section(runs, data, max(args.marks), args.num_samples, environment, floor,
-                                                samples_figure))
+                                                samples_figure, ranking))
         print(f"wrote {BENCHMARKS_MD}", file=sys.stderr)
     elif runs:
         print(section(runs, data, max(args.marks), args.num_samples, [], floor))

@@ -290,6 +290,15 @@ def test_hfgen_evaluate_reports_prompt_following_and_clip_score(t2i_dir, tmp_pat
         evaluate([str(tmp_path / "ddpm"), "--clip_model", str(clip)])
 
 
+def test_a_text_unet_attends_only_where_its_feature_maps_are_small():
+    from hfgen.training.train_ddpm import text_unet_blocks
+
+    assert text_unet_blocks(32, 3) == (("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                       ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    assert text_unet_blocks(8, 2) == (("CrossAttnDownBlock2D",) * 2, ("CrossAttnUpBlock2D",) * 2)  # latents, 8x8 digits
+    assert text_unet_blocks(64, 2) == (("DownBlock2D",) * 2, ("UpBlock2D",) * 2)  # the middle block still attends
+
+
 def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="`prompt` 'a seven': this DDPMPipeline has no text encoder"):
         DDPMPipeline(tiny_unet(), DDPMScheduler(num_train_timesteps=10))(prompt="a seven")
