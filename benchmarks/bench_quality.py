@@ -338,6 +338,12 @@ def pipeline_sampler(pipeline, class_labels: list[int] | None = None, prompts: l
     return sample
 
 
+def prompt_grid(grids: str, prompt: str) -> str:
+    """Where the prompt check's grid of `prompt`'s samples is saved in `grids`."""
+    name = re.sub(r"\W+", "-", prompt).strip("-") or "empty-prompt"
+    return os.path.join(grids, f"hfgen-t2i-{name}.png")
+
+
 def prompt_directions(pipeline, classifier, grids: str | None = None, **call_kwargs) -> dict:
     """PROMPT_CHECKS on a text-to-image pipeline: for each prompt (and the empty one), the share of
     PROMPT_CHECK_SAMPLES samples `classifier` (the emoji's domain classifier) puts in each checked category (class
@@ -357,8 +363,7 @@ def prompt_directions(pipeline, classifier, grids: str | None = None, **call_kwa
             from hfgen.image_processing import image_grid, postprocess
 
             os.makedirs(grids, exist_ok=True)
-            name = re.sub(r"\W+", "-", prompt).strip("-") or "empty-prompt"
-            image_grid(postprocess(images[:64].clamp(0, 1))).save(os.path.join(grids, f"hfgen-t2i-{name}.png"))
+            image_grid(postprocess(images[:64].clamp(0, 1))).save(prompt_grid(grids, prompt))
     return report
 
 
@@ -777,7 +782,7 @@ def ranking_check(runs: dict, data: Data, grids: str, num_samples: int) -> list[
 def grids_figure(data: Data, grids: str, contenders) -> str | None:
     """One figure of each contender's last saved grid (64 samples, from `--grids`) beside 64 real test images;
     returns its path, or None when no grid was saved."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     from hfgen.image_processing import image_grid, postprocess
 
@@ -788,13 +793,31 @@ def grids_figure(data: Data, grids: str, contenders) -> str | None:
             panels.append((f"{name}, {minutes:g} min", Image.open(path).convert("RGB")))
     if len(panels) == 1:
         return None
+    return panels_figure(panels, os.path.join(FIGURES, f"quality_{data.name}_samples.png"))
+
+
+def prompts_figure(grids: str) -> str | None:
+    """The text-to-image prompt check's grids (`--prompt_check --grids`), one panel per prompt; None without them."""
+    from PIL import Image
+
+    panels = []
+    for prompt in ["", *PROMPT_CHECKS]:
+        path = prompt_grid(grids, prompt)
+        if os.path.exists(path):
+            panels.append((f'"{prompt}"' if prompt else "(empty prompt)", Image.open(path).convert("RGB")))
+    return panels_figure(panels, os.path.join(FIGURES, "quality_emoji_prompts.png")) if panels else None
+
+
+def panels_figure(panels: list, path: str) -> str:
+    """(title, image) panels side by side, each titled, saved to `path`."""
+    from PIL import Image, ImageDraw
+
     width, height, caption = panels[0][1].width, panels[0][1].height, 16
     figure = Image.new("RGB", (len(panels) * (width + 8), height + caption), "white")
     draw = ImageDraw.Draw(figure)
     for index, (title, grid) in enumerate(panels):
         figure.paste(grid.resize((width, height)), (index * (width + 8), caption))
         draw.text((index * (width + 8) + 2, 2), title, fill="black")
-    path = os.path.join(FIGURES, f"quality_{data.name}_samples.png")
     figure.save(path)
     return path
 
@@ -867,6 +890,8 @@ def section(runs: dict, data: Data, budget_minutes: float, num_samples: int, env
     if data is EMOJI and os.path.exists(PROMPTS_RESULTS):
         with open(PROMPTS_RESULTS) as file:
             lines += ["", *prompt_table(json.load(file))]
+        if os.path.exists(os.path.join(FIGURES, "quality_emoji_prompts.png")):
+            lines += ["", "![64 samples of each prompt](benchmarks/figures/quality_emoji_prompts.png)"]
     if ranking:
         lines += ["", *ranking]
     figure = os.path.relpath(data.figure, os.path.dirname(BENCHMARKS_MD))
@@ -929,6 +954,8 @@ def main(argv=None) -> None:
     if args.write and runs:
         draw(runs, data, floor)
         samples_figure = grids_figure(data, args.grids, runs) if args.grids else None
+        if args.grids and data is EMOJI:
+            prompts_figure(args.grids)
         ranking = ranking_check(runs, data, args.grids, args.num_samples) if args.grids and data is not DIGITS else []
         environment = environment_lines("bench_quality.py", args.threads, load_before, load_average())
         write_section(data.section_key, section(runs, data, max(args.marks), args.num_samples, environment, floor,
