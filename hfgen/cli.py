@@ -152,7 +152,6 @@ def evaluate(argv) -> dict[str, float]:
     from hfgen import AutoPipeline
     from hfgen.data import load_image_dataset
     from hfgen.evaluation import EvaluationConfig, evaluate, feature_space
-    from hfgen.features import ClassifierFeatures
     from hfgen.hub_utils import update_model_card_metrics
     from hfgen.sample_metrics import MEMORISATION_QUANTILE
     from hfgen.utils import check_device
@@ -181,9 +180,8 @@ def evaluate(argv) -> dict[str, float]:
         vlb_num_images=args.vlb_num_images, vlb_num_timesteps=args.vlb_num_timesteps,
         digit_prompts=text_to_image and bundled, prompts_per_digit=args.prompts_per_digit,
         guidance_scale=args.guidance_scale, clip_model=args.clip_model, num_clip_images=args.num_clip_images)
-    reads_train = args.memorisation or (config.digit_prompts and not isinstance(feature_extractor, ClassifierFeatures))
     train_dataset = None
-    if reads_train:
+    if config.reads_train_dataset(feature_extractor):
         train_dataset = load_image_dataset(args.dataset_name, "train", pipeline.sample_size, args.train_data_dir)
     metrics = evaluate(pipeline, dataset, config, train_dataset)
     print(json.dumps(metrics, indent=2))

@@ -320,9 +320,11 @@ class EvaluationConfig:
     clip_model: str | None = None
     num_clip_images: int = 100
 
-    def cheap(self, num_samples: int) -> "EvaluationConfig":
-        """The periodic evaluation: FD of `num_samples` samples, nothing else."""
-        return dataclasses.replace(self, num_samples=num_samples, full=False)
+    def reads_train_dataset(self, feature_extractor) -> bool:
+        """Whether `evaluate` needs the training images with these features: for the memorisation check, or for a
+        digit classifier of prompt following when the features are not one."""
+        return self.full and ((self.memorisation and feature_extractor is not None) or (
+            self.digit_prompts and not isinstance(feature_extractor, ClassifierFeatures)))
 
 
 def feature_space(feature_extractor, image_shape) -> nn.Module | None:

@@ -39,7 +39,7 @@ from hfgen.data import (
 from hfgen.hub_utils import SAMPLE_GRID, push_output_folder, write_model_card
 from hfgen.image_processing import image_grid
 from hfgen.evaluation import EvaluationConfig, evaluate
-from hfgen.features import ClassifierFeatures, describe_feature_space, load_feature_space
+from hfgen.features import describe_feature_space, load_feature_space
 from hfgen.training.allocator import keep_freed_memory_for_reuse
 from hfgen.training.config import FINISHED_MARK, TrainingConfig, list_checkpoints
 from hfgen.training.disk_space import SaveError, folder_bytes, save_failure, space_shortage, state_bytes
@@ -329,9 +329,7 @@ class Trainer:
             num_workers=args.dataloader_num_workers, pipeline_kwargs=self.pipeline_kwargs(), nearest_k=NEAREST_K,
             # the memorisation check compares with all the training images: a test split apart from them, not streamed
             memorisation=self.source.test_split != "train" and not args.streaming, **self.evaluation_options())
-        reads_train = (config.memorisation and self.feature_extractor is not None) or (
-            config.digit_prompts and not isinstance(self.feature_extractor, ClassifierFeatures))
-        train_dataset = self.load_split("train") if full and reads_train else None
+        train_dataset = self.load_split("train") if config.reads_train_dataset(self.feature_extractor) else None
         return evaluate(pipeline, self.test_dataset, config, train_dataset)
 
     def model_card_description(self) -> str:
