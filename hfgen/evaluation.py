@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import IterableDataset
 
+from . import autoencoders
 from .data import image_batches
 from .features import AUTO, DEFAULT_FEATURE_EXTRACTOR, ClassifierFeatures, load_feature_space
 from .frechet import (
@@ -364,7 +365,7 @@ def evaluate(pipeline, dataset, config: EvaluationConfig | None = None, train_da
         prior = evaluate_pipeline(pipeline, dataset, likelihood=False, **{
             **shared, "pipeline_kwargs": {**config.pipeline_kwargs, "latent_sampler": "prior"}})
         metrics = _after(metrics, "fd", {"fd_prior": prior["fd"]})
-    if isinstance(getattr(pipeline, "vae", None), VAEModel) and hasattr(pipeline, "unet"):  # a VAE's latents denoised
+    if hasattr(pipeline, "vae") and hasattr(pipeline, "unet"):  # a first stage's latents denoised
         metrics["first_stage_reconstruction_mse"] = reconstruction_mse(pipeline.vae, dataset, config.batch_size)
     if hasattr(pipeline, "encode_prompt") and (config.digit_prompts or config.clip_model):
         metrics.update(_prompt_following(pipeline, dataset, config, feature_extractor, train_dataset))
@@ -401,13 +402,12 @@ def _prompt_following(pipeline, dataset, config: EvaluationConfig, feature_extra
 
 
 @torch.no_grad()
-def reconstruction_mse(vae: VAEModel, dataset, batch_size: int = 500) -> float:
-    """Mean squared error per pixel of x against decode(E[q(z|x)]) over the images of `dataset` (in [0, 1])."""
-    parameter = next(vae.parameters())
+def reconstruction_mse(vae, dataset, batch_size: int = 500) -> float:
+    """Mean squared error per pixel of x against decode(E[q(z|x)]) over the images of `dataset` (in [0, 1]), under
+    any first stage (`hfgen.autoencoders`)."""
     total, count = 0.0, 0
     for images, _ in image_batches(dataset, batch_size=batch_size, shuffle=False):
-        posterior = vae.encode(images.to(parameter.device, parameter.dtype)).latent_dist
-        decoded = vae.decode(posterior.mean).sample.float().cpu()
+        decoded = autoencoders.decode(vae, autoencoders.encode(vae, images).mean).float().cpu()
         total += torch.sum((decoded - images) ** 2).item()
         count += images.numel()
     return total / count

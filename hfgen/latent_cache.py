@@ -1,6 +1,8 @@
-"""The latents of a dataset under a VAE first stage, encoded once into a memory-mapped file and reused.
+"""The latents of a dataset under a first stage (`hfgen.autoencoders`), encoded once into a memory-mapped file and
+reused.
 
-Latent diffusion trains on z ~ q(z|x) of every training image. Holding the posteriors in RAM grows with the
+Latent diffusion trains on z ~ q(z|x) of every training image (a point encoder's latents are stored as a Gaussian of
+log-variance `POINT_LOGVAR`). Holding the posteriors in RAM grows with the
 dataset; here they are written to disk in chunks, as one (N, V, 2C, S, S) float32 array of posterior moments
 (mean and log-variance stacked on the channel axis; V = 2 views, the image and its mirror image, when flips
 are asked for, else 1), and read back by memory mapping. The cache folder is named by a hash of the first
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 from .cache_files import broken_reason, report_broken, seal
 from .data import collate_function
 from .data.image_datasets import ImageDataset, _Augmented
+from .autoencoders import encode, latent_shape
 from .data.transforms import sample_generator
 from .distributions import DiagonalGaussian
 from .latent_tools import PooledLatentVariance
@@ -29,6 +32,7 @@ from .latent_tools import PooledLatentVariance
 MOMENTS_FILE = "moments.npy"
 INFO_FILE = "latents.json"
 CACHE_FILES = (INFO_FILE, MOMENTS_FILE)
+CACHE_FORMAT = 2  # 2: latents.json holds the latents' pooled mean and std
 
 
 def broken_cache_file(folder: str) -> tuple[str, str] | None:
@@ -43,8 +47,10 @@ def broken_cache_file(folder: str) -> tuple[str, str] | None:
 
 
 def latent_cache_key(vae, dataset, flips: bool) -> str:
-    """A hash of the VAE's weights and config, the dataset's fingerprint and whether mirror images are cached."""
-    digest = hashlib.sha1(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    """A hash of the cache format, the first stage's weights and config, the dataset's fingerprint and whether mirror
+    images are cached."""
+    digest = hashlib.sha1(f"format={CACHE_FORMAT}".encode())
+    digest.update(json.dumps({"class": type(vae).__name__, **vae.config}, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -76,8 +82,14 @@ class LatentDataset(_Augmented, Dataset):
         return len(self.moments)
 
     @property
-    def scaling_factor(self) -> float:
-        return self.info["scaling_factor"]
+    def latent_mean(self) -> float:
+        """The mean of z ~ q(z|x) over the training images, all latent coordinates pooled."""
+        return self.info["latent_mean"]
+
+    @property
+    def latent_std(self) -> float:
+        """The standard deviation of z ~ q(z|x) over the training images, all latent coordinates pooled."""
+        return self.info["latent_std"]
 
     def posterior(self, moments: torch.Tensor) -> DiagonalGaussian:
         """(B, 2C, S, S) moments -> q(z|x)."""
@@ -107,14 +119,14 @@ def encode_to_cache(vae, dataset, cache_dir: str, flips: bool = False, batch_siz
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     views = 2 if flips else 1
-    parameter = next(vae.parameters())
-    shape = (len(dataset), views, 2 * vae.latent_shape[0], *vae.latent_shape[1:])
+    channels, *size = latent_shape(vae, dataset.image_shape)
+    shape = (len(dataset), views, 2 * channels, *size)
     moments = np.lib.format.open_memmap(os.path.join(partial, MOMENTS_FILE), mode="w+", dtype=np.float32, shape=shape)
     if isinstance(dataset, ImageDataset):
         batches = (dataset[start:start + batch_size] for start in range(0, len(dataset), batch_size))
     else:
         batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_function(dataset), num_workers=num_workers)
-    pooled = PooledLatentVariance()  # of z ~ q(z|x): the scaling factor
+    pooled = PooledLatentVariance()  # of z ~ q(z|x): the latents' normalization
     start = 0
     progress = tqdm(total=len(dataset), desc="encoding latents", disable=not show_progress)
     for images, _ in batches:
@@ -123,7 +135,7 @@ def encode_to_cache(vae, dataset, cache_dir: str, flips: bool = False, batch_siz
                              "(drop --skip_corrupt_images and remove the file)")
         for view in range(views):
             pixels = images.flip(-1) if view else images
-            q = vae.encode(pixels.to(parameter.device, parameter.dtype)).latent_dist
+            q = encode(vae, pixels)
             mean, logvar = q.mean.double().cpu(), q.logvar.double().cpu()
             moments[start:start + len(images), view] = torch.cat([mean, logvar], dim=1).float().numpy()
             pooled.update(mean, logvar.exp())
@@ -132,8 +144,8 @@ def encode_to_cache(vae, dataset, cache_dir: str, flips: bool = False, batch_siz
     progress.close()
     moments.flush()
     with open(os.path.join(partial, INFO_FILE), "w") as file:
-        json.dump({"num_images": len(dataset), "views": views, "latent_shape": list(vae.latent_shape),
-                   "scaling_factor": pooled.scaling_factor}, file)
+        json.dump({"num_images": len(dataset), "views": views, "latent_shape": [channels, *size],
+                   "latent_mean": pooled.mean, "latent_std": pooled.std}, file)
     del moments
     for name in CACHE_FILES:
         seal(os.path.join(partial, name))

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from .autoencoders import LatentNormalization, encode
 from .distributions import DiagonalGaussian
 
 INTERPOLATIONS = ("linear", "spherical")
@@ -45,17 +46,16 @@ def traverse(latent: torch.Tensor, dim: int, values: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, batch_size: int = 500) -> DiagonalGaussian:
-    """The posteriors q(z|x) of images (N, C, H, W) in [0, 1] under an unconditional `VAEModel`: mean and
-    logvar of shape (N, *latent_shape), on the VAE's device."""
-    parameter = next(vae.parameters())
-    posteriors = [vae.encode(images[start:start + batch_size].to(parameter.device, parameter.dtype)).latent_dist
-                  for start in range(0, len(images), batch_size)]
+    """The posteriors q(z|x) of images (N, C, H, W) in [0, 1] under a first stage (an unconditional `VAEModel` or a
+    diffusers autoencoder, `hfgen.autoencoders`): mean and logvar of shape (N, *latent_shape), on its device."""
+    posteriors = [encode(vae, images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
     return DiagonalGaussian(torch.cat([q.mean for q in posteriors]), torch.cat([q.logvar for q in posteriors]))
 
 
 class PooledLatentVariance:
-    """Var z of z ~ q(z|x) over a dataset's posteriors, all latent dims pooled, accumulated batch by batch: by the
-    law of total variance Var z = Var(mean) + E[sigma^2], computed exactly instead of from samples (in float64)."""
+    """The mean and Var z of z ~ q(z|x) over a dataset's posteriors, all latent dims pooled, accumulated batch by
+    batch: by the law of total variance Var z = Var(mean) + E[sigma^2], computed exactly instead of from samples (in
+    float64)."""
 
     def __init__(self):
         self.count, self.total, self.total_squares, self.total_variance = 0, 0.0, 0.0, 0.0
@@ -69,14 +69,27 @@ class PooledLatentVariance:
         self.total_variance += variance.double().sum().item()
 
     @property
+    def mean(self) -> float:
+        return self.total / self.count
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.total_squares / self.count - self.mean ** 2 + self.total_variance / self.count)
+
+    @property
     def scaling_factor(self) -> float:
         """1 / std of z: the scaled latents z * factor have unit variance."""
-        mean = self.total / self.count
-        return float(1 / math.sqrt(self.total_squares / self.count - mean ** 2 + self.total_variance / self.count))
+        return float(1 / self.std)
 
 
 def latent_scaling_factor(posterior: DiagonalGaussian) -> float:
     """1 / std of z ~ q(z|x) over a dataset's posteriors (N, *latent_shape) (see `PooledLatentVariance`)."""
+    return latent_normalization(posterior).scale
+
+
+def latent_normalization(posterior: DiagonalGaussian) -> LatentNormalization:
+    """The normalization measured on a dataset's posteriors (N, *latent_shape): z_scaled = (z - mean) / std of
+    z ~ q(z|x), all latent coordinates pooled (see `PooledLatentVariance`)."""
     pooled = PooledLatentVariance()
     pooled.update(posterior.mean, posterior.var)
-    return pooled.scaling_factor
+    return LatentNormalization(pooled.scaling_factor, pooled.mean, "data")

@@ -6,11 +6,11 @@ import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
 
 from hfgen.diffusion import guided
-from hfgen.models import VAEModel, ViTDenoiser
+from hfgen.models import ViTDenoiser
 from hfgen.text import encode_prompt, prompt_length
 
 from .ddpm import DDPMPipeline
-from .latent_diffusion import LatentDiffusionPipeline
+from .latent_diffusion import FirstStage, LatentDiffusionPipeline
 
 
 def check_text_components(unet, text_encoder, tokenizer) -> None:
@@ -161,11 +161,12 @@ class TextToImagePipeline(TextConditioning, DDPMPipeline):
 
 class LatentTextToImagePipeline(TextConditioning, LatentDiffusionPipeline):
     r"""Text-to-image latent diffusion: `TextToImagePipeline` in the latent space of `vae`, decoded as
-    `LatentDiffusionPipeline` decodes (x = vae.decode(z_0 / scaling_factor))."""
+    `LatentDiffusionPipeline` decodes (x = vae.decode(z_0 / scaling_factor + shift_factor))."""
 
     pipeline_kind = "latent_text"
 
-    def __init__(self, vae: VAEModel, unet: UNet2DConditionModel | ViTDenoiser, scheduler: SchedulerMixin, text_encoder, tokenizer,
-                 scaling_factor: float | None = None, prompt_dropout: float | None = None, objective: str | None = None):
-        super().__init__(vae, unet, scheduler, scaling_factor, None, objective)
+    def __init__(self, vae: FirstStage, unet: UNet2DConditionModel | ViTDenoiser, scheduler: SchedulerMixin, text_encoder,
+                 tokenizer, scaling_factor: float | list[float] | None = None, prompt_dropout: float | None = None,
+                 objective: str | None = None, shift_factor: float | list[float] = 0.0):
+        super().__init__(vae, unet, scheduler, scaling_factor, None, objective, shift_factor)
         self.setup_text(text_encoder, tokenizer, prompt_dropout)

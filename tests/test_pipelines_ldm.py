@@ -78,13 +78,13 @@ def test_scaling_factor_gives_unit_variance():
 
 def test_bad_inputs_are_clear_errors(pipe, tmp_path):
     scheduler = DDPMScheduler(num_train_timesteps=20)
-    with pytest.raises(ValueError, match=r"the VAE's latents have shape \(2, 4, 4\) but the denoiser takes \(3, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"the first stage's latents have shape \(2, 4, 4\) but the denoiser takes \(3, 4, 4\)"):
         LatentDiffusionPipeline(tiny_vae(), tiny_unet(in_channels=3), scheduler, scaling_factor=1.0)
     with pytest.raises(ValueError, match="`scaling_factor` is missing"):
         LatentDiffusionPipeline(tiny_vae(), tiny_unet(), scheduler)
-    with pytest.raises(ValueError, match="`scaling_factor` must be a finite number > 0"):
+    with pytest.raises(ValueError, match="`scaling_factor` must be a positive number or 2 of them"):
         LatentDiffusionPipeline(tiny_vae(), tiny_unet(), scheduler, scaling_factor=0.0)
-    with pytest.raises(ValueError, match="`vae` must be an unconditional VAE"):
+    with pytest.raises(ValueError, match="the first stage must be an unconditional VAE"):
         LatentDiffusionPipeline(tiny_vae(num_classes=3), tiny_unet(), scheduler, scaling_factor=1.0)
     with pytest.raises(ValueError, match="`class_labels` were given, but this model is unconditional"):
         pipe(class_labels=[1])
@@ -105,6 +105,10 @@ def test_the_missing_factor_error_suggests_a_call_that_works():
     vae, images = tiny_vae(), torch.rand(6, 1, 16, 16)
     with pytest.raises(ValueError, match="`scaling_factor` is missing") as error:
         LatentDiffusionPipeline(vae, tiny_unet(), DDPMScheduler(num_train_timesteps=20))
-    (call,) = re.findall(r"with (hfgen\..*\))$", str(error.value))
-    factor = eval(call, {"hfgen": hfgen, "vae": vae, "images": images})
-    assert factor == latent_scaling_factor(encode_images(vae, images)) and factor > 0
+    (call,) = re.findall(r"of (hfgen\..*\))$", str(error.value))
+    normalization = eval(call, {"hfgen": hfgen, "vae": vae, "images": images})
+    posterior = encode_images(vae, images)
+    assert normalization.scale == latent_scaling_factor(posterior) and normalization.scale > 0
+    assert normalization.shift == pytest.approx(posterior.mean.double().mean().item())
+    LatentDiffusionPipeline(vae, tiny_unet(), DDPMScheduler(num_train_timesteps=20), normalization.scale,
+                            shift_factor=normalization.shift)

@@ -42,11 +42,13 @@ def test_one_command_trains_both_stages_into_loadable_folders(trained_ldm_dir):
     assert "first_stage_reconstruction_mse" in card and "LatentDiffusionPipeline" in card
 
 
-def test_scaled_training_latents_have_unit_variance(trained_ldm_dir):
+def test_normalized_training_latents_have_zero_mean_and_unit_variance(trained_ldm_dir):
     pipe = LatentDiffusionPipeline.from_pretrained(trained_ldm_dir)
     posterior = encode_images(pipe.vae, load_image_dataset("hfgen:mnist", "train", resolution=32).images)
-    scaled = pipe.config.scaling_factor * posterior.sample(torch.Generator().manual_seed(0))
-    assert scaled.var().item() == pytest.approx(1.0, abs=0.02)
+    normalized = pipe.latent_normalization.normalize(posterior.sample(torch.Generator().manual_seed(0)))
+    assert normalized.mean().item() == pytest.approx(0.0, abs=0.02)
+    assert normalized.var().item() == pytest.approx(1.0, abs=0.02)
+    assert "measured on the training latents" in (trained_ldm_dir / "README.md").read_text()
 
 
 def test_trained_first_stage_reconstructs_test_digits(trained_ldm_dir, test_digits_32px):
@@ -63,7 +65,7 @@ def test_short_run_lowers_fd_below_the_untrained_denoiser(trained_ldm_dir, test_
     pipe = LatentDiffusionPipeline.from_pretrained(trained_ldm_dir)
     torch.manual_seed(0)
     untrained = LatentDiffusionPipeline(pipe.vae, UNet2DModel.from_config(pipe.unet.config), pipe.scheduler,
-                                        pipe.config.scaling_factor)
+                                        pipe.config.scaling_factor, shift_factor=pipe.config.shift_factor)
     untrained_fd = evaluate_pipeline(untrained, test_digits_32px, num_samples=200, likelihood=False,
                                      pipeline_kwargs={"num_inference_steps": 20})["fd"]
     fd = json.loads((trained_ldm_dir / "metrics.json").read_text())["fd"]
@@ -94,7 +96,7 @@ def test_first_stages_that_cannot_serve_are_clear_errors(trained_vae_dir, traine
     with pytest.raises(ValueError, match=r"takes \(1, 32, 32\) images but the data are \(1, 28, 28\)"):
         main(quick_training_args(tmp_path, *TINY, "--vae_path", trained_ldm_dir / "first_stage", "--resolution", "28"))
     GANPipeline(Generator(latent_dim=4, base_channels=8)).save_pretrained(tmp_path / "gan")
-    with pytest.raises(ValueError, match="holds a GANPipeline without a VAE first stage"):
+    with pytest.raises(ValueError, match="holds no first stage: no config.json in it or its vae subfolder"):
         main(quick_training_args(tmp_path, *TINY, "--vae_path", tmp_path / "gan"))
     with pytest.raises(ValueError, match=r"`--vae_beta` must be a finite number >= 0, got -0.5"):
         main(quick_training_args(tmp_path, *TINY, "--vae_beta", "-0.5"))

@@ -26,7 +26,7 @@ FAMILIES = {"vae": (train_vae, VAETrainingConfig), "gan": (train_gan, GANTrainin
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_flag_maps_to_a_field_with_the_default_it_had(family):
     """tests/data/training_flags.json: each family's flags and defaults as its argparse parser gave them before the
-    configs were typed."""
+    configs were typed, and each flag added since (written there on purpose, with its default)."""
     module, config_class = FAMILIES[family]
     with open(FLAGS_BEFORE) as file:
         before = json.load(file)[family]

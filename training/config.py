@@ -57,10 +57,12 @@ def check_channels(name: str, value) -> None:
         raise ValueError(f"`{name}` must be 1 or 3, got {value!r}")
 
 
-def flag(default=dataclasses.MISSING, help: str = "", *, check=None, choices=None):
+def flag(default=dataclasses.MISSING, help: str = "", *, check=None, choices=None, aliases: tuple[str, ...] = ()):
     """A config field and its flag: the default (a list is copied for each config), the help, the check
-    `check("--name", value)` run by `validate()`, and the choices (checked too)."""
-    metadata = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None}
+    `check("--name", value)` run by `validate()`, the choices (checked too), and other names the command line
+    accepts for it (e.g. diffusers' scripts' name)."""
+    metadata = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None,
+                "aliases": tuple(aliases)}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -69,7 +71,8 @@ def flag(default=dataclasses.MISSING, help: str = "", *, check=None, choices=Non
 def redefault(config_class, name: str, default):
     """`config_class`'s field `name` with another default: a family's own value of a shared flag."""
     metadata = dict(config_class.__dataclass_fields__[name].metadata)
-    return flag(default, metadata["help"], check=metadata["check"], choices=metadata["choices"])
+    return flag(default, metadata["help"], check=metadata["check"], choices=metadata["choices"],
+                aliases=metadata["aliases"])
 
 
 def nested(default_factory, prefix: str, flags: tuple[str, ...], help_prefix: str):
@@ -314,8 +317,9 @@ class TrainingConfig:
 
 def _add_flag(parser, name: str, annotation, default, help: str, metadata, required: bool = False) -> None:
     value_type, is_list = _value_type(annotation)
+    names = [f"--{name}", *(f"--{alias}" for alias in metadata.get("aliases", ()))]
     if value_type is bool:  # a bare --name sets it
-        parser.add_argument(f"--{name}", action="store_true", default=default, help=help)
+        parser.add_argument(*names, action="store_true", default=default, help=help)
         return
     kwargs = {"type": value_type, "help": help}
     if is_list:
@@ -326,4 +330,4 @@ def _add_flag(parser, name: str, annotation, default, help: str, metadata, requi
         kwargs["required"] = True
     else:
         kwargs["default"] = default
-    parser.add_argument(f"--{name}", **kwargs)
+    parser.add_argument(*names, dest=name, **kwargs)

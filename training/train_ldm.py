@@ -1,16 +1,23 @@
-"""Trains latent diffusion (docs/maths.md §7): a VAE first stage, then a DDPM, a flow-matching model (§6.9,
-`--objective flow_matching`) or an EDM model (§6.10, `--objective edm`) on its scaled latents.
+"""Trains latent diffusion (docs/maths.md §7): a first stage (an autoencoder), then a DDPM, a flow-matching model
+(§6.9, `--objective flow_matching`) or an EDM model (§6.10, `--objective edm`) on its normalized latents.
 
     hfgen train ldm --output_dir hfgen-ldm-mnist                          # both stages, one command
     hfgen train ldm --output_dir ldm --vae_path hfgen-ldm-mnist/first_stage  # reuse a trained VAE
+    hfgen train ldm --output_dir ldm --train_data_dir photos --resolution 256 \
+        --vae_path stabilityai/sd-vae-ft-mse                                 # a pretrained AutoencoderKL
     accelerate launch -m hfgen.training.train_ldm --output_dir hfgen-ldm-mnist
+
+--vae_path takes hfgen's VAE or diffusers' AutoencoderKL, AutoencoderTiny or VQModel (`hfgen.autoencoders`), by
+folder or Hub id (--vae_subfolder; a pipeline's `vae` component by default), and the saved pipeline holds it as its
+`vae` component. Images are brought to the range the autoencoder takes; grey images become RGB for an RGB one. The
+latents are normalized as --latent_scaling says: by default as the autoencoder's config gives (scaling_factor,
+shift_factor, latents_mean / latents_std), or, for hfgen's VAE, by the training latents' measured mean and std.
 
 Without --vae_path the first stage is a conv VAE with a spatial latent (--vae_latent_channels x S x S,
 S = resolution / 2 ** len(--vae_hidden_dims); 4x8x8 for the default 32 px digits), trained with the ELBO by
 `train_vae.py` into OUTPUT_DIR/first_stage, a VAE pipeline folder with its own card. The second stage is
 `train_ddpm.py`'s trainer on latents: the training images are encoded once, their posteriors q(z|x) cached,
-and every batch draws z ~ q(z|x), scaled by the factor that gives the training latents unit variance (stored in
-the pipeline's config). Every DDPM flag (`train_ddpm.py`, --objective included) applies to the second stage.
+and every batch draws z ~ q(z|x), normalized (stored in the pipeline's config). Every DDPM flag (`train_ddpm.py`, --objective included) applies to the second stage.
 
 The posteriors are encoded once, in chunks, into a memory-mapped cache on disk (`hfgen.latent_cache`, under
 --latent_cache_dir), which later runs with the same first stage and data reuse. Images are center-cropped, since
@@ -18,17 +25,20 @@ a random crop cannot be cached; with --random_flip the mirror images' posteriors
 """
 
 import dataclasses
+import logging
 import os
 
+from hfgen import autoencoders
 from hfgen.latent_cache import LatentDataset, encode_to_cache
-from hfgen.models import VAEModel
-from hfgen.pipelines import AutoPipeline, LatentDiffusionPipeline, LatentTextToImagePipeline
+from hfgen.pipelines import LatentDiffusionPipeline, LatentTextToImagePipeline
 
 from hfgen.utils import hfgen_cache_dir
 
 from . import train_vae
 from .config import FINISHED_MARK, TrainingConfig, flag, nested, redefault
 from .train_ddpm import DDPMTrainer, DDPMTrainingConfig
+
+logger = logging.getLogger(__name__)
 
 FIRST_STAGE = "first_stage"
 # Shared flags that configure the second stage only; every other shared flag (data, seed, precision, logging,
@@ -57,8 +67,15 @@ class LDMTrainingConfig(DDPMTrainingConfig):
     """Train latent diffusion: a VAE first stage, then a DDPM, flow-matching or EDM model on its latents."""
 
     vae_path: str | None = flag(
-        None, "A trained first stage: a VAE pipeline folder or Hub repo id, or a saved VAEModel folder. Without it, "
-        "a conv VAE (--vae_* flags, or `first_stage` from Python) is trained first into OUTPUT_DIR/first_stage.")
+        None, "A trained first stage, by folder or Hub repo id: hfgen's VAE, or diffusers' AutoencoderKL, "
+        "AutoencoderTiny or VQModel (a pipeline's `vae` component unless --vae_subfolder says). Without it, a conv "
+        "VAE (--vae_* flags, or `first_stage` from Python) is trained first into OUTPUT_DIR/first_stage.",
+        aliases=("pretrained_vae_model_name_or_path",))
+    vae_subfolder: str | None = flag(None, "The first stage's subfolder within --vae_path (e.g. vae).")
+    latent_scaling: str = flag(
+        "auto", "How the latents are normalized for the denoiser: config (the autoencoder's scaling_factor, "
+        "shift_factor, latents_mean/latents_std), data (the training latents' measured mean and std), auto (config "
+        "where the autoencoder's class has one, else data).", choices=autoencoders.LATENT_SCALINGS)
     first_stage: train_vae.VAETrainingConfig = nested(default_first_stage, "vae_", FIRST_STAGE_FLAGS, "First stage: ")
     latent_cache_dir: str | None = flag(
         None, "Where the training latents are cached on disk (default: $HFGEN_CACHE/latents), reused by later runs.")
@@ -74,6 +91,8 @@ class LDMTrainingConfig(DDPMTrainingConfig):
         if self.streaming:
             raise ValueError("latent diffusion encodes every training image once into a cache: `--streaming` is not "
                              "supported (use `--max_train_samples` to train on part of a large dataset)")
+        if self.vae_subfolder is not None and self.vae_path is None:
+            raise ValueError("`--vae_subfolder` names a subfolder of `--vae_path`: pass `--vae_path` too")
         if self.vae_path is None:
             self.first_stage.check_fields(prefix="--vae_")  # named as the command line sets them
             if self.first_stage.architecture != "conv" or not self.first_stage.latent_channels:
@@ -104,17 +123,6 @@ def train_first_stage(config: LDMTrainingConfig) -> str:
     return folder
 
 
-def load_first_stage(path: str) -> VAEModel:
-    """A pipeline folder or repo id with a `vae` (a VAE or latent diffusion pipeline), or a saved VAEModel folder
-    -> the VAEModel."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return VAEModel.from_pretrained(path)
-    pipeline = AutoPipeline.from_pretrained(path)
-    if not isinstance(getattr(pipeline, "vae", None), VAEModel):
-        raise ValueError(f"`--vae_path` {path!r} holds a {type(pipeline).__name__} without a VAE first stage")
-    return pipeline.vae
-
-
 class LDMTrainer(DDPMTrainer):
     pipeline_kind = "latents"
     clip_sample = False  # scaled latents have unit variance, not the [-1, 1] range of images: z0 is not clipped
@@ -127,18 +135,24 @@ class LDMTrainer(DDPMTrainer):
             config = dataclasses.replace(config, vae_path=train_first_stage(config))
         super().__init__(config)
 
+    def load_data(self):
+        """The first stage, then the data in the channels it takes: grey images become RGB for an RGB autoencoder."""
+        args = self.config
+        self.vae = autoencoders.load_first_stage(args.vae_path, args.vae_subfolder)
+        autoencoders.check_spatial(self.vae)
+        super().load_data()
+        channels = autoencoders.image_channels(self.vae)
+        if args.num_channels is None and self.train_dataset.image_shape[0] == 1 and channels == 3:
+            logger.info("the first stage takes RGB images: the grey images of the dataset are converted to RGB")
+            args.num_channels = 3  # recorded with the run
+            self.train_dataset = self.load_split("train", augment=True)
+            self.test_dataset = self.load_split(self.source.test_split)
+
     def build_models(self):
         # the first stage may just have been written by the main process
         self.accelerator.wait_for_everyone()
-        self.vae = load_first_stage(self.config.vae_path).to(self.accelerator.device).eval().requires_grad_(False)
-        if self.vae.config.num_classes:
-            raise ValueError("`--vae_path` must hold an unconditional VAE: with --conditional the denoiser takes the labels")
-        if len(self.vae.latent_shape) != 3:
-            raise ValueError(f"`--vae_path` holds a VAE with a vector latent {tuple(self.vae.latent_shape)}; latent "
-                             "diffusion needs a spatial one (a conv VAE trained with --latent_channels)")
-        if self.vae.image_shape != self.train_dataset.image_shape:
-            raise ValueError(f"the VAE at `--vae_path` takes {self.vae.image_shape} images but the data are "
-                             f"{self.train_dataset.image_shape}: set --resolution / --num_channels to match")
+        self.vae = self.vae.to(self.accelerator.device).eval().requires_grad_(False)
+        self.latent_shape = autoencoders.latent_shape(self.vae, self.train_dataset.image_shape)
         cache_dir = self.config.latent_cache_dir or os.path.join(hfgen_cache_dir(), "latents")
         unaugmented = self.load_split("train")
         with self.accelerator.main_process_first():  # the main process encodes; the others then find the cache
@@ -148,33 +162,36 @@ class LDMTrainer(DDPMTrainer):
         # a batch's second element: the class labels, or with --caption_column the captions' token ids
         conditions = self.caption_ids if self.text_conditioned else unaugmented.labels
         self.latent_dataset = LatentDataset(folder, conditions, unaugmented.id2label, seed=self.config.seed)
-        self.scaling_factor = self.latent_dataset.scaling_factor
+        self.normalization = autoencoders.choose_normalization(
+            self.vae, self.config.latent_scaling, self.latent_dataset.latent_mean, self.latent_dataset.latent_std)
         return super().build_models()
 
     def sample_shape(self):
-        return tuple(self.vae.latent_shape)
+        return self.latent_shape
 
     def training_data(self):
         return self.latent_dataset
 
     def clean_sample(self, batch):
-        """Posterior moments (B, 2C, S, S) -> z0 = scaling_factor * z, z ~ q(z|x)."""
-        return self.scaling_factor * self.latent_dataset.posterior(batch).sample()
+        """Posterior moments (B, 2C, S, S) -> z0 = (z - shift) * scale, z ~ q(z|x)."""
+        return self.normalization.normalize(self.latent_dataset.posterior(batch).sample())
 
     def build_pipeline(self):
         pipeline = super().build_pipeline()
+        scale, shift = self.normalization.scale, self.normalization.shift
         if self.text_conditioned:
             return LatentTextToImagePipeline(self.vae, pipeline.unet, pipeline.scheduler, pipeline.text_encoder,
-                                             pipeline.tokenizer, self.scaling_factor, self.config.prompt_dropout,
-                                             self.config.objective)
-        return LatentDiffusionPipeline(self.vae, pipeline.unet, pipeline.scheduler, self.scaling_factor,
-                                       pipeline.config.get("label_dropout"), self.config.objective)
+                                             pipeline.tokenizer, scale, self.config.prompt_dropout,
+                                             self.config.objective, shift)
+        return LatentDiffusionPipeline(self.vae, pipeline.unet, pipeline.scheduler, scale,
+                                       pipeline.config.get("label_dropout"), self.config.objective, shift)
 
     def model_card_description(self):
         kind = "class-conditional latent diffusion" if self.num_classes else "latent diffusion"
         kind = f"text-to-image latent diffusion ({self.text_description()})" if self.text_conditioned else kind
-        return (f"{kind[0].upper() + kind[1:]} trained with hfgen on `{self.config.dataset_name}`: a conv VAE first stage with "
-                f"{'x'.join(map(str, self.vae.latent_shape))} latents (scaling factor {self.scaling_factor:.4f}), "
+        first_stage = f"a {type(self.vae).__name__} first stage from `{self.config.vae_path}`"
+        return (f"{kind[0].upper() + kind[1:]} trained with hfgen on `{self.config.dataset_name}`: {first_stage} "
+                f"with {'x'.join(map(str, self.latent_shape))} latents, normalized as {self.normalization.describe()}, "
                 f"and a denoiser in its latent space ({self.objective.describe()}). FD with "
                 f"{self.config.num_inference_steps} sampling steps; first_stage_reconstruction_mse is the mean squared "
                 f"pixel error of test images decoded from their posterior means.{self.objective.likelihood_note}")

@@ -103,9 +103,10 @@ class BundledSource:
                 center_crop: bool = False, random_flip: bool = False, augment: bool = False, seed: int = 0,
                 skip_corrupt_images: bool = False, background_color=DEFAULT_BACKGROUND,
                 pixel_cache_memory_gb: float | None = DEFAULT_MEMORY_GB) -> ImageDataset:
-        """One split, in memory (opaque grey arrays: `background_color` and the pixel cache do not apply)."""
-        if num_channels not in (None, 1):
-            raise ValueError(f"{self.name} has 1 channel, got `num_channels`={num_channels!r}")
+        """One split, in memory (opaque grey arrays: `background_color` and the pixel cache do not apply); with
+        `num_channels` 3, the grey value in each of R, G and B."""
+        if num_channels not in (None, 1, 3):
+            raise ValueError(f"`num_channels` must be 1 or 3 for {self.name}, got {num_channels!r}")
         if not resize:
             raise ValueError(f"{self.name} is bundled as arrays and resized to `resolution`: `resize`=False (--no_resize) "
                              "applies to image files")
@@ -118,8 +119,11 @@ class BundledSource:
             captions = captions and captions[:self.max_train_samples]
         if images.shape[-1] != resolution:
             images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True).clamp(0, 1)
+        if num_channels == 3:
+            images = images.expand(-1, 3, -1, -1).contiguous()
+        name = f"{self.name}|{split}|{len(labels)}|{resolution}" + ("|rgb" if num_channels == 3 else "")
         return ImageDataset(images, labels, {str(i): str(i) for i in range(10)}, random_flip=random_flip,
-                            augment=augment, seed=seed, name=f"{self.name}|{split}|{len(labels)}|{resolution}",
+                            augment=augment, seed=seed, name=name,
                             captions=captions)
 
 
