@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 from .models import DigitClassifier, Discriminator, Generator, VAEModel, ViTDenoiser  # noqa: E402
 from .pipelines import (  # noqa: E402
-    AutoPipeline, ConditionalPipeline, DDPMPipeline, GANPipeline, GenerativePipeline, LatentDiffusionPipeline,
+    AutoencoderPipeline, AutoPipeline, ConditionalPipeline, DDPMPipeline, GANPipeline, GenerativePipeline, LatentDiffusionPipeline,
     LatentTextToImagePipeline, TextToImagePipeline, VAEPipeline)
 
-__all__ = ["AutoPipeline", "ConditionalPipeline", "DDPMPipeline", "DigitClassifier", "Discriminator", "GANPipeline", "GenerativePipeline", "Generator",
+__all__ = ["AutoencoderPipeline", "AutoPipeline", "ConditionalPipeline", "DDPMPipeline", "DigitClassifier", "Discriminator", "GANPipeline", "GenerativePipeline", "Generator",
            "LatentDiffusionPipeline", "LatentTextToImagePipeline", "TextToImagePipeline", "VAEModel", "VAEPipeline", "ViTDenoiser", "__version__"]

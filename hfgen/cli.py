@@ -12,7 +12,7 @@ import sys
 from hfgen.utils import CommandParser
 
 TRAINERS = {"vae": "hfgen.training.train_vae", "gan": "hfgen.training.train_gan", "ddpm": "hfgen.training.train_ddpm",
-            "ldm": "hfgen.training.train_ldm"}
+            "ldm": "hfgen.training.train_ldm", "autoencoder": "hfgen.training.train_autoencoder"}
 
 
 def check_image_output(name: str, path: str) -> None:

@@ -24,6 +24,7 @@ from .frechet import (
 )
 from .likelihood import LIKELIHOOD_BATCH_SIZE, diffusion_bits_per_dim, evaluate_vae
 from .models import VAEModel
+from .quantization import code_usage, flatten_latents, nearest_codes, perplexity
 from .sample_metrics import MEMORISATION_QUANTILE, class_accuracy, memorisation_share, sample_quality_metrics
 from .utils import check_fraction, check_positive_int
 
@@ -347,6 +348,9 @@ def evaluate(pipeline, dataset, config: EvaluationConfig | None = None, train_da
     digits (prompt following)."""
     config = config or EvaluationConfig()
     feature_extractor = feature_space(config.feature_extractor, dataset.image_shape)
+    if getattr(pipeline, "family", None) == "autoencoder":  # reconstructions, not samples
+        return evaluate_autoencoder(pipeline.vae, dataset, feature_extractor, config.num_samples, config.batch_size,
+                                    config.seed, config.num_workers)
     fd = feature_extractor is not None
     sample_metrics = config.full and config.sample_metrics and fd and config.num_samples > config.nearest_k
     if sample_metrics and config.memorisation and train_dataset is None:
@@ -399,6 +403,39 @@ def _prompt_following(pipeline, dataset, config: EvaluationConfig, feature_extra
     return evaluate_prompt_following(pipeline, dataset, classifier, config.clip_model, config.prompts_per_digit,
                                      config.num_clip_images, config.seed, config.batch_size,
                                      {**config.pipeline_kwargs, "guidance_scale": guidance_scale})
+
+
+@torch.no_grad()
+def evaluate_autoencoder(vae, dataset, feature_extractor: nn.Module | None = None, num_images: int | None = None,
+                         batch_size: int = 500, seed: int = 0, num_workers: int = 0) -> dict[str, float]:
+    """A first stage's reconstructions x' = decode(E[q(z|x)]) (quantised by a VQModel's decode) of `num_images`
+    images of `dataset` (None: all; else the first of a permutation drawn with `seed`): "fd" between the images
+    and their reconstructions (with a `feature_extractor`), "reconstruction_mse" per pixel, and for a VQModel
+    "codebook_perplexity" (exp of the entropy of the codes the images use, docs/maths.md §7.4) and
+    "codebook_usage" (the share of codebook entries they use)."""
+    codebook = vae.quantize.embedding.weight if hasattr(vae, "quantize") else None
+    counts = None if codebook is None else torch.zeros(len(codebook))
+    real = fake = None
+    if feature_extractor is not None:
+        real = FeatureStatistics.empty(feature_extractor.num_features, statistics_device(feature_extractor))
+        fake = FeatureStatistics.empty(feature_extractor.num_features, statistics_device(feature_extractor))
+    total, count = 0.0, 0
+    for images, _ in image_batches(dataset, num_images, seed, batch_size, num_workers):
+        latents = autoencoders.encode(vae, images).mean
+        decoded = autoencoders.decode(vae, latents).float().cpu()
+        total += torch.sum((decoded - images) ** 2).item()
+        count += images.numel()
+        if codebook is not None:
+            counts += code_usage(nearest_codes(flatten_latents(latents.float()), codebook.float()), len(codebook)).cpu()
+        if feature_extractor is not None:
+            for statistics, batch in ((real, images), (fake, decoded.clamp(0, 1))):
+                _, features = next(batch_features([batch], feature_extractor, "the reconstructions"))
+                statistics.update(features)
+    metrics = {} if real is None else {"fd": frechet_distance_from_statistics(real, fake)}
+    metrics["reconstruction_mse"] = total / count
+    if counts is not None:
+        metrics.update(codebook_perplexity=perplexity(counts), codebook_usage=float((counts > 0).float().mean()))
+    return metrics
 
 
 @torch.no_grad()

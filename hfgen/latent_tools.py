@@ -6,6 +6,7 @@ import math
 import torch
 
 from .autoencoders import LatentNormalization, encode
+from .data import image_batches
 from .distributions import DiagonalGaussian
 
 INTERPOLATIONS = ("linear", "spherical")
@@ -92,4 +93,15 @@ def latent_normalization(posterior: DiagonalGaussian) -> LatentNormalization:
     z ~ q(z|x), all latent coordinates pooled (see `PooledLatentVariance`)."""
     pooled = PooledLatentVariance()
     pooled.update(posterior.mean, posterior.var)
+    return LatentNormalization(pooled.scaling_factor, pooled.mean, "data")
+
+
+@torch.no_grad()
+def measure_normalization(vae, dataset, num_images: int | None = None, batch_size: int = 500) -> LatentNormalization:
+    """`latent_normalization` of the first `num_images` images of `dataset` (None: all), as stored, read
+    `batch_size` at a time."""
+    pooled = PooledLatentVariance()
+    for images, _ in image_batches(dataset, num_images, batch_size=batch_size, shuffle=False):
+        posterior = encode(vae, images)
+        pooled.update(posterior.mean, posterior.var)
     return LatentNormalization(pooled.scaling_factor, pooled.mean, "data")

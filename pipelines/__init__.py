@@ -1,6 +1,7 @@
 """hfgen pipelines: one module per family, all on `GenerativePipeline`."""
 
 from .auto import AutoPipeline
+from .autoencoder import AutoencoderPipeline
 from .conditional import ConditionalPipeline
 from .ddpm import DDPMPipeline
 from .gan import GANPipeline
@@ -11,7 +12,7 @@ from .vae import VAEPipeline
 
 PIPELINES = {pipeline.__name__: pipeline for pipeline in (
     VAEPipeline, GANPipeline, ConditionalPipeline, DDPMPipeline, LatentDiffusionPipeline, TextToImagePipeline,
-    LatentTextToImagePipeline)}
+    LatentTextToImagePipeline, AutoencoderPipeline)}
 
-__all__ = ["AutoPipeline", "ConditionalPipeline", "DDPMPipeline", "GANPipeline", "GenerativePipeline", "LatentDiffusionPipeline",
+__all__ = ["AutoencoderPipeline", "AutoPipeline", "ConditionalPipeline", "DDPMPipeline", "GANPipeline", "GenerativePipeline", "LatentDiffusionPipeline",
            "LatentTextToImagePipeline", "TextToImagePipeline", "VAEPipeline", "PIPELINES"]

@@ -6,10 +6,11 @@
 """
 
 from .config import TrainingConfig
+from .train_autoencoder import AutoencoderTrainer, AutoencoderTrainingConfig
 from .train_ddpm import DDPMTrainer, DDPMTrainingConfig
 from .train_gan import GANTrainer, GANTrainingConfig
 from .train_ldm import LDMTrainer, LDMTrainingConfig
 from .train_vae import VAETrainer, VAETrainingConfig
 
 __all__ = ["TrainingConfig", "VAETrainingConfig", "GANTrainingConfig", "DDPMTrainingConfig", "LDMTrainingConfig",
-           "VAETrainer", "GANTrainer", "DDPMTrainer", "LDMTrainer"]
+           "AutoencoderTrainingConfig", "VAETrainer", "GANTrainer", "DDPMTrainer", "LDMTrainer", "AutoencoderTrainer"]

@@ -13,7 +13,8 @@ folder or Hub id (--vae_subfolder; a pipeline's `vae` component by default), and
 latents are normalized as --latent_scaling says: by default as the autoencoder's config gives (scaling_factor,
 shift_factor, latents_mean / latents_std), or, for hfgen's VAE, by the training latents' measured mean and std.
 
-Without --vae_path the first stage is a conv VAE with a spatial latent (--vae_latent_channels x S x S,
+Without --vae_path the first stage is trained first: with --first_stage_type vq or kl a VQ-VAE or KL autoencoder by
+`train_autoencoder.py` (its --ae_* flags), by default a conv VAE with a spatial latent (--vae_latent_channels x S x S,
 S = resolution / 2 ** len(--vae_hidden_dims); 4x8x8 for the default 32 px digits), trained with the ELBO by
 `train_vae.py` into OUTPUT_DIR/first_stage, a VAE pipeline folder with its own card. The second stage is
 `train_ddpm.py`'s trainer on latents: the training images are encoded once, their posteriors q(z|x) cached,
@@ -36,6 +37,7 @@ from hfgen.utils import hfgen_cache_dir
 
 from . import train_vae
 from .config import FINISHED_MARK, TrainingConfig, flag, nested, redefault
+from .train_autoencoder import AutoencoderTrainer, AutoencoderTrainingConfig
 from .train_ddpm import DDPMTrainer, DDPMTrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,17 @@ SECOND_STAGE_ONLY = frozenset({
 
 FIRST_STAGE_FLAGS = ("hidden_dims", "latent_channels", "num_epochs", "learning_rate", "train_batch_size", "likelihood",
                      "beta", "eval_importance_samples")  # the first stage's own flags, as --vae_<name>
+
+
+AUTOENCODER_STAGE_FLAGS = ("block_out_channels", "latent_channels", "num_vq_embeddings", "commitment_cost",
+                           "kl_weight", "num_epochs", "learning_rate", "train_batch_size")  # as --ae_<name>
+FIRST_STAGE_TYPES = ("vae", "vq", "kl")
+
+
+def default_autoencoder_stage() -> AutoencoderTrainingConfig:
+    """The first stage trained under --first_stage_type vq or kl (`train_autoencoder.py`)."""
+    return AutoencoderTrainingConfig(output_dir=FIRST_STAGE, block_out_channels=[32, 64, 64], num_epochs=20,
+                                     learning_rate=2e-3)
 
 
 def default_first_stage() -> train_vae.VAETrainingConfig:
@@ -76,7 +89,13 @@ class LDMTrainingConfig(DDPMTrainingConfig):
         "auto", "How the latents are normalized for the denoiser: config (the autoencoder's scaling_factor, "
         "shift_factor, latents_mean/latents_std), data (the training latents' measured mean and std), auto (config "
         "where the autoencoder's class has one, else data).", choices=autoencoders.LATENT_SCALINGS)
+    first_stage_type: str = flag(
+        "vae", "The first stage trained without --vae_path: vae (hfgen's conv VAE, --vae_* flags), vq (a VQ-VAE, "
+        "diffusers' VQModel) or kl (diffusers' AutoencoderKL), both by train_autoencoder.py with the --ae_* flags.",
+        choices=FIRST_STAGE_TYPES)
     first_stage: train_vae.VAETrainingConfig = nested(default_first_stage, "vae_", FIRST_STAGE_FLAGS, "First stage: ")
+    autoencoder_stage: AutoencoderTrainingConfig = nested(
+        default_autoencoder_stage, "ae_", AUTOENCODER_STAGE_FLAGS, "First stage (--first_stage_type vq or kl): ")
     latent_cache_dir: str | None = flag(
         None, "Where the training latents are cached on disk (default: $HFGEN_CACHE/latents), reused by later runs.")
     resolution: int = redefault(TrainingConfig, "resolution", 32)
@@ -93,20 +112,26 @@ class LDMTrainingConfig(DDPMTrainingConfig):
                              "supported (use `--max_train_samples` to train on part of a large dataset)")
         if self.vae_subfolder is not None and self.vae_path is None:
             raise ValueError("`--vae_subfolder` names a subfolder of `--vae_path`: pass `--vae_path` too")
-        if self.vae_path is None:
-            self.first_stage.check_fields(prefix="--vae_")  # named as the command line sets them
+        if self.vae_path is None and self.first_stage_type != "vae":
+            self.autoencoder_stage.check_fields(prefix="--ae_")  # named as the command line sets them
+            self.first_stage_config().validate()
+        elif self.vae_path is None:
+            self.first_stage.check_fields(prefix="--vae_")
             if self.first_stage.architecture != "conv" or not self.first_stage.latent_channels:
                 raise ValueError("`first_stage` must be a conv VAE with a spatial latent (architecture='conv', "
                                  f"latent_channels > 0), got {self.first_stage.architecture!r} with latent_channels="
                                  f"{self.first_stage.latent_channels}")
             self.first_stage_config().validate()
 
-    def first_stage_config(self) -> train_vae.VAETrainingConfig:
-        """`first_stage` as it trains: in OUTPUT_DIR/first_stage, with every shared field of this run except
-        SECOND_STAGE_ONLY, so that a new shared flag cannot be lost on the way; an interrupted first stage resumes."""
+    def first_stage_config(self) -> train_vae.VAETrainingConfig | AutoencoderTrainingConfig:
+        """`first_stage` (or `autoencoder_stage`, as --first_stage_type says) as it trains: in OUTPUT_DIR/first_stage,
+        with every shared field of this run except SECOND_STAGE_ONLY, so that a new shared flag cannot be lost on the
+        way; an interrupted first stage resumes."""
         shared = {field.name for field in dataclasses.fields(TrainingConfig)} - SECOND_STAGE_ONLY
+        stage = (self.first_stage if self.first_stage_type == "vae" else
+                 dataclasses.replace(self.autoencoder_stage, architecture=self.first_stage_type))
         return dataclasses.replace(
-            self.first_stage, **{name: getattr(self, name) for name in shared},
+            stage, **{name: getattr(self, name) for name in shared},
             output_dir=os.path.join(self.output_dir, FIRST_STAGE),
             resume_from_checkpoint="latest" if self.resume_from_checkpoint else None)
 
@@ -119,7 +144,8 @@ def train_first_stage(config: LDMTrainingConfig) -> str:
     """Trains the first stage into OUTPUT_DIR/first_stage unless it is there already; returns that folder."""
     folder = os.path.join(config.output_dir, FIRST_STAGE)
     if not os.path.isfile(os.path.join(folder, FINISHED_MARK)):  # not trained yet (or interrupted)
-        train_vae.VAETrainer(config.first_stage_config()).train()
+        trainer = train_vae.VAETrainer if config.first_stage_type == "vae" else AutoencoderTrainer
+        trainer(config.first_stage_config()).train()
     return folder
 
 
