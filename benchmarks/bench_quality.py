@@ -101,11 +101,13 @@ COLOUR_RECIPES = {
     "hfgen-cvae": ("vae", "--num_epochs 400 --conditional --architecture conv --hidden_dims 32 64 128 --latent_dim 64 "
                           "--latent_sampler gmm --latent_sampler_components 10 --lr_scheduler cosine"),
     # the same for both GANs: with a constant learning rate they were best at 2.5-5 minutes and worse at 10 (GAN 7.4 ->
-    # 6.9, cGAN 4.8 -> 8.1); with a cosine one the GAN reached 4.1 at 10 minutes
+    # 6.9, cGAN 4.8 -> 8.1); with a cosine one the GAN reached 4.1 at 10 minutes. The cGAN's nets at twice the width
+    # (--base_channels 64: 3x slower steps, 30 epochs fill the budget) took it from 5.5 to 3.7; the GAN's went from
+    # 4.1 to 6.5, so it keeps 32
     "hfgen-gan": ("gan", "--num_epochs 100 --use_ema --learning_rate 4e-4 --diff_augment color,translation "
                          "--lr_scheduler cosine"),
-    "hfgen-cgan": ("gan", "--num_epochs 100 --use_ema --conditional --learning_rate 4e-4 "
-                          "--diff_augment color,translation --lr_scheduler cosine"),
+    "hfgen-cgan": ("gan", "--num_epochs 30 --use_ema --conditional --learning_rate 4e-4 "
+                          "--diff_augment color,translation --lr_scheduler cosine --base_channels 64"),
     "hfgen-flow": ("ddpm", "--num_epochs 14 --use_ema --objective flow_matching --lr_scheduler cosine "
                            "--lr_warmup_steps 50 --train_batch_size 32 --weighting_scheme logit_normal "
                            "--block_out_channels 32 64 64"),
@@ -116,6 +118,18 @@ COLOUR_RECIPES = {
     "hfgen-ldm-flow": ("ldm", "--resolution 64 --num_epochs 12 --use_ema --objective flow_matching --lr_scheduler cosine "
                               "--lr_warmup_steps 50 --train_batch_size 32 --block_out_channels 64 128 --vae_beta 0.1 "
                               "--vae_hidden_dims 32 64 --vae_num_epochs 25"),
+    # the same second stage on the other first stages hfgen trains, each given about the VAE's minutes (2.3): a VQ-VAE
+    # (VQModel, 256 codes) and a KL autoencoder (AutoencoderKL), both 4x16x16 latents. diffusers' encoder and decoder
+    # cost 35x hfgen's conv VAE per epoch at widths 32 64 64 (212 s against 6 s): at 16 32 64 and batch 32 an epoch
+    # takes 60-67 s, so 2 epochs
+    "hfgen-ldm-flow-vq": ("ldm", "--resolution 64 --num_epochs 12 --use_ema --objective flow_matching --lr_scheduler "
+                                 "cosine --lr_warmup_steps 50 --train_batch_size 32 --block_out_channels 64 128 "
+                                 "--first_stage_type vq --ae_block_out_channels 16 32 64 --ae_num_epochs 2 "
+                                 "--ae_train_batch_size 32"),
+    "hfgen-ldm-flow-kl": ("ldm", "--resolution 64 --num_epochs 12 --use_ema --objective flow_matching --lr_scheduler "
+                                 "cosine --lr_warmup_steps 50 --train_batch_size 32 --block_out_channels 64 128 "
+                                 "--first_stage_type kl --ae_block_out_channels 16 32 64 --ae_num_epochs 2 "
+                                 "--ae_train_batch_size 32"),
     # the text U-Net's step takes 2.6x the unconditional one's (1.0 s at batch 32): 5 epochs fill the budget
     "hfgen-t2i": ("ddpm", "--num_epochs 5 --use_ema --objective flow_matching --lr_scheduler cosine "
                           "--lr_warmup_steps 50 --train_batch_size 32 --weighting_scheme logit_normal "
@@ -239,7 +253,8 @@ EMOJI = Data("emoji", "quality-colour", "Colour images: FD against training time
              # the VAEs against the stronger VAE peer at 10 minutes: here pythae's (11.0 vs the plain loop's 27.6)
              {"hfgen-vae": "pythae-vae", "hfgen-cvae": "pythae-vae", "hfgen-gan": "plain-dcgan",
               "hfgen-cgan": "plain-dcgan", "hfgen-flow": "diffusers-loop", "hfgen-ddpm": "diffusers-loop",
-              "hfgen-ldm-flow": "diffusers-loop", "hfgen-t2i": "diffusers-loop"},
+              "hfgen-ldm-flow": "diffusers-loop", "hfgen-ldm-flow-vq": "diffusers-loop",
+              "hfgen-ldm-flow-kl": "diffusers-loop", "hfgen-t2i": "diffusers-loop"},
              {}, "the emoji's domain classifier (`--feature_extractor classifier`, trained on the 9 category folders)",
              2.0)
 DATA = {data.name: data for data in (DIGITS, EMOJI)}
@@ -267,6 +282,7 @@ class Clock:
         self.pending = sorted(marks_seconds)
         self.final_num_samples, self.curve_num_samples = num_samples, curve_num_samples
         self.record = record  # f(training_seconds, snapshot), snapshot() -> (samples, extra_seconds)
+        self.details = {}  # more of the contender's numbers for the next row (a latent model's first stage)
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start - self.paused
@@ -292,6 +308,7 @@ class Clock:
     def evaluate(self, snapshot) -> None:
         seconds, paused_at = self.seconds(), time.perf_counter()
         self.record(seconds, snapshot)
+        self.details = {}
         self.paused += time.perf_counter() - paused_at
         if self.pending:
             self.pending.pop(0)
@@ -317,6 +334,20 @@ class Evaluator:
             self.real[size] = self.data.images("test", size)
         samples = (samples.clamp(0, 1) * 255).round() / 255
         return frechet_distance(self.real[size], samples.float(), self.extractor)
+
+    def high_frequency_ratio(self, samples: torch.Tensor) -> float:
+        """Sharpness: the mean energy of the images' Laplacian (grey levels, 3x3 kernel) over the real test images'
+        at the same size: about 1 for samples as sharp as the data, below 1 for blurred ones."""
+        size = samples.shape[-1]
+        if size not in self.real:
+            self.real[size] = self.data.images("test", size)
+        kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+
+        def energy(images):
+            grey = images.clamp(0, 1).float().mean(1, keepdim=True)
+            return torch.nn.functional.conv2d(grey, kernel).pow(2).mean().item()
+
+        return energy(samples) / energy(self.real[size])
 
 
 def sample_in_batches(sample, num_samples: int, batch_size: int = 250) -> torch.Tensor:
@@ -372,7 +403,23 @@ def prompt_directions(pipeline, classifier, grids: str | None = None, **call_kwa
 # ----- hfgen contenders -------------------------------------------------------------------------------------
 
 
-def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", data: Data = DIGITS) -> None:
+def first_stage_details(vae, data: Data, resolution: int, evaluator: Evaluator) -> dict:
+    """A latent model's first stage on the test images: the reconstructions' mean squared pixel error, FD and
+    high-frequency energy ratio (quantised to 8 bits as samples are)."""
+    from hfgen import autoencoders
+    from hfgen.evaluation import reconstruction_mse
+
+    images = data.images("test", resolution)
+    with torch.no_grad():
+        reconstructions = torch.cat([autoencoders.decode(vae, autoencoders.encode(vae, batch).mean).float().cpu()
+                                     for batch in images.split(250)])
+    return {"reconstruction_mse": round(reconstruction_mse(vae, data.split("test", resolution)), 5),
+            "reconstruction_fd": round(evaluator.fd(reconstructions), 2),
+            "reconstruction_high_frequency_ratio": round(evaluator.high_frequency_ratio(reconstructions), 3)}
+
+
+def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", data: Data = DIGITS,
+              evaluator: "Evaluator | None" = None) -> None:
     from hfgen.objectives import dpm_solver
     from hfgen.training import train_ddpm, train_gan, train_ldm, train_vae
 
@@ -407,11 +454,20 @@ def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", d
         else:
             sampler = pipeline_sampler(pipeline, data.class_labels() if pipeline.num_classes else None, **call_kwargs)
         samples = sample_in_batches(sampler, clock.num_samples)
+        if family == "ldm" and clock.final:
+            clock.details.update(first_stage_details(trainer.vae, data, args.resolution, evaluator),
+                                 first_stage_minutes=round(first_stage_seconds[0] / 60, 2))
         for model in trainer.models.values():
             model.train()
         return samples, extra
 
+    first_stage_seconds = []  # when latent diffusion's second stage started: the first stage's clock time
+
     class ClockedTrainer(trainer_class):
+        def build_models(self):
+            first_stage_seconds.append(clock.seconds())
+            return super().build_models()
+
         def training_step(self, images, labels):
             clock.check(lambda: snapshot(self))
             return super().training_step(images, labels)
@@ -631,7 +687,8 @@ def worker(args) -> None:
         samples, extra = snapshot()
         fd = evaluator.fd(samples)
         row = {"contender": args.worker, "train_seconds": round(seconds + extra, 1), "fit_seconds": round(extra, 1),
-               "fd": round(fd, 2), "num_samples": len(samples), "threads": args.threads,
+               "fd": round(fd, 2), "high_frequency_ratio": round(evaluator.high_frequency_ratio(samples), 3),
+               **clock.details, "num_samples": len(samples), "threads": args.threads,
                "load_before": round(load_before, 2), "load_now": round(load_average(), 2),
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": cpu_model(),
                **({"sampler": FD_SAMPLER} if samples_by_diffusion(args.worker, data) else {}),
@@ -649,7 +706,7 @@ def worker(args) -> None:
     clock = Clock([60 * minutes for minutes in args.marks], args.num_samples, args.curve_num_samples, record)
     with tempfile.TemporaryDirectory() as output_dir, contextlib.suppress(BudgetReached):
         if args.worker in data.recipes:
-            run_hfgen(args.worker, clock, output_dir, args.extra_flags, data)
+            run_hfgen(args.worker, clock, output_dir, args.extra_flags, data, evaluator)
         elif args.worker == "plain-vae":
             run_plain_vae(clock, data)
         elif args.worker == "pythae-vae":

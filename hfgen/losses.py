@@ -41,3 +41,13 @@ def r1_penalty(real_logits: torch.Tensor, real_samples: torch.Tensor) -> torch.T
     """R1 = E ||grad_x l(x)||^2 on real data (Mescheder et al., 2018); real_samples must require grad."""
     (gradients,) = torch.autograd.grad(real_logits.sum(), real_samples, create_graph=True)
     return gradients.pow(2).flatten(1).sum(1).mean()
+
+
+def adaptive_weight(reconstruction_loss: torch.Tensor, adversarial_loss: torch.Tensor, last_layer: torch.Tensor,
+                    max_weight: float = 1e4) -> torch.Tensor:
+    """lambda = ||grad_{G_L} L_rec|| / (||grad_{G_L} L_adv|| + 1e-4), clamped to [0, max_weight] and detached (Esser
+    et al., 2021, eq. 7; docs/maths.md §7.5): the adversarial term's gradient at the decoder's last layer G_L scaled
+    to the reconstruction's, so neither drowns the other whatever their scales."""
+    (reconstruction_gradient,) = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)
+    (adversarial_gradient,) = torch.autograd.grad(adversarial_loss, last_layer, retain_graph=True)
+    return (reconstruction_gradient.norm() / (adversarial_gradient.norm() + 1e-4)).clamp(0, max_weight).detach()

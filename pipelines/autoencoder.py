@@ -65,4 +65,7 @@ class AutoencoderPipeline(GenerativePipeline):
     @torch.no_grad()
     def __call__(self, images, *, output_type: str = "pil", return_dict: bool = True):
         """The reconstructions of `images` (PIL, numpy or tensor in [0, 1])."""
+        if isinstance(images, int):
+            raise ValueError(f"`images` must be images to reconstruct, got the number {images}: an autoencoder has no "
+                             "prior to sample from (train latent diffusion on it: hfgen train ldm --vae_path FOLDER)")
         return self.decode(self.encode(images), output_type, return_dict)

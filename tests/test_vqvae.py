@@ -71,7 +71,7 @@ def test_the_first_step_restarts_every_unused_entry_on_encoder_outputs():
     # an empty history: each entry either was chosen (its moving average moved) or is now an encoder output
     assert torch.allclose(distances[loss.cluster_size == 1.0], torch.zeros(1), atol=1e-6)
     assert used.all() and (loss.cluster_size == 1.0).sum() > 0
-    assert set(losses) == {"loss", "reconstruction", "commitment", "perplexity"} and losses["loss"].requires_grad
+    assert set(losses) == {"loss", "reconstruction", "commitment", "perplexity", "decoded"} and losses["loss"].requires_grad
     assert not vq.quantize.embedding.weight.requires_grad  # the optimizer leaves the codebook to the averages
 
 
@@ -109,6 +109,8 @@ def test_the_saved_vq_vae_loads_in_diffusers_and_serves_latent_diffusion(trained
     pipe = AutoencoderPipeline.from_pretrained(trained_vq_dir)
     digits = torch.rand(2, 1, 16, 16)
     assert pipe.encode(digits).shape == (2, 4, 4, 4)
+    with pytest.raises(ValueError, match="an autoencoder has no prior to sample from"):
+        pipe(16)
     assert torch.equal(pipe(digits, output_type="pt").images,
                        ((vq.decode(vq.encode(digits * 2 - 1).latents).sample + 1) / 2).clamp(0, 1))
     train_ldm(quick_training_args(tmp_path, "--vae_path", trained_vq_dir, "--resolution", "16", "--block_out_channels",
@@ -153,3 +155,50 @@ def test_one_command_trains_a_vq_first_stage_then_latent_diffusion(tmp_path):
     first_stage = AutoencoderPipeline.from_pretrained(tmp_path / "first_stage")
     assert isinstance(first_stage.vae, VQModel) and first_stage.vae.config.num_vq_embeddings == 32
     assert isinstance(LatentDiffusionPipeline.from_pretrained(tmp_path).vae, VQModel)
+
+
+def test_adaptive_weight_patch_discriminator_and_perceptual_distance():
+    from hfgen.losses import adaptive_weight
+    from hfgen.models import DigitClassifier, PatchDiscriminator
+    from hfgen.perceptual import PerceptualDistance
+
+    last_layer = torch.ones(2, 2, requires_grad=True)
+    # gradients 2 and -6 per element at G_L: lambda = ||2|| / (||-6|| + 1e-4)
+    weight = adaptive_weight((2 * last_layer).sum(), (-6 * last_layer).sum(), last_layer)
+    assert weight.item() == pytest.approx(4 / (12 + 1e-4)) and not weight.requires_grad
+    discriminator = PatchDiscriminator(in_channels=3, base_channels=8, num_layers=2)
+    assert discriminator(torch.rand(2, 3, 32, 32)).logits.shape == (2, 1, 6, 6)  # 32 / 4 - 2 patches a side
+    assert PatchDiscriminator.min_size(2) == 12 and discriminator(torch.rand(1, 3, 12, 12)).logits.shape == (1, 1, 1, 1)
+    torch.manual_seed(0)
+    classifier = DigitClassifier(sample_size=16, in_channels=1, block_out_channels=(8, 16))
+    distance = PerceptualDistance(classifier)
+    images, other = torch.rand(3, 1, 16, 16, requires_grad=True), torch.rand(3, 1, 16, 16)
+    assert torch.allclose(distance(images, images), torch.zeros(3))
+    value = distance(images, other)
+    assert value.shape == (3,) and (value > 0).all()
+    value.sum().backward()
+    assert images.grad.abs().sum() > 0 and all(p.grad is None for p in classifier.parameters())
+    assert distance(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)).shape == (1,)  # resized to the classifier's
+
+
+@pytest.mark.slow
+def test_adversarial_and_perceptual_terms_train_after_the_warm_up(tmp_path, digit_classifier):
+    flags = ["--resolution", "28", "--block_out_channels", "16", "32", "32", "--num_vq_embeddings", "32",
+             "--train_batch_size", "32", "--max_train_samples", "256", "--max_train_steps", "5", "--eval_num_samples",
+             "200", "--adversarial_weight", "0.5", "--adversarial_start_step", "3", "--discriminator_channels", "8",
+             "--perceptual_weight", "1.0", "--checkpointing_steps", "1", "--checkpoints_total_limit", "10"]
+    main(quick_training_args(tmp_path, *flags))
+    from safetensors.torch import load_file
+
+    def discriminator_at(step):  # the checkpoint's model whose weights are the patch discriminator's
+        weights = [load_file(path) for path in (tmp_path / "checkpoints" / f"checkpoint-{step}").glob("model*.safetensors")]
+        return next(w for w in weights if "layers.0.weight" in w)["layers.0.weight"]
+
+    # untouched in the warm-up (steps 1-3), trained from the fourth
+    assert torch.equal(discriminator_at(2), discriminator_at(3)) and not torch.equal(discriminator_at(3), discriminator_at(5))
+    assert (tmp_path / "vae").is_dir() and not (tmp_path / "discriminator").exists()  # only the autoencoder is saved
+    assert "patch discriminator" in (tmp_path / "README.md").read_text()
+    assert "fd" in json.loads((tmp_path / "metrics.json").read_text())
+    with pytest.raises(ValueError, match="leave no patch of 16 px images: they need at least 24 px"):
+        AutoencoderTrainingConfig(output_dir=str(tmp_path / "x"), resolution=16, block_out_channels=[8, 16],
+                                  adversarial_weight=0.5, discriminator_layers=3).validate()

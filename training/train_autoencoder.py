@@ -12,6 +12,7 @@ The card gives the reconstructions' error and FD against the test images, and fo
 perplexity and usage on them.
 """
 
+import copy
 import dataclasses
 import logging
 import math
@@ -25,10 +26,14 @@ from torch import nn
 from hfgen import quantization
 from hfgen.data import dataset_length, image_batches
 from hfgen.image_processing import SYMMETRIC, from_unit_range
+from hfgen.features import ClassifierFeatures
 from hfgen.latent_tools import measure_normalization
+from hfgen.losses import adaptive_weight, discriminator_loss
+from hfgen.models import PatchDiscriminator
+from hfgen.perceptual import PerceptualDistance
 from hfgen.pipelines import AutoencoderPipeline
 from hfgen.utils import (
-    check_non_negative_number, check_positive_int, check_positive_ints, check_probability)
+    check_non_negative_int, check_non_negative_number, check_positive_int, check_positive_ints, check_probability)
 
 from .config import TrainingConfig, flag, redefault
 from .trainer import Trainer
@@ -63,6 +68,20 @@ class AutoencoderTrainingConfig(TrainingConfig):
                             "loss per pixel.", check=check_non_negative_number)
     reconstruction_loss: str = flag("l1", "The reconstruction loss per pixel, in [-1, 1].",
                                     choices=RECONSTRUCTION_LOSSES)
+    perceptual_weight: float = flag(
+        0.0, "Weight of a perceptual distance between images and reconstructions in the features of the FD classifier "
+        "(--feature_extractor: the digit classifier, or `classifier` for a domain one; docs/maths.md §7.5). Then the "
+        "card's FD is in the features the loss saw: judge it with a sharpness measure too.",
+        check=check_non_negative_number)
+    adversarial_weight: float = flag(
+        0.0, "Weight of a patch discriminator's hinge loss (times the adaptive weight of Esser et al., docs/maths.md "
+        "§7.5); 0: no discriminator.", check=check_non_negative_number)
+    adversarial_start_step: int = flag(
+        500, "The step from which the discriminator trains and its loss counts (a warm-up on reconstruction alone).",
+        check=check_non_negative_int)
+    discriminator_layers: int = flag(2, "Stride-2 layers of the patch discriminator (its patches grow with them).",
+                                     check=check_positive_int)
+    discriminator_channels: int = flag(64, "Width of the patch discriminator's first layer.", check=check_positive_int)
     resolution: int = redefault(TrainingConfig, "resolution", 32)
 
     def validate(self) -> None:
@@ -73,6 +92,10 @@ class AutoencoderTrainingConfig(TrainingConfig):
         if self.use_ema:
             raise ValueError("`--use_ema` averages a sampler's weights; an autoencoder keeps its own (a VQ-VAE's "
                              "codebook is a moving average already)")
+        if self.adversarial_weight and self.resolution < PatchDiscriminator.min_size(self.discriminator_layers):
+            raise ValueError(f"`--discriminator_layers` {self.discriminator_layers} leave no patch of "
+                             f"{self.resolution} px images: they need at least "
+                             f"{PatchDiscriminator.min_size(self.discriminator_layers)} px (fewer layers)")
         factor = 2 ** (len(self.block_out_channels) - 1)
         if self.resolution % factor:
             raise ValueError(f"`--resolution` {self.resolution} must be a multiple of {factor}: each of the "
@@ -101,9 +124,12 @@ class AutoencoderLoss(nn.Module):
     (`hfgen.quantization.ema_codebook_update`), checkpointed with the weights, and updates the codebook in each
     training forward."""
 
-    def __init__(self, autoencoder: VQModel | AutoencoderKL, config: AutoencoderTrainingConfig):
+    def __init__(self, autoencoder: VQModel | AutoencoderKL, config: AutoencoderTrainingConfig,
+                 perceptual: PerceptualDistance | None = None):
         super().__init__()
         self.autoencoder, self.reconstruction = autoencoder, RECONSTRUCTION_LOSSES[config.reconstruction_loss]
+        self.perceptual, self.perceptual_weight = perceptual, config.perceptual_weight
+        self.adversarial_weight = config.adversarial_weight
         self.commitment_cost, self.kl_weight = config.commitment_cost, config.kl_weight
         self.decay, self.dead_code_threshold = config.codebook_decay, config.dead_code_threshold
         if isinstance(autoencoder, VQModel):
@@ -117,16 +143,33 @@ class AutoencoderLoss(nn.Module):
     def config(self):
         return self.autoencoder.config
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, discriminator: PatchDiscriminator | None = None) -> dict[str, torch.Tensor]:
+        """Images (B, C, H, W) in [0, 1] -> "loss", its terms, and "decoded" (the reconstructions in [-1, 1]); with a
+        `discriminator` (its weights frozen by the caller) the adversarial term too."""
         pixels = from_unit_range(images, SYMMETRIC)
         if isinstance(self.autoencoder, VQModel):
-            return self.vq_loss(pixels)
-        posterior = self.autoencoder.encode(pixels).latent_dist
-        reconstruction = self.reconstruction(self.autoencoder.decode(posterior.sample()).sample, pixels)
-        kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent coordinate
-        return {"loss": reconstruction + self.kl_weight * kl, "reconstruction": reconstruction, "kl": kl}
+            decoded, terms, logs = self.vq_forward(pixels)
+        else:
+            posterior = self.autoencoder.encode(pixels).latent_dist
+            decoded = self.autoencoder.decode(posterior.sample()).sample
+            kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent coordinate
+            terms, logs = {"kl": (self.kl_weight, kl)}, {}
+        # the reconstruction terms: the negative log-likelihood part that the adaptive weight balances against
+        reconstruction = self.reconstruction(decoded, pixels)
+        nll, losses = reconstruction, {"reconstruction": reconstruction}
+        if self.perceptual is not None:
+            perceptual = self.perceptual((decoded + 1) / 2, images).mean()
+            nll, losses["perceptual"] = nll + self.perceptual_weight * perceptual, perceptual
+        loss = nll + sum(weight * value for weight, value in terms.values())
+        if discriminator is not None:  # the generator's hinge term: -E[D(x')]
+            adversarial = -discriminator(decoded).logits.mean()
+            weight = self.adversarial_weight * adaptive_weight(nll, adversarial, self.autoencoder.decoder.conv_out.weight)
+            loss, losses["adversarial"], losses["adaptive_weight"] = loss + weight * adversarial, adversarial, weight
+        losses.update({name: value for name, (_, value) in terms.items()}, **logs)
+        return {"loss": loss, **losses, "decoded": decoded}
 
-    def vq_loss(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def vq_forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+        """The decoded quantised latents, the commitment term {name: (weight, value)} and the codes' perplexity."""
         latents = self.autoencoder.encode(pixels).latents  # z, (B, D, S, S)
         codebook = self.autoencoder.quantize.embedding.weight
         quantized, indices = quantization.quantize(latents, codebook)  # e
@@ -135,10 +178,9 @@ class AutoencoderLoss(nn.Module):
             self.update_codebook(latents.detach(), indices, counts)
         decoded = self.autoencoder.decode(quantization.straight_through(latents, quantized),
                                           force_not_quantize=True).sample
-        reconstruction = self.reconstruction(decoded, pixels)
         commitment = quantization.commitment_loss(latents, quantized)
-        return {"loss": reconstruction + self.commitment_cost * commitment, "reconstruction": reconstruction,
-                "commitment": commitment, "perplexity": torch.tensor(quantization.perplexity(counts))}
+        perplexity = torch.tensor(quantization.perplexity(counts))
+        return decoded, {"commitment": (self.commitment_cost, commitment)}, {"perplexity": perplexity}
 
     @torch.no_grad()
     def update_codebook(self, latents: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
@@ -165,17 +207,36 @@ class AutoencoderTrainer(Trainer):
     _normalized_at = None  # the step whose latents the config's normalization was measured on
 
     def build_models(self):
-        channels, size, _ = self.train_dataset.image_shape
-        torch.manual_seed(self.config.seed)
-        return {"autoencoder": AutoencoderLoss(build_autoencoder(self.config, channels, size), self.config)}
+        args, (channels, size, _) = self.config, self.train_dataset.image_shape
+        perceptual = None
+        if args.perceptual_weight:
+            if not isinstance(self.feature_extractor, ClassifierFeatures):
+                raise ValueError("`--perceptual_weight` needs a classifier's features: pass `--feature_extractor "
+                                 "classifier` (or the digit classifier)")
+            perceptual = PerceptualDistance(copy.deepcopy(self.feature_extractor.classifier))
+        torch.manual_seed(args.seed)
+        models = {"autoencoder": AutoencoderLoss(build_autoencoder(args, channels, size), args, perceptual)}
+        if args.adversarial_weight:
+            models["discriminator"] = PatchDiscriminator(channels, args.discriminator_channels, args.discriminator_layers)
+        return models
 
     def training_step(self, images, labels):
-        losses = self.models["autoencoder"](images)
+        args = self.config
+        adversarial = args.adversarial_weight and self.global_step >= args.adversarial_start_step
+        discriminator = self.unwrap("discriminator").requires_grad_(False) if adversarial else None
+        losses = self.models["autoencoder"](images, discriminator)
         self.optimize("autoencoder", losses["loss"])
+        decoded = losses.pop("decoded").detach()
+        if adversarial:  # the discriminator's hinge loss on real images and the reconstructions (docs/maths.md §4.5)
+            self.unwrap("discriminator").requires_grad_(True)
+            pixels = from_unit_range(images, SYMMETRIC)
+            real, fake = (self.models["discriminator"](batch).logits for batch in (pixels, decoded))
+            losses["discriminator"] = discriminator_loss(real, fake, "hinge")
+            self.optimize("discriminator", losses["discriminator"])
         return {name: value.detach() for name, value in losses.items()}
 
     def build_pipeline(self):
-        vae = self.unwrap("autoencoder").autoencoder
+        vae = self.unwrap("autoencoder").autoencoder  # the discriminator and the perceptual network are not saved
         if self.global_step >= self.max_train_steps and self._normalized_at != self.global_step:
             self.record_normalization(vae)
             self._normalized_at = self.global_step
@@ -213,8 +274,15 @@ class AutoencoderTrainer(Trainer):
                 f"dims, trained with hfgen's EMA codebook, commitment weight {args.commitment_cost:g} and dead-code "
                 f"restarts)" if isinstance(vae, VQModel) else
                 f"A KL autoencoder (diffusers' `AutoencoderKL`, KL weight {args.kl_weight:g})")
+        losses = f"{args.reconstruction_loss} reconstruction loss"
+        if args.perceptual_weight:
+            losses += (f", a perceptual distance (weight {args.perceptual_weight:g}) in the features of the FD classifier "
+                       "(so FD here is in features the loss saw)")
+        if args.adversarial_weight:
+            losses += (f", a patch discriminator's hinge loss (weight {args.adversarial_weight:g} times the adaptive "
+                       f"weight) from step {args.adversarial_start_step}")
         return (f"{kind} trained with hfgen on `{args.dataset_name}`, {args.latent_channels}x{size}x{size} latents of "
-                f"{args.resolution} px images, {args.reconstruction_loss} reconstruction loss. The sample grid pairs "
+                f"{args.resolution} px images, {losses}. The sample grid pairs "
                 "test images with their reconstructions; `fd` is the FD of the reconstructions against the test "
                 "images, `reconstruction_mse` their mean squared pixel error"
                 + (", `codebook_perplexity` exp(entropy) of the codes the test images use and `codebook_usage` the "

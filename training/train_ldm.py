@@ -58,7 +58,8 @@ FIRST_STAGE_FLAGS = ("hidden_dims", "latent_channels", "num_epochs", "learning_r
 
 
 AUTOENCODER_STAGE_FLAGS = ("block_out_channels", "latent_channels", "num_vq_embeddings", "commitment_cost",
-                           "kl_weight", "num_epochs", "learning_rate", "train_batch_size")  # as --ae_<name>
+                           "kl_weight", "adversarial_weight", "adversarial_start_step", "num_epochs", "learning_rate",
+                           "train_batch_size")  # as --ae_<name>
 FIRST_STAGE_TYPES = ("vae", "vq", "kl")
 
 

@@ -8,14 +8,15 @@ after the code is reorganised. diffusers looks `ModelMixin` up on the recorded m
 from diffusers.models.modeling_utils import ModelMixin
 
 from .classifier import ClassifierOutput, DigitClassifier
-from .gan import Discriminator, DiscriminatorOutput, Generator, GeneratorOutput
+from .gan import Discriminator, DiscriminatorOutput, Generator, GeneratorOutput, PatchDiscriminator
 from .latent_sampler import GaussianMixtureSampler
 from .vae import VAEDecoderOutput, VAEEncoderOutput, VAEModel, VAEOutput
 from .vit import ViTDenoiser
 
 RECORDED_MODULE = __name__  # "hfgen.models"
 
-for _model_class in (VAEModel, DigitClassifier, Generator, Discriminator, ViTDenoiser, GaussianMixtureSampler):
+for _model_class in (VAEModel, DigitClassifier, Generator, Discriminator, PatchDiscriminator, ViTDenoiser,
+                     GaussianMixtureSampler):
     _model_class.__module__ = RECORDED_MODULE
 
-__all__ = ["ModelMixin", "ClassifierOutput", "DigitClassifier", "Discriminator", "DiscriminatorOutput", "GaussianMixtureSampler", "Generator", "GeneratorOutput", "VAEModel", "VAEOutput", "VAEEncoderOutput", "VAEDecoderOutput", "ViTDenoiser"]
+__all__ = ["ModelMixin", "ClassifierOutput", "DigitClassifier", "Discriminator", "DiscriminatorOutput", "GaussianMixtureSampler", "Generator", "GeneratorOutput", "PatchDiscriminator", "VAEModel", "VAEOutput", "VAEEncoderOutput", "VAEDecoderOutput", "ViTDenoiser"]

@@ -236,3 +236,37 @@ class Discriminator(ModelMixin, ConfigMixin):
         if labels is not None:  # projection: + <embed(y), phi(x)>
             logits = logits + (self.class_embedding(labels) * features).sum(1)
         return DiscriminatorOutput(logits=logits) if return_dict else (logits,)
+
+
+class PatchDiscriminator(ModelMixin, ConfigMixin):
+    r"""D(x): one logit per overlapping patch of x, for a first stage's adversarial loss (pix2pix's PatchGAN, as
+    taming-transformers' NLayerDiscriminator; docs/maths.md §7.5).
+
+    `num_layers` stride-2 4x4 convolutions double the width from `base_channels` (batch norm after the first), then
+    a stride-1 one and a 1-channel output: (B, C, S, S) in [-1, 1] -> logits (B, 1, S / 2^L - 2, S / 2^L - 2).
+    """
+
+    @register_to_config
+    def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("base_channels", base_channels),
+                            ("num_layers", num_layers)):
+            check_positive_int(name, value)
+        widths = [base_channels * 2 ** min(i, 3) for i in range(num_layers + 1)]  # at most 8x, as taming's
+        layers = [nn.Conv2d(in_channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2)]
+        for i in range(1, num_layers + 1):
+            stride = 2 if i < num_layers else 1
+            layers += [nn.Conv2d(widths[i - 1], widths[i], 4, stride, 1, bias=False), nn.BatchNorm2d(widths[i]),
+                       nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(widths[-1], 1, 4, 1, 1))
+        self.layers = nn.Sequential(*layers)
+        self.apply(dcgan_init)
+
+    @staticmethod
+    def min_size(num_layers: int) -> int:
+        """The smallest image side that leaves at least one patch."""
+        return 3 * 2 ** num_layers
+
+    def forward(self, sample: torch.Tensor, return_dict: bool = True):
+        logits = self.layers(sample)
+        return DiscriminatorOutput(logits=logits) if return_dict else (logits,)
