@@ -32,7 +32,7 @@ def test_train_runs_the_module_entry_point(tmp_path):
 
 
 def test_unknown_commands_and_families_are_one_line_errors(capsys):
-    for argv, message in ((["train", "flow"], "`hfgen train` needs a family, one of ['ddpm', 'gan', 'ldm', 'vae']"),
+    for argv, message in ((["train", "flow"], "`hfgen train` needs a family, one of ['autoencoder', 'ddpm', 'gan', 'ldm', 'vae']"),
                           (["fit"], "unknown command 'fit'; usage: hfgen train")):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -252,7 +252,7 @@ def test_server_lists_trees_deletes_files_and_rejects_unknown_routes(hub_server)
 
 @pytest.mark.parametrize("model_index, message", [
     ({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"},
-     "'user/not-hfgen' holds a 'StableDiffusionPipeline' pipeline; hfgen pipelines are \\['ConditionalPipeline'"),
+     "'user/not-hfgen' holds a 'StableDiffusionPipeline' pipeline; hfgen pipelines are \\['AutoencoderPipeline', 'ConditionalPipeline'"),
     ({"_diffusers_version": "0.42.1"}, "'user/not-hfgen' holds no `_class_name` in its model_index.json"),
 ])
 def test_auto_pipeline_names_a_hub_repo_that_holds_no_hfgen_pipeline(hub_server, model_index, message):

@@ -119,7 +119,7 @@ def build_autoencoder(config: AutoencoderTrainingConfig, channels: int, size: in
 
 
 class AutoencoderLoss(nn.Module):
-    """The autoencoder and its training objective in one module (so that DDP sees one forward): images in [0, 1] ->
+    """The autoencoder with its training loss in one module (so that DDP sees one forward): images in [0, 1] ->
     the loss and what to log. For a VQModel it also holds the codebook's moving averages N_k and m_k
     (`hfgen.quantization.ema_codebook_update`), checkpointed with the weights, and updates the codebook in each
     training forward."""
