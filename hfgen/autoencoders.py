@@ -30,7 +30,7 @@ class FirstStageKind:
     model_class: type
     data_range: str  # the images it takes and returns
     point_encoder: bool  # encode gives latents, not a posterior q(z|x)
-    normalization_in_config: bool  # its config carries the latents' scaling_factor (and shift)
+    normalization_in_config: bool  # its config carries the latents' scaling_factor and shift_factor
 
 
 FIRST_STAGES = {kind.model_class.__name__: kind for kind in (
@@ -38,8 +38,9 @@ FIRST_STAGES = {kind.model_class.__name__: kind for kind in (
     FirstStageKind(AutoencoderKL, SYMMETRIC, False, True),
     # diffusers' wrapper maps [-1, 1] to the [0, 1] that TAESD's own nets take, and back
     FirstStageKind(AutoencoderTiny, SYMMETRIC, True, True),
-    # latent diffusion runs on the encoder's output before quantisation; decode() quantises (Rombach et al., 2022)
-    FirstStageKind(VQModel, SYMMETRIC, True, True),
+    # latent diffusion runs on the encoder's output before quantisation; decode() quantises (Rombach et al., 2022).
+    # Its config has no shift_factor, and its default scaling_factor is SD's, fitted to no VQModel: measured
+    FirstStageKind(VQModel, SYMMETRIC, True, False),
 )}
 LATENT_SCALINGS = ("auto", "config", "data")
 
@@ -195,14 +196,15 @@ def config_normalization(vae) -> LatentNormalization | None:
 
 def choose_normalization(vae, latent_scaling: str, measured_mean: float, measured_std: float) -> LatentNormalization:
     """--latent_scaling: "config" takes the autoencoder's, "data" the training latents' mean and std (pooled over
-    every latent coordinate), "auto" the config's where the autoencoder's class has one, else the data's. Logs the
+    every latent coordinate), "auto" the config's where the autoencoder's class keeps one (AutoencoderKL,
+    AutoencoderTiny), else the data's (hfgen's VAE, VQModel). Logs the
     choice, and warns when a config's normalization leaves the training latents far from unit variance."""
     if latent_scaling not in LATENT_SCALINGS:
         raise ValueError(f"`--latent_scaling` must be one of {LATENT_SCALINGS}, got {latent_scaling!r}")
     from_config = config_normalization(vae)
     if latent_scaling == "config" and from_config is None:
-        raise ValueError(f"`--latent_scaling config`: a {type(vae).__name__} config has no latent scaling factor; use "
-                         "`--latent_scaling data`")
+        raise ValueError(f"`--latent_scaling config`: a {type(vae).__name__}'s config holds no fitted scaling_factor "
+                         "and shift_factor; use `--latent_scaling data`")
     measured = LatentNormalization(1 / measured_std, measured_mean, "data")
     chosen = measured if latent_scaling == "data" or from_config is None else from_config
     if chosen is from_config and isinstance(from_config.scale, float):

@@ -245,6 +245,9 @@ def gan_tab(pipeline: GANPipeline) -> None:
 def build_demo(pretrained, device: str = "cpu") -> "gr.Blocks":
     """A Gradio app for a pipeline, or for a pipeline folder or Hub id (loaded with AutoPipeline)."""
     pipeline, folder = load(pretrained, device)
+    if pipeline.family == "autoencoder":
+        raise ValueError(f"{str(pretrained)!r} holds an AutoencoderPipeline, a first stage with no prior to sample "
+                         "from: a demo samples images (train latent diffusion on it: hfgen train ldm --vae_path FOLDER)")
     name = os.path.basename(os.path.normpath(str(pretrained))) if folder else type(pipeline).__name__
     classes = f", {pipeline.num_classes} classes" if pipeline.num_classes else ""
     with gr.Blocks(title=f"hfgen: {name}") as demo:

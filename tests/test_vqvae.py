@@ -1,6 +1,7 @@
 """hfgen's VQ-VAE (hfgen.quantization, training/train_autoencoder.py): the quantisation maths against hand values, and
 short runs on the digits that save a diffusers VQModel latent diffusion then trains on."""
 
+import importlib.util
 import json
 
 import pytest
@@ -111,13 +112,20 @@ def test_the_saved_vq_vae_loads_in_diffusers_and_serves_latent_diffusion(trained
     assert pipe.encode(digits).shape == (2, 4, 4, 4)
     with pytest.raises(ValueError, match="an autoencoder has no prior to sample from"):
         pipe(16)
+    if importlib.util.find_spec("gradio"):
+        from hfgen.demo import build_demo
+
+        with pytest.raises(ValueError, match="holds an AutoencoderPipeline, a first stage with no prior"):
+            build_demo(str(trained_vq_dir))
     assert torch.equal(pipe(digits, output_type="pt").images,
                        ((vq.decode(vq.encode(digits * 2 - 1).latents).sample + 1) / 2).clamp(0, 1))
     train_ldm(quick_training_args(tmp_path, "--vae_path", trained_vq_dir, "--resolution", "16", "--block_out_channels",
                                   "16", "32", "--max_train_steps", "3", "--feature_extractor", "none",
                                   "--eval_vlb_num_images", "0", "--num_inference_steps", "4"))
     ldm = LatentDiffusionPipeline.from_pretrained(tmp_path)
-    assert isinstance(ldm.vae, VQModel) and ldm.config.scaling_factor != 0.18215  # VQModel's default, not fitted here
+    # measured on the training latents (a VQModel's config keeps no shift), not VQModel's default 0.18215 (SD's)
+    assert isinstance(ldm.vae, VQModel) and ldm.config.scaling_factor == pytest.approx(vq.config.scaling_factor, rel=1e-3)
+    assert ldm.config.shift_factor != 0.0 and "measured on the training latents" in (tmp_path / "README.md").read_text()
     images = ldm(2, num_inference_steps=4, output_type="pt", generator=torch.manual_seed(0)).images
     assert images.shape == (2, 1, 16, 16)
 

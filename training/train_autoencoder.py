@@ -246,8 +246,8 @@ class AutoencoderTrainer(Trainer):
     def record_normalization(self, vae) -> None:
         """Once trained: the training latents' normalization (docs/maths.md §7.1) written into the autoencoder's
         config as diffusers' pipelines read it: `scaling_factor` = 1 / std, and for AutoencoderKL `shift_factor` =
-        the mean (VQModel's config has no shift; its latents' mean is left in them). Measured on the first
-        NORMALIZATION_MAX_IMAGES training images, as stored."""
+        the mean (VQModel's config has no shift: `hfgen train ldm` measures a VQModel's latents itself). Measured on
+        the first NORMALIZATION_MAX_IMAGES training images, as stored."""
         was_training = vae.training
         images = self.load_split("train")
         num_images = min(dataset_length(images) or NORMALIZATION_MAX_IMAGES, NORMALIZATION_MAX_IMAGES)

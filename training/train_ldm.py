@@ -89,7 +89,8 @@ class LDMTrainingConfig(DDPMTrainingConfig):
     latent_scaling: str = flag(
         "auto", "How the latents are normalized for the denoiser: config (the autoencoder's scaling_factor, "
         "shift_factor, latents_mean/latents_std), data (the training latents' measured mean and std), auto (config "
-        "where the autoencoder's class has one, else data).", choices=autoencoders.LATENT_SCALINGS)
+        "for AutoencoderKL and AutoencoderTiny, data for hfgen's VAE and VQModel, whose configs keep no fitted "
+        "normalization).", choices=autoencoders.LATENT_SCALINGS)
     first_stage_type: str = flag(
         "vae", "The first stage trained without --vae_path: vae (hfgen's conv VAE, --vae_* flags), vq (a VQ-VAE, "
         "diffusers' VQModel) or kl (diffusers' AutoencoderKL), both by train_autoencoder.py with the --ae_* flags.",
