@@ -31,14 +31,15 @@ INK_THRESHOLD = 0.25  # a pixel at least this dark is ink, for the bounding box
 
 
 def digit_attributes(images) -> dict[str, np.ndarray]:
-    """(N, H, W) or (N, 1, H, W) ink in [0, 1] -> {"thickness", "slant", "size"}, each (N,) float.
+    """(N, H, W) or (N, C, H, W) ink in [0, 1] (grey, or its mean over C: the digits loaded as RGB) -> {"thickness",
+    "slant", "size"}, each (N,) float.
 
     thickness: the mean ink. slant: -mu11 / mu02 of the ink's central second moments, x to the right and y down, so
     that a digit leaning right (its top to the right of its bottom) is positive. size: the ink's bounding-box area
     as a share of the image.
     """
     ink = np.asarray(images, dtype=np.float64)
-    ink = ink.reshape(len(ink), *ink.shape[-2:])
+    ink = (ink.mean(1) if ink.ndim == 4 else ink).reshape(len(ink), *ink.shape[-2:])
     height, width = ink.shape[1:]
     y, x = np.mgrid[0:height, 0:width].astype(np.float64)
     mass = ink.sum((1, 2)) + 1e-8

@@ -128,3 +128,29 @@ def test_first_stages_that_cannot_serve_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"latents have shape \(4, 8, 8\) but the denoiser takes \(3, 8, 8\)"):
         LatentDiffusionPipeline(vae, UNet2DModel.from_config(unet.config, in_channels=3), DDPMScheduler(),
                                 scaling_factor=1.0)
+
+
+@pytest.mark.slow
+def test_class_and_text_conditioned_latent_diffusion_on_a_diffusers_autoencoder(tmp_path):
+    """Labels with flow matching, and captions, on a saved AutoencoderKL: the conditioning paths are the pixel
+    ones, the latents the autoencoder's."""
+    from hfgen import LatentTextToImagePipeline
+
+    saved("AutoencoderKL", tmp_path / "kl")
+    common = ["--vae_path", tmp_path / "kl", "--max_train_steps", "2", "--train_batch_size", "16", "--feature_extractor",
+              "none", "--num_inference_steps", "2", "--max_train_samples", "64"]
+    main(quick_training_args(tmp_path / "labels", *common, "--resolution", "16", "--block_out_channels", "16", "32",
+                             "--conditional", "--objective", "flow_matching"))
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "labels")
+    images = pipe(class_labels=[1, 7], guidance_scale=2.0, num_inference_steps=2, output_type="pt",
+                  generator=torch.manual_seed(0)).images
+    assert images.shape == (2, 3, 16, 16) and pipe.num_classes == 10
+    main(quick_training_args(tmp_path / "text", *common, "--dataset_name", "hfgen:digits", "--resolution", "8",
+                             "--caption_column", "text", "--text_encoder_hidden_size", "32", "--text_encoder_layers",
+                             "1", "--text_encoder_heads", "2", "--attention_head_dim", "4", "--block_out_channels",
+                             "8", "8", "--eval_num_samples", "8", "--eval_prompts_per_digit", "1",
+                             "--eval_vlb_num_images", "0"))
+    text_pipe = LatentTextToImagePipeline.from_pretrained(tmp_path / "text")
+    images = text_pipe(prompt=["a thick seven", "a thin one"], guidance_scale=2.0, num_inference_steps=2,
+                       output_type="pt", generator=torch.manual_seed(0)).images
+    assert images.shape == (2, 3, 8, 8) and isinstance(text_pipe.vae, AutoencoderKL)
