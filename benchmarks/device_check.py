@@ -68,6 +68,11 @@ def main() -> int:
                                             "500", "--mixed_precision", "bf16", "--conditional", "--use_ema"], "fd", 700),
             "ldm-fp16": (train_ldm, ["--num_epochs", "3", "--vae_num_epochs", "5", "--checkpointing_steps", "500",
                                      "--eval_num_samples", "500", "--mixed_precision", "fp16"], "fd", 700),
+            # hfgen's VQ-VAE (EMA codebook, restarts, patch discriminator) as the first stage, under autocast
+            "ldm-vq-bf16": (train_ldm, ["--num_epochs", "3", "--first_stage_type", "vq", "--ae_num_epochs", "3",
+                                        "--ae_adversarial_weight", "0.5", "--ae_adversarial_start_step", "50",
+                                        "--checkpointing_steps", "500", "--eval_num_samples", "500",
+                                        "--mixed_precision", "bf16"], "fd", 700),
         }
         for name, (train, flags, metric, bound) in runs.items():
             out = f"{root}/{name}"
