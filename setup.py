@@ -1,8 +1,17 @@
+import re
+
 from setuptools import setup
+
+
+def version() -> str:
+    """hfgen.__version__, the one place the version is kept (read, not imported: the dependencies may be missing)."""
+    with open("hfgen/__init__.py", encoding="utf-8") as file:
+        return re.search(r'^__version__ = "([^"]+)"$', file.read(), re.MULTILINE).group(1)
+
 
 setup(
     name="hfgen",
-    version="0.1.0",
+    version=version(),
     description="Hugging Face-style VAEs, GANs, diffusion and latent diffusion models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -271,9 +271,14 @@ def main(argv=None) -> None:
 
 def dispatch(argv) -> None:
     usage = (f"usage: hfgen train {{{','.join(TRAINERS)}}} ARGS | hfgen sample FOLDER ARGS | hfgen evaluate FOLDER ARGS | "
-             "hfgen demo FOLDER ARGS  (-h after each for its flags)")
+             "hfgen demo FOLDER ARGS | hfgen --version  (-h after each for its flags)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
+        return
+    if argv[0] == "--version":
+        from hfgen import __version__
+
+        print(f"hfgen {__version__}")
         return
     command, rest = argv[0], argv[1:]
     if command == "train":

@@ -31,6 +31,19 @@ def test_train_runs_the_module_entry_point(tmp_path):
     assert (tmp_path / "model_index.json").is_file() and (tmp_path / "README.md").is_file()
 
 
+def test_version_is_kept_in_one_place(capsys):
+    import importlib.metadata
+
+    import hfgen
+
+    main(["--version"])
+    assert capsys.readouterr().out == f"hfgen {hfgen.__version__}\n"
+    setup_py = pathlib.Path(__file__).parent.parent / "setup.py"
+    # setup.py reads the version from hfgen/__init__.py rather than writing its own
+    assert '__version__' in setup_py.read_text() and not re.search(r'version="\d', setup_py.read_text())
+    assert importlib.metadata.version("hfgen") == hfgen.__version__  # what pip installed says the same
+
+
 def test_unknown_commands_and_families_are_one_line_errors(capsys):
     for argv, message in ((["train", "flow"], "`hfgen train` needs a family, one of ['autoencoder', 'ddpm', 'gan', 'ldm', 'vae']"),
                           (["fit"], "unknown command 'fit'; usage: hfgen train")):
