@@ -1,11 +1,14 @@
+import os
 import re
 
 from setuptools import setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 def version() -> str:
     """hfgen.__version__, the one place the version is kept (read, not imported: the dependencies may be missing)."""
-    with open("hfgen/__init__.py", encoding="utf-8") as file:
+    with open(os.path.join(HERE, "hfgen", "__init__.py"), encoding="utf-8") as file:
         return re.search(r'^__version__ = "([^"]+)"$', file.read(), re.MULTILINE).group(1)
 
 
@@ -13,7 +16,7 @@ setup(
     name="hfgen",
     version=version(),
     description="Hugging Face-style VAEs, GANs, diffusion and latent diffusion models",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # pipelines/ and training/ live at the top of the repository but install inside hfgen,
