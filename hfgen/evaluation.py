@@ -438,13 +438,7 @@ def evaluate_autoencoder(vae, dataset, feature_extractor: nn.Module | None = Non
     return metrics
 
 
-@torch.no_grad()
 def reconstruction_mse(vae, dataset, batch_size: int = 500) -> float:
     """Mean squared error per pixel of x against decode(E[q(z|x)]) over the images of `dataset` (in [0, 1]), under
-    any first stage (`hfgen.autoencoders`)."""
-    total, count = 0.0, 0
-    for images, _ in image_batches(dataset, batch_size=batch_size, shuffle=False):
-        decoded = autoencoders.decode(vae, autoencoders.encode(vae, images).mean).float().cpu()
-        total += torch.sum((decoded - images) ** 2).item()
-        count += images.numel()
-    return total / count
+    any first stage (`hfgen.autoencoders`): `evaluate_autoencoder`'s, over every image."""
+    return evaluate_autoencoder(vae, dataset, batch_size=batch_size)["reconstruction_mse"]
