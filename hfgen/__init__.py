@@ -4,7 +4,7 @@ Importing hfgen imports every model and pipeline class: diffusers needs them imp
 pipelines. Training code (hfgen.training) is imported only when used.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .models import DigitClassifier, Discriminator, Generator, VAEModel, ViTDenoiser  # noqa: E402
 from .pipelines import (  # noqa: E402

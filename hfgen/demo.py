@@ -20,11 +20,14 @@ except ImportError as error:
     raise ImportError('the hfgen demo needs gradio: pip install "hfgen[demo]"') from error
 import PIL.Image
 import torch
+from diffusers import DiffusionPipeline
+from huggingface_hub import snapshot_download
 
-from hfgen import AutoPipeline, GANPipeline, VAEPipeline, __version__
+from hfgen import AutoPipeline
 from hfgen.hub_utils import METRICS_FILE, SAMPLE_GRID, push_space
 from hfgen.objectives import objective_of, swapped
-from hfgen.pipelines.pipeline_utils import GenerativePipeline, call_arguments, resolve_pretrained_path
+from hfgen.pipelines.pipeline_utils import call_arguments, resolve_pretrained_path
+from hfgen.remote_code import code_requirements, module_text, saved_code_module
 from hfgen.utils import check_non_negative_int
 
 
@@ -71,9 +74,9 @@ def class_label(pipeline, choice):
     return int(choice) if not pipeline.id2label and choice.lstrip("-").isdigit() else choice
 
 
-def load(pretrained, device: str = "cpu") -> tuple[GenerativePipeline, str | None]:
+def load(pretrained, device: str = "cpu") -> tuple[DiffusionPipeline, str | None]:
     """A pipeline, or a folder or Hub id loaded with AutoPipeline -> (pipeline, its local folder or None)."""
-    if isinstance(pretrained, GenerativePipeline):
+    if isinstance(pretrained, DiffusionPipeline):
         return pretrained, None
     folder = resolve_pretrained_path(pretrained)
     return AutoPipeline.from_pretrained(folder).to(device), folder
@@ -181,7 +184,7 @@ def drawn_image(sketch, size: int):
     return None if flat.getbbox() is None else flat.resize((size, size), PIL.Image.Resampling.LANCZOS)
 
 
-def vae_tabs(pipeline: VAEPipeline) -> None:
+def vae_tabs(pipeline) -> None:
     """Reconstruction of an uploaded or drawn image, interpolation between two images, traversal of a latent."""
     if pipeline.num_classes:
         return  # a CVAE's tools need a class in every call; its samples are in the sample tab
@@ -229,7 +232,7 @@ def vae_tabs(pipeline: VAEPipeline) -> None:
         gr.on([dim.release, extent.release, start.change], traverse, [dim, extent, start], sweep, api_name="traverse")
 
 
-def gan_tab(pipeline: GANPipeline) -> None:
+def gan_tab(pipeline) -> None:
     """Images along the path between two prior samples drawn from the seed."""
     with gr.Tab("Interpolate"):
         with gr.Row():
@@ -245,10 +248,16 @@ def gan_tab(pipeline: GANPipeline) -> None:
 def build_demo(pretrained, device: str = "cpu") -> "gr.Blocks":
     """A Gradio app for a pipeline, or for a pipeline folder or Hub id (loaded with AutoPipeline)."""
     pipeline, folder = load(pretrained, device)
-    if pipeline.family == "autoencoder":
-        raise ValueError(f"{str(pretrained)!r} holds an AutoencoderPipeline, a first stage with no prior to sample "
-                         "from: a demo samples images (train latent diffusion on it: hfgen train ldm --vae_path FOLDER)")
     name = os.path.basename(os.path.normpath(str(pretrained))) if folder else type(pipeline).__name__
+    return demo_blocks(pipeline, name, folder)
+
+
+def demo_blocks(pipeline, name: str, folder: str | None = None) -> "gr.Blocks":
+    """The app for a loaded hfgen pipeline (hfgen's classes, or those of the code saved with it); `folder`, where
+    it was loaded from, shows the model card's metrics and samples. The tabs follow the pipeline's family."""
+    if pipeline.family == "autoencoder":
+        raise ValueError(f"{name!r} holds an AutoencoderPipeline, a first stage with no prior to sample "
+                         "from: a demo samples images (train latent diffusion on it: hfgen train ldm --vae_path FOLDER)")
     classes = f", {pipeline.num_classes} classes" if pipeline.num_classes else ""
     with gr.Blocks(title=f"hfgen: {name}") as demo:
         gr.Markdown(f"# {name}\nAn hfgen {type(pipeline).__name__} ({pipeline.family}{classes}), "
@@ -257,9 +266,9 @@ def build_demo(pretrained, device: str = "cpu") -> "gr.Blocks":
             with gr.Column(scale=3):
                 with gr.Tab("Sample"):
                     sample_tab(pipeline)
-                if isinstance(pipeline, VAEPipeline):
+                if pipeline.family == "vae" and hasattr(pipeline, "reconstruct"):  # VAEPipeline's latent tools
                     vae_tabs(pipeline)
-                if isinstance(pipeline, GANPipeline):
+                if pipeline.family == "gan" and hasattr(pipeline, "interpolate"):  # GANPipeline's
                     gan_tab(pipeline)
             if folder is not None:
                 with gr.Column(scale=1):
@@ -267,39 +276,47 @@ def build_demo(pretrained, device: str = "cpu") -> "gr.Blocks":
     return demo
 
 
-APP = '''"""The hfgen demo of {model_id} (written by `hfgen demo --write_space`)."""
+def space_demo(model_id: str) -> "gr.Blocks":
+    """The Space's app: the model repo loaded by plain diffusers with the code saved in it (no hfgen installed)."""
+    folder = snapshot_download(model_id)
+    return demo_blocks(DiffusionPipeline.from_pretrained(folder, trust_remote_code=True), model_id.split("/")[-1], folder)
 
-from hfgen.demo import build_demo
 
-demo = build_demo({model_id!r})
+APP_MAIN = """
+demo = space_demo({model_id!r})
 
 if __name__ == "__main__":
     demo.launch()
-'''
+"""
 
 
 def write_space(pretrained, out_dir: str, model_id: str | None = None) -> str:
-    """Writes a Gradio Space that runs `build_demo(model_id)`: app.py, requirements.txt and a README.md whose
-    metadata says `sdk: gradio` and names the model repo. `model_id` defaults to `pretrained` when that is a Hub id;
-    a local folder needs the id it is (or will be) pushed to. Returns `out_dir`."""
+    """Writes a Gradio Space that shows the model repo `model_id`, and needs no hfgen: app.py (hfgen's demo code,
+    `space_demo`, copied by hfgen.remote_code), requirements.txt (what app.py and the model's saved code import)
+    and a README.md whose metadata says `sdk: gradio` and names the model repo. `model_id` defaults to `pretrained`
+    when that is a Hub id; a local folder needs the id it is (or will be) pushed to. Returns `out_dir`."""
     from huggingface_hub import SpaceCard, SpaceCardData
 
-    if os.path.isdir(os.path.expanduser(str(pretrained))):
-        resolve_pretrained_path(pretrained)  # a pipeline folder, checked
-    elif model_id is None:
+    local = os.path.isdir(os.path.expanduser(str(pretrained)))
+    if not local and model_id is None:
         model_id = str(pretrained)
     if model_id is None or str(model_id).count("/") != 1:
         raise ValueError(f"`model_id` must be the Hub repo id (user/name) the Space loads the model from, got "
                          f"{model_id!r}: a Space cannot read the local folder {str(pretrained)!r}")
+    model_code = saved_code_module(resolve_pretrained_path(pretrained))
+    app = module_text("The Gradio demo of " + model_id + ", written by `hfgen demo --write_space`.", [space_demo])
+    app += APP_MAIN.format(model_id=model_id)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "app.py"), "w", encoding="utf-8") as file:
-        file.write(APP.format(model_id=model_id))
+        file.write(app)
+    requirements = sorted(set(code_requirements(app)) | set(code_requirements(model_code)))
     with open(os.path.join(out_dir, "requirements.txt"), "w", encoding="utf-8") as file:
-        file.write(f"hfgen=={__version__}\n")  # gradio itself comes with the Space's sdk_version
+        file.write("".join(requirement + "\n" for requirement in requirements if not requirement.startswith("gradio")))
     data = SpaceCardData(title=f"{model_id.split('/')[-1]} demo", sdk="gradio", sdk_version=gr.__version__,
                          app_file="app.py", models=[model_id], tags=["hfgen"])
     SpaceCard(f"---\n{data.to_yaml()}\n---\n\n# {model_id} demo\n\nA Gradio demo of the hfgen model "
-              f"[{model_id}](https://huggingface.co/{model_id}), written by `hfgen demo --write_space`.\n"
+              f"[{model_id}](https://huggingface.co/{model_id}), written by `hfgen demo --write_space`. It loads the "
+              "model with plain diffusers and the code saved in its repo (`trust_remote_code=True`).\n"
               ).save(os.path.join(out_dir, "README.md"))
     return out_dir
 

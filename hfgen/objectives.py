@@ -10,7 +10,8 @@ Shapes: x0, noise (B, C, H, W); the denoiser's timesteps (B,).
 """
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F

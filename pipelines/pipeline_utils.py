@@ -16,6 +16,7 @@ from huggingface_hub import file_exists, snapshot_download
 
 from hfgen.hub_utils import check_repo_id, push_folder, push_token, write_model_card
 from hfgen.image_processing import postprocess
+from hfgen.remote_code import as_hfgen_index, write_remote_code
 from hfgen.utils import check_class_labels, check_positive_int
 
 HUB_DOWNLOAD_KWARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only")
@@ -65,8 +66,8 @@ def call_arguments(pipeline) -> set[str]:
 
 
 def read_model_index(index_file: str) -> dict:
-    """A pipeline folder's model_index.json, checked: valid JSON whose components are hfgen's or diffusers' classes,
-    or, for the text components, transformers' ones."""
+    """A pipeline folder's model_index.json as hfgen reads it (`as_hfgen_index`), checked: valid JSON whose
+    components are hfgen's or diffusers' classes, or, for the text components, transformers' ones."""
     try:
         with open(index_file, encoding="utf-8") as file:
             index = json.load(file)
@@ -74,6 +75,7 @@ def read_model_index(index_file: str) -> dict:
         raise ValueError(f"{index_file} is not valid JSON ({error}): the folder was not saved completely") from error
     if not isinstance(index, dict):
         raise ValueError(f"{index_file} must hold a JSON object, got {type(index).__name__}")
+    index = as_hfgen_index(index)
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
             continue
@@ -112,6 +114,24 @@ class GenerativePipeline(DiffusionPipeline):
                              f"{', '.join(components)}), not a {cls.__name__}: load it with {saved_class}.from_pretrained "
                              "or hfgen.AutoPipeline.from_pretrained")
         return super().from_pretrained(path, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' `load_config`, with the saved code's entries read as hfgen's classes (`as_hfgen_index`)."""
+        loaded = super().load_config(*args, **kwargs)
+        if isinstance(loaded, tuple):
+            return (as_hfgen_index(loaded[0]), *loaded[1:])
+        return as_hfgen_index(loaded)
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """diffusers' `save_pretrained`, plus the code with which plain diffusers loads the folder
+        (`hfgen.remote_code`); `push_to_hub=True` then pushes it (`repo_id`, `token`, `private`, `commit_message`)."""
+        push_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message") if key in kwargs}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(self, save_directory)
+        if push_to_hub:
+            repo_id = push_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            self.push_to_hub(repo_id, **push_kwargs)
 
     @property
     def generative_model(self):

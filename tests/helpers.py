@@ -1,7 +1,10 @@
 """What several test modules share: short training flags, interruption and comparison of runs, small image
 folders, tiny models. (conftest.py holds the session's set-up and fixtures.)"""
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -150,3 +153,30 @@ def trained_and_untrained_pixel_fd(folder, objective: str) -> tuple[float, float
                                  pipeline_kwargs={"num_inference_steps": 10}, likelihood=False)["fd"]
 
     return fd(pipe), fd(untrained)
+
+
+PLAIN_DIFFUSERS = """
+import json, sys
+sys.modules["hfgen"] = None  # `import hfgen` fails in this Python
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+call, output, sources = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3:]
+images = []
+for source in sources:
+    pipe = DiffusionPipeline.from_pretrained(source, trust_remote_code=True)
+    images.append(pipe(**call, generator=torch.manual_seed(0), output_type="np").images)
+assert not [name for name, module in sys.modules.items() if name.split(".")[0] == "hfgen" and module is not None]
+np.save(output, np.stack(images))
+"""
+
+
+def plain_diffusers_images(tmp_path, sources, **call) -> np.ndarray:
+    """(len(sources), B, H, W, C): the images of `pipe(**call, generator=torch.manual_seed(0))` for each folder or Hub
+    repo id in `sources`, loaded with `DiffusionPipeline.from_pretrained(source, trust_remote_code=True)` in a new
+    Python where `import hfgen` fails (the Hub settings of the environment are inherited)."""
+    output = os.path.join(tmp_path, "plain-diffusers.npy")
+    env = {**os.environ, "HF_MODULES_CACHE": os.path.join(tmp_path, "hf-modules")}
+    run = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, json.dumps(call), output, *map(str, sources)],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return np.load(output)

@@ -1,14 +1,15 @@
 """The Gradio demo (hfgen.demo): the app through gradio_client, a real headless Chromium, the Space, the push."""
 
 import contextlib
+import importlib.metadata
 import io
 import json
 import os
-import runpy
 import shutil
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 import zipfile
 
@@ -274,8 +275,41 @@ def test_a_browser_samples_a_class_and_shows_bad_input_as_an_error(cvae_app, tmp
 
 # ----- the Space, the push, the command ------------------------------------------------------------------------
 
-def test_write_space_runs_the_same_app_from_the_model_repo(hub_server, tmp_path):
+SPACE = """
+import runpy, sys
+sys.modules["hfgen"] = None  # `import hfgen` fails: the Space installs only its requirements.txt
+runpy.run_path(sys.argv[1], run_name="__main__")
+"""
+
+
+@contextlib.contextmanager
+def space_running(app_file):
+    """The Space's app.py launched as the Space runs it, in a Python without hfgen: yields its URL."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    app = subprocess.Popen([sys.executable, "-c", SPACE, app_file], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            if app.poll() is not None:
+                raise AssertionError(f"app.py stopped: {app.stdout.read()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        app.kill()
+        app.wait()
+
+
+def test_write_space_runs_the_same_app_without_hfgen(hub_server, tmp_path):
     from huggingface_hub import SpaceCard
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
     pipe = tiny_cvae()
     pipe.push_to_hub("user/tiny-cvae")
@@ -283,10 +317,13 @@ def test_write_space_runs_the_same_app_from_the_model_repo(hub_server, tmp_path)
     assert sorted(os.listdir(space)) == ["README.md", "app.py", "requirements.txt"]
     card = SpaceCard.load(os.path.join(space, "README.md"))
     assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and card.data.models == ["user/tiny-cvae"]
-    assert "hfgen" in (tmp_path / "space" / "requirements.txt").read_text()
+    requirements = [Requirement(line) for line in (tmp_path / "space" / "requirements.txt").read_text().splitlines()]
+    assert {"torch", "diffusers", "huggingface-hub", "psutil"} <= {canonicalize_name(r.name) for r in requirements}
+    for requirement in requirements:  # released packages, at versions that serve: those installed here
+        assert "hfgen" not in requirement.name and requirement.specifier.contains(
+            importlib.metadata.version(requirement.name), prereleases=True), requirement
 
-    app = runpy.run_path(os.path.join(space, "app.py"))["demo"]  # not as __main__: it does not launch itself
-    with served(app) as url:
+    with space_running(os.path.join(space, "app.py")) as url:
         images, _ = served_client(url).predict(2, 4, "cat", api_name="/sample")
     for got, want in zip(pixels(images), pixels(pipe(2, class_labels="cat", generator=torch.manual_seed(4)).images)):
         np.testing.assert_array_equal(got, want)
@@ -294,6 +331,9 @@ def test_write_space_runs_the_same_app_from_the_model_repo(hub_server, tmp_path)
     pipe.save_pretrained(tmp_path / "pipe")
     with pytest.raises(ValueError, match="`model_id` must be the Hub repo id"):
         write_space(str(tmp_path / "pipe"), str(tmp_path / "other"))  # a local folder needs its repo id
+    with pytest.raises(ValueError, match="holds no code for plain diffusers"):
+        write_space(os.path.join(os.path.dirname(__file__), "fixtures", "vae-pipeline-0.1.0"), str(tmp_path / "other"),
+                    "user/old")
 
 
 def test_push_demo_pushes_a_space_beside_the_model(hub_server, tmp_path):
@@ -309,7 +349,7 @@ def test_push_demo_pushes_a_space_beside_the_model(hub_server, tmp_path):
 
     files = hub_server.files("spaces/user/vae-demo")
     assert hub_server.space_sdks["spaces/user/vae-demo"] == "gradio"
-    assert "build_demo('user/vae')" in files["app.py"].decode()
+    assert "demo = space_demo('user/vae')" in files["app.py"].decode()
     assert "sdk: gradio" in files["README.md"].decode() and "user/vae" in files["README.md"].decode()
     assert "model_index.json" in hub_server.files("user/vae")
     assert hub_server.unknown_requests == []
@@ -327,7 +367,7 @@ def test_demo_command_serves_or_writes_a_space(tmp_path, monkeypatch):
     assert isinstance(launched["blocks"], gr.Blocks)
 
     main(["demo", str(folder), "--write_space", str(tmp_path / "space"), "--hub_model_id", "user/vae"])
-    assert "build_demo('user/vae')" in (tmp_path / "space" / "app.py").read_text()
+    assert "demo = space_demo('user/vae')" in (tmp_path / "space" / "app.py").read_text()
 
 
 def test_without_gradio_import_hfgen_works_and_the_demo_says_how_to_install_it(tmp_path):

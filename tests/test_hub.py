@@ -134,23 +134,30 @@ FAMILIES = {
     "cddpm": ("train_ddpm", hfgen.DDPMPipeline, "ddpm", ["--block_out_channels", "8", "16", "--num_inference_steps", "2",
                                                          "--num_train_timesteps", "20", "--eval_vlb_num_images", "4",
                                                          "--conditional"]),
+    "flow": ("train_ddpm", hfgen.DDPMPipeline, "flow-matching", ["--block_out_channels", "8", "16", "--num_inference_steps", "2",
+                                                        "--objective", "flow_matching"]),
     "ldm": ("train_ldm", hfgen.LatentDiffusionPipeline, "ldm", ["--vae_num_epochs", "1", "--vae_eval_importance_samples", "2", "--vae_hidden_dims", "8", "16",
                                                                "--block_out_channels", "8", "16", "--num_inference_steps",
                                                                "2", "--num_train_timesteps", "20"]),
 }
 
 
+def family_call(pipe) -> dict:
+    """The arguments of two images from a pipeline of any family (JSON: a plain diffusers Python takes them too)."""
+    call = {"batch_size": 2, "num_inference_steps": 2} if isinstance(pipe, hfgen.DDPMPipeline) else {"batch_size": 2}
+    return {**call, "class_labels": [3, 7]} if pipe.num_classes else call
+
+
 def family_sample(pipe) -> np.ndarray:
     """Two images from a fixed generator, from a pipeline of any family."""
-    kwargs = {"num_inference_steps": 2} if isinstance(pipe, hfgen.DDPMPipeline) else {}
-    labels = [3, 7] if pipe.num_classes else None
-    return pipe(2, class_labels=labels, generator=torch.manual_seed(0), output_type="np", **kwargs).images
+    return pipe(**family_call(pipe), generator=torch.manual_seed(0), output_type="np").images
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trained_folder_round_trips_through_the_hub(hub_server, tmp_path, family):
-    """A trainer run pushes; the class and AutoPipeline download what it saved; a loaded pipeline pushes again."""
-    from helpers import quick_training_args
+    """A trainer run pushes; the class and AutoPipeline download what it saved; plain diffusers loads the folder and
+    the repo where hfgen cannot be imported (trust_remote_code); a loaded pipeline pushes again."""
+    from helpers import plain_diffusers_images, quick_training_args
 
     module, pipeline_class, tag, flags = FAMILIES[family]
     main = importlib.import_module(f"hfgen.training.{module}").main
@@ -169,6 +176,8 @@ def test_trained_folder_round_trips_through_the_hub(hub_server, tmp_path, family
     for loaded in (pipeline_class.from_pretrained(repo_id), hfgen.AutoPipeline.from_pretrained(repo_id)):
         assert type(loaded) is pipeline_class
         np.testing.assert_allclose(family_sample(loaded), expected, rtol=0, atol=1e-6)
+    for images in plain_diffusers_images(tmp_path, [output_dir, repo_id], **family_call(local)):
+        np.testing.assert_allclose(images, expected, rtol=0, atol=1e-6)
 
     card = ModelCard.load(repo_id)
     assert card.data.library_name == "hfgen" and {"hfgen", tag} <= set(card.data.tags)

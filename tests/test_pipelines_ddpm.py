@@ -42,8 +42,9 @@ def test_determinism_shapes_and_round_trip(pipe, tmp_path):
 
 
 def test_interoperates_with_diffusers_ddpm_pipeline(pipe, tmp_path):
-    pipe.save_pretrained(tmp_path / "hfgen")
-    theirs = diffusers.DDPMPipeline.from_pretrained(tmp_path / "hfgen")
+    pipe.save_pretrained(tmp_path / "hfgen")  # its pipeline class is hfgen's (saved code): the components are diffusers'
+    theirs = diffusers.DDPMPipeline(unet=diffusers.UNet2DModel.from_pretrained(tmp_path / "hfgen", subfolder="unet"),
+                                    scheduler=diffusers.DDPMScheduler.from_pretrained(tmp_path / "hfgen", subfolder="scheduler"))
     np.testing.assert_allclose(theirs(batch_size=2, generator=torch.manual_seed(0), num_inference_steps=20,
                                       output_type="np").images, sample(pipe, batch_size=2, num_inference_steps=20),
                                atol=1e-5)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
-from helpers import interrupt_then_resume, quick_training_args, same_weights, tiny_unet
+from helpers import interrupt_then_resume, plain_diffusers_images, quick_training_args, same_weights, tiny_unet
 from hub_fixtures import hub_server  # noqa: F401  (the fixture)
 from transformers import AutoTokenizer, CLIPTextModel
 
@@ -114,15 +114,18 @@ def test_the_folder_round_trips_locally_and_through_the_hub(t2i_dir, tmp_path, h
     assert pipe.config.prompt_dropout == 0.2 and pipe.objective == "flow_matching"
     assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler and (t2i_dir / "tokenizer").is_dir()
 
+    call = dict(prompt=["a thick seven", "a one"], negative_prompt="a zero", guidance_scale=2.0, num_inference_steps=3)
+
     def images(pipeline):
-        return pipeline(prompt=["a thick seven", "a one"], negative_prompt="a zero", guidance_scale=2.0,
-                        num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
+        return pipeline(**call, generator=torch.manual_seed(0), output_type="pt").images
 
     expected = images(pipe)
     pipe.save_pretrained(tmp_path / "copy")
     assert torch.equal(images(TextToImagePipeline.from_pretrained(tmp_path / "copy")), expected)
     push_folder(str(t2i_dir), "user/t2i")
     assert torch.equal(images(AutoPipeline.from_pretrained("user/t2i")), expected)
+    for plain in plain_diffusers_images(tmp_path, [t2i_dir, "user/t2i"], **call):  # where hfgen cannot be imported
+        np.testing.assert_allclose(plain, expected.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-6)
     card = (t2i_dir / "README.md").read_text()
     assert "text-to-image" in card and "CLIPTextModel" in card
 

@@ -15,7 +15,7 @@ from hfgen.augment import DIFF_AUGMENTATIONS, diff_augment, parse_policy
 from hfgen.image_processing import SYMMETRIC, from_unit_range
 from hfgen.losses import GAN_LOSSES, discriminator_loss, generator_loss, r1_penalty
 from hfgen.models import Discriminator, Generator
-from hfgen.models.gan import ARCHITECTURES
+from hfgen.models.gan import GAN_ARCHITECTURES
 from hfgen.pipelines import ConditionalPipeline, GANPipeline
 
 from hfgen.utils import check_non_negative_number, check_positive_int, check_positive_number, check_probability
@@ -28,7 +28,7 @@ from .trainer import Trainer
 class GANTrainingConfig(TrainingConfig):
     """Train a GAN (or a conditional GAN) on images in [-1, 1]."""
 
-    architecture: str = flag("dcgan", "The generator and discriminator nets.", choices=ARCHITECTURES)
+    architecture: str = flag("dcgan", "The generator and discriminator nets.", choices=GAN_ARCHITECTURES)
     latent_dim: int = flag(64, "Size of the generator's noise z.", check=check_positive_int)
     base_channels: int = flag(32, "Width of the nets (channels of the outermost conv layers).",
                               check=check_positive_int)

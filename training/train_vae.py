@@ -15,7 +15,7 @@ import torch
 from hfgen.data import dataset_length, image_batches
 from hfgen.models import GaussianMixtureSampler, VAEModel
 from hfgen.models.latent_sampler import COVARIANCE_TYPES
-from hfgen.models.vae import ARCHITECTURES, KL_ESTIMATORS, LIKELIHOODS
+from hfgen.models.vae import VAE_ARCHITECTURES, KL_ESTIMATORS, LIKELIHOODS
 from hfgen.pipelines import ConditionalPipeline, VAEPipeline
 
 from hfgen.utils import (
@@ -35,7 +35,7 @@ LATENT_SAMPLER_MAX_IMAGES = 20_000
 class VAETrainingConfig(TrainingConfig):
     """Train a VAE (or a conditional VAE) on images in [0, 1]."""
 
-    architecture: str = flag("mlp", "mlp, or conv (needed for a spatial latent).", choices=ARCHITECTURES)
+    architecture: str = flag("mlp", "mlp, or conv (needed for a spatial latent).", choices=VAE_ARCHITECTURES)
     hidden_dims: list[int] = flag([400], "Encoder widths (mlp) or channels (conv).", check=check_positive_ints)
     latent_dim: int = flag(20, "Size of the vector latent z.", check=check_positive_int)
     latent_channels: int = flag(

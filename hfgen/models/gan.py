@@ -16,7 +16,7 @@ from torch import nn
 from ..image_processing import SYMMETRIC
 from ..utils import check_choice, check_class_labels, check_non_negative_int, check_positive_int
 
-ARCHITECTURES = ("dcgan", "mlp")
+GAN_ARCHITECTURES = ("dcgan", "mlp")
 
 
 @dataclass
@@ -64,7 +64,7 @@ def dcgan_init(module: nn.Module) -> None:
 
 
 def _check_common(architecture, sample_size, channels, latent_dim, num_classes, id2label, data_dim):
-    check_choice("architecture", architecture, ARCHITECTURES)
+    check_choice("architecture", architecture, GAN_ARCHITECTURES)
     check_positive_int("sample_size", sample_size)
     check_positive_int("channels", channels)
     if latent_dim is not None:

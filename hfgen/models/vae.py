@@ -19,7 +19,7 @@ from ..image_processing import UNIT
 from ..utils import (
     check_choice, check_class_labels, check_images, check_non_negative_int, check_positive_int, check_positive_number)
 
-ARCHITECTURES = ("mlp", "conv")
+VAE_ARCHITECTURES = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
 KL_ESTIMATORS = ("analytic", "monte_carlo")
 
@@ -105,7 +105,7 @@ class VAEModel(ModelMixin, ConfigMixin):
         check_positive_int("sample_size", sample_size)
         check_positive_int("in_channels", in_channels)
         check_positive_int("latent_dim", latent_dim)
-        check_choice("architecture", architecture, ARCHITECTURES)
+        check_choice("architecture", architecture, VAE_ARCHITECTURES)
         check_choice("likelihood", likelihood, LIKELIHOODS)
         if not hidden_dims:
             raise ValueError("`hidden_dims` must list at least one width, got an empty list")
