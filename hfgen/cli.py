@@ -1,5 +1,5 @@
-"""The `hfgen` command: `hfgen train <family> ...`, `hfgen sample <folder> ...`, `hfgen evaluate <folder> ...` and
-`hfgen demo <folder> ...`.
+"""The `hfgen` command: `hfgen train <family> ...`, `hfgen sample <folder> ...`, `hfgen evaluate <folder> ...`,
+`hfgen demo <folder> ...` and `hfgen push <folder> <repo_id>`.
 
 `hfgen train vae ARGS` runs exactly what `accelerate launch -m hfgen.training.train_vae ARGS` runs.
 """
@@ -232,6 +232,38 @@ def demo(argv) -> str | None:
     return None
 
 
+def push(argv) -> str:
+    parser = CommandParser(prog="hfgen push", description="Push a finished pipeline folder to the Hub as it is, with its "
+                           "model card and code (checkpoints, logs and the first stage's training folder stay local).")
+    parser.add_argument("folder", help="A saved pipeline folder (a training run's --output_dir).")
+    parser.add_argument("repo_id", help="The Hub repo, user/name; created when it does not exist.")
+    parser.add_argument("--token", default=None, help="A Hub token (default: HF_TOKEN or the one `hf auth login` saved).")
+    parser.add_argument("--private", action="store_true", help="Create the repo as private.")
+    parser.add_argument("--license", default=None, help="Set the card's license (apache-2.0, mit, ...) before pushing.")
+    args = parser.parse_args(argv)
+
+    from hfgen.hub_utils import check_license, check_repo_id, push_output_folder, push_token, set_card_license
+    from hfgen.pipelines.pipeline_utils import resolve_pretrained_path
+    from hfgen.remote_code import has_saved_code, write_remote_code
+
+    check_repo_id("repo_id", args.repo_id)
+    check_license("--license", args.license)
+    if not os.path.isdir(args.folder):
+        raise ValueError(f"`folder` {args.folder!r} is not a folder: pass a saved pipeline folder")
+    resolve_pretrained_path(args.folder)  # a complete pipeline folder, checked
+    push_token(args.token)  # refused before any work without a token
+    if not has_saved_code(args.folder):  # saved by hfgen before 0.2: add the code that plain diffusers loads
+        from hfgen import AutoPipeline
+
+        write_remote_code(AutoPipeline.from_pretrained(args.folder), args.folder)
+        print(f"wrote the pipeline's code into {args.folder} (saved by an older hfgen)", file=sys.stderr)
+    if args.license:
+        set_card_license(args.folder, args.license)
+    url = push_output_folder(args.folder, args.repo_id, token=args.token, private=args.private or None)
+    print(url)
+    return url
+
+
 # Errors of the user's input (hfgen's checks raise these, naming the argument): one line, exit status 2.
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 DEBUG_FLAG, DEBUG_ENV = "--debug", "HFGEN_DEBUG"
@@ -271,7 +303,7 @@ def main(argv=None) -> None:
 
 def dispatch(argv) -> None:
     usage = (f"usage: hfgen train {{{','.join(TRAINERS)}}} ARGS | hfgen sample FOLDER ARGS | hfgen evaluate FOLDER ARGS | "
-             "hfgen demo FOLDER ARGS | hfgen --version  (-h after each for its flags)")
+             "hfgen demo FOLDER ARGS | hfgen push FOLDER REPO_ID | hfgen --version  (-h after each for its flags)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return
@@ -291,6 +323,8 @@ def dispatch(argv) -> None:
         evaluate(rest)
     elif command == "demo":
         demo(rest)
+    elif command == "push":
+        push(rest)
     else:
         raise ValueError(f"unknown command {command!r}; {usage}")
 

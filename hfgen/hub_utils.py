@@ -51,6 +51,32 @@ def usage_call(num_classes: int = 0) -> str:
     return "images = pipe(16, generator=torch.manual_seed(0)).images"
 
 
+LIBRARY_NAME = "diffusers"  # a saved folder loads with plain diffusers (hfgen.remote_code): README, "On the Hub"
+NO_LICENSE_NOTE = ("No license was given when this card was written (`--license`; `hfgen push --license` sets one): "
+                   "ask the author before reusing the weights.\n\n")
+LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")  # the form of the Hub's license ids: apache-2.0, mit, other, ...
+
+
+def check_license(name: str, value) -> None:
+    if value is not None and not (isinstance(value, str) and LICENSE.match(value)):
+        raise ValueError(f"`{name}` must be a license id as the Hub writes them (e.g. apache-2.0, mit, cc-by-4.0, or "
+                         f"other), got {value!r}")
+
+
+def usage_snippet(pipeline_class: str, num_classes: int = 0, repo_id: str = "path/or/repo-id") -> str:
+    """How to load and sample a saved folder or repo: with plain diffusers, and with hfgen."""
+    return f"""```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)  # the code saved in the repo
+{usage_call(num_classes)}
+```
+
+With hfgen installed, `from hfgen import {pipeline_class}` and `{pipeline_class}.from_pretrained("{repo_id}")` load the
+same pipeline with hfgen's own classes (no `trust_remote_code`)."""
+
+
 def write_model_card(
     folder: str,
     *,
@@ -65,13 +91,21 @@ def write_model_card(
     task_type: str = "unconditional-image-generation",
     split: str = "test",
     num_classes: int = 0,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+    base_model: list[str] | None = None,
 ) -> ModelCard:
-    """Writes folder/README.md: metadata (library, tags, metrics on the `split` split of `dataset_name` as
-    model-index), usage, config, training config and sample grid; sections without content are left out."""
+    """Writes folder/README.md: metadata (library, license, Hub `datasets` and `base_model` ids, tags, pipeline tag,
+    metrics on the `split` split of `dataset_name` as model-index), usage, config, training config and sample
+    grid; sections without content are left out."""
+    check_license("license", license)
     metrics = metrics or {}
     eval_results = _eval_results(metrics, dataset_name, split, task_type)
     card_data = ModelCardData(
-        library_name="hfgen",
+        library_name=LIBRARY_NAME,
+        license=license,
+        datasets=datasets or None,
+        base_model=base_model or None,
         pipeline_tag=task_type,
         tags=["hfgen", *tags],
         model_name=title,
@@ -83,6 +117,7 @@ def write_model_card(
     training = "## Training\n\n" + "\n".join(f"- `{key}`: `{value}`" for key, value in training_config.items()) + "\n" \
         if training_config else ""
     grid = f"![samples]({SAMPLE_GRID})\n\n" if os.path.isfile(os.path.join(folder, SAMPLE_GRID)) else ""
+    license_note = "" if license else NO_LICENSE_NOTE
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -91,15 +126,9 @@ def write_model_card(
 
 {description}
 
-{grid}## Usage
+{license_note}{grid}## Usage
 
-```python
-import torch
-from hfgen import {pipeline_class}
-
-pipe = {pipeline_class}.from_pretrained("path/or/repo-id")
-{usage_call(num_classes)}
-```
+{usage_snippet(pipeline_class, num_classes)}
 
 {evaluation}## Model configuration
 
@@ -108,6 +137,18 @@ pipe = {pipeline_class}.from_pretrained("path/or/repo-id")
 {training}"""
     card = ModelCard(content)
     card.save(os.path.join(folder, "README.md"))
+    return card
+
+
+def set_card_license(folder: str, license: str) -> ModelCard:
+    """Sets the `license` of folder/README.md (a folder without a card gets a minimal one)."""
+    check_license("license", license)
+    path = os.path.join(folder, "README.md")
+    card = ModelCard.load(path) if os.path.isfile(path) else \
+        ModelCard(f"---\n{ModelCardData(library_name=LIBRARY_NAME).to_yaml()}\n---\n")
+    card.data.license = license
+    card.text = card.text.replace(NO_LICENSE_NOTE, "")
+    card.save(path)
     return card
 
 
@@ -130,7 +171,7 @@ def update_model_card_metrics(
     if os.path.isfile(path):
         card = ModelCard.load(path)
     else:
-        card = ModelCard(f"---\n{ModelCardData(library_name='hfgen').to_yaml()}\n---\n")
+        card = ModelCard(f"---\n{ModelCardData(library_name=LIBRARY_NAME).to_yaml()}\n---\n")
     data = card.data
     task_type = data.eval_results[0].task_type if data.eval_results else data.pipeline_tag
     task_type = task_type or "unconditional-image-generation"
@@ -171,6 +212,17 @@ def check_repo_id(name: str, repo_id) -> None:
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise ValueError(f"`{name}` must be a Hub repo id such as user/my-model, got {repo_id!r}: {error}") from None
+
+
+def hub_id(path) -> str | None:
+    """`path` when it names a Hub repo (user/name, and no local file or folder of that name), else None."""
+    if not isinstance(path, str) or path.count("/") != 1 or os.path.exists(os.path.expanduser(path)):
+        return None
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return None
+    return path
 
 
 def push_token(token: str | None = None) -> str:

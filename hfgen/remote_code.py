@@ -331,14 +331,27 @@ def write_remote_code(pipeline, folder: str) -> str:
     return module
 
 
-def saved_code_module(folder: str) -> str:
-    """The text of the code saved in a pipeline folder (`write_remote_code`)."""
+def _saved_module(folder: str) -> str | None:
+    """The name of the module saved in a pipeline folder, or None for a folder saved before hfgen wrote one."""
     with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as file:
         class_name = json.load(file).get("_class_name")
-    if not (isinstance(class_name, list) and len(class_name) == 2 and CODE_MODULE.match(str(class_name[0]))):
+    if isinstance(class_name, list) and len(class_name) == 2 and CODE_MODULE.match(str(class_name[0])) and \
+            os.path.isfile(os.path.join(folder, class_name[0] + ".py")):
+        return class_name[0]
+    return None
+
+
+def has_saved_code(folder: str) -> bool:
+    return _saved_module(folder) is not None
+
+
+def saved_code_module(folder: str) -> str:
+    """The text of the code saved in a pipeline folder (`write_remote_code`)."""
+    module = _saved_module(folder)
+    if module is None:
         raise ValueError(f"{folder!r} holds no code for plain diffusers (it was saved by an hfgen older than 0.2): "
-                         "load it with hfgen and save or push it again")
-    with open(os.path.join(folder, class_name[0] + ".py"), encoding="utf-8") as file:
+                         "load it with hfgen and save it again, or push it with `hfgen push`, which adds the code")
+    with open(os.path.join(folder, module + ".py"), encoding="utf-8") as file:
         return file.read()
 
 

@@ -180,7 +180,7 @@ def test_trained_folder_round_trips_through_the_hub(hub_server, tmp_path, family
         np.testing.assert_allclose(images, expected, rtol=0, atol=1e-6)
 
     card = ModelCard.load(repo_id)
-    assert card.data.library_name == "hfgen" and {"hfgen", tag} <= set(card.data.tags)
+    assert card.data.library_name == "diffusers" and {"hfgen", tag} <= set(card.data.tags)
     assert f"{pipeline_class.__name__}.from_pretrained" in card.text
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert "fd" in metrics  # every family is evaluated here, so its metrics must reach the card
@@ -191,7 +191,7 @@ def test_trained_folder_round_trips_through_the_hub(hub_server, tmp_path, family
     local.push_to_hub(f"{repo_id}-2")  # a new repo: the pipeline writes an hfgen card itself
     np.testing.assert_allclose(family_sample(pipeline_class.from_pretrained(f"{repo_id}-2")), expected, rtol=0, atol=1e-6)
     new_card = ModelCard.load(f"{repo_id}-2")
-    assert new_card.data.library_name == "hfgen" and {"hfgen", tag} <= set(new_card.data.tags)
+    assert new_card.data.library_name == "diffusers" and {"hfgen", tag} <= set(new_card.data.tags)
     local.push_to_hub(repo_id)  # an existing repo keeps the card training wrote, metrics included
     assert ModelCard.load(repo_id).data.eval_results == card.data.eval_results
     assert hub_server.unknown_requests == []
@@ -220,7 +220,7 @@ def test_model_card_metadata_arrives(hub_server, tmp_path):
     push_folder(folder, "user/tiny-vae-card")
 
     card = ModelCard.load("user/tiny-vae-card")
-    assert card.data.library_name == "hfgen"
+    assert card.data.library_name == "diffusers"
     assert card.data.pipeline_tag == "unconditional-image-generation"
     assert {"hfgen", "vae", "mnist"} <= set(card.data.tags)
     results = {result.metric_type: result for result in card.data.eval_results}
@@ -268,3 +268,72 @@ def test_auto_pipeline_names_a_hub_repo_that_holds_no_hfgen_pipeline(hub_server,
     hub_server.create_repo("user/not-hfgen", {"model_index.json": json.dumps(model_index).encode()})
     with pytest.raises(ValueError, match=message):
         hfgen.AutoPipeline.from_pretrained("user/not-hfgen")
+
+
+def test_card_metadata_names_license_datasets_and_base_model(hub_server, tmp_path):
+    """A latent model on a first stage from the Hub, trained on the bundled MNIST digits with --license: its card's
+    metadata, read back with huggingface_hub's classes, names them as the Hub expects."""
+    from huggingface_hub import EvalResult, ModelCardData
+    from huggingface_hub.utils import validate_repo_id
+
+    from helpers import quick_training_args
+    from hfgen.training.train_ldm import main
+
+    torch.manual_seed(0)
+    first_stage = hfgen.VAEModel(sample_size=8, architecture="conv", hidden_dims=(8,), latent_channels=4)
+    hfgen.VAEPipeline(first_stage).push_to_hub("user/first-stage")
+    main(quick_training_args(tmp_path / "ldm", "--dataset_name", "hfgen:mnist", "--resolution", "8", "--vae_path",
+                             "user/first-stage", "--block_out_channels", "8", "16", "--max_train_steps", "2",
+                             "--num_inference_steps", "2", "--eval_num_samples", "20", "--feature_extractor", "none",
+                             "--license", "mit", "--push_to_hub", "--hub_model_id", "user/ldm"))
+    data = ModelCard.load("user/ldm").data
+    assert isinstance(data, ModelCardData) and ModelCardData(**data.to_dict()).to_dict() == data.to_dict()
+    assert (data.library_name, data.license, data.pipeline_tag) == ("diffusers", "mit", "unconditional-image-generation")
+    assert data.datasets == ["ylecun/mnist"] and data.base_model == ["user/first-stage"]
+    for repo_id in (*data.datasets, *data.base_model):
+        validate_repo_id(repo_id)
+    assert {"hfgen", "ldm"} <= set(data.tags)
+    assert data.eval_results and all(isinstance(result, EvalResult) and result.task_type == data.pipeline_tag
+                                     for result in data.eval_results)
+
+    hfgen.VAEPipeline(first_stage).save_pretrained(tmp_path / "vae")  # no license given: the card says so
+    write_model_card(str(tmp_path / "vae"), title="vae", description="", pipeline_class="VAEPipeline", tags=["vae"],
+                     model_config={})
+    card = ModelCard.load(tmp_path / "vae" / "README.md")
+    assert card.data.license is None and "No license was given" in card.text
+    assert 'DiffusionPipeline.from_pretrained("path/or/repo-id", trust_remote_code=True)' in card.text
+    with pytest.raises(ValueError, match="`license` must be a license id"):
+        write_model_card(str(tmp_path / "vae"), title="vae", description="", pipeline_class="VAEPipeline",
+                         tags=["vae"], model_config={}, license="MIT License")
+
+
+def test_hfgen_push_pushes_a_finished_folder_with_its_card_and_code(hub_server, tmp_path, capsys):
+    import shutil
+
+    from helpers import cli_error
+    from hfgen.cli import main
+
+    folder = saved_folder(tmp_path / "pipe")
+    write_model_card(folder, title="tiny", description="", pipeline_class="VAEPipeline", tags=["vae"], model_config={})
+    main(["push", folder, "user/pushed", "--license", "apache-2.0"])
+    files = set(hub_server.files("user/pushed"))
+    module = json.loads(open(os.path.join(folder, "model_index.json")).read())["_class_name"][0]
+    assert {"model_index.json", "README.md", f"{module}.py", f"vae/{module}.py"} <= files
+    assert not any(path.startswith(("checkpoints/", "logs/")) for path in files)
+    card = ModelCard.load("user/pushed")
+    assert card.data.license == "apache-2.0" and "No license was given" not in card.text
+    np.testing.assert_allclose(sample(hfgen.VAEPipeline.from_pretrained("user/pushed")), sample(tiny_pipeline()),
+                               rtol=0, atol=1e-6)
+
+    old = tmp_path / "old"  # saved by hfgen 0.1.0: pushed with the code that plain diffusers needs
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "vae-pipeline-0.1.0"), old)
+    main(["push", str(old), "user/old"])
+    index = json.loads((old / "model_index.json").read_text())
+    assert f"{index['_class_name'][0]}.py" in hub_server.files("user/old")
+    np.testing.assert_allclose(sample(hfgen.VAEPipeline.from_pretrained("user/old")),
+                               np.load(old / "expected_samples_seed0.npy"), rtol=0, atol=1e-6)
+
+    assert "`folder` " in cli_error(capsys, ["push", str(tmp_path / "missing"), "user/x"])
+    assert "`repo_id` must be a Hub repo id" in cli_error(capsys, ["push", folder, "not a repo"])
+    assert "`--license` must be a license id" in cli_error(capsys, ["push", folder, "user/x", "--license", "MIT License"])
+    assert hub_server.unknown_requests == []

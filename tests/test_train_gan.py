@@ -66,7 +66,7 @@ def test_output_folder_has_both_nets_and_a_card(trained_cgan_dir):
     assert isinstance(pipe, ConditionalPipeline) and isinstance(pipe.discriminator, Discriminator)
     assert pipe.discriminator.config.num_classes == 10
     card = ModelCard.load(trained_cgan_dir / "README.md")
-    assert card.data.library_name == "hfgen" and "gan" in card.data.tags
+    assert card.data.library_name == "diffusers" and "gan" in card.data.tags
     assert (trained_cgan_dir / "samples.png").is_file()
 
 

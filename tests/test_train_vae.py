@@ -29,7 +29,7 @@ def test_output_folder_is_a_loadable_pipeline_with_a_model_card(trained_vae_dir)
     assert (trained_vae_dir / "samples.png").is_file()
     assert sorted(os.listdir(trained_vae_dir / "samples")) == ["step-000200.png"]
     card = ModelCard.load(trained_vae_dir / "README.md")
-    assert card.data.library_name == "hfgen" and "vae" in card.data.tags
+    assert card.data.library_name == "diffusers" and "vae" in card.data.tags
     metrics = {result.metric_type: result.metric_value for result in card.data.eval_results}
     assert set(metrics) == {"fd", "kid", "kid_std", "precision", "recall", "density", "coverage", "memorisation", "test_negative_elbo", "test_iwae_nll", "test_iwae_bits_per_dim"}
     assert "samples.png" in card.text and '"latent_dim": 20' not in card.text and "`latent_dim`: `20`" in card.text

@@ -25,7 +25,7 @@ from huggingface_hub import get_token
 
 from hfgen.data import BUILTIN_DATASETS, check_color
 from hfgen.data.pixel_cache import DEFAULT_MEMORY_GB
-from hfgen.hub_utils import check_repo_id
+from hfgen.hub_utils import check_license, check_repo_id
 from hfgen.utils import (
     CommandParser, check_choice, check_fraction, check_non_negative_int, check_non_negative_number,
     check_positive_int, check_positive_number, check_probability)
@@ -190,6 +190,9 @@ class TrainingConfig:
     push_demo: bool = flag(
         False, 'With --push_to_hub: also push a Gradio demo of the model as the Space <hub_model_id>-demo (pip install '
         '"hfgen[demo]").')
+    license: str | None = flag(
+        None, "The model's license, as the Hub names licenses (apache-2.0, mit, cc-by-4.0, other, ...): the card's "
+        "`license`. Without it the card says that none was given.", check=check_license)
 
     # ----- checks ------------------------------------------------------------------------------------------
 

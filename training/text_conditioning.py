@@ -92,6 +92,10 @@ class TextConditionedTraining:
     def pipeline_task(self) -> str:
         return "text-to-image" if self.text_conditioned else super().pipeline_task
 
+    def base_models(self) -> list[str]:
+        path = self.config.text_encoder_name_or_path if self.text_conditioned else None
+        return [*super().base_models(), *([path] if path else [])]
+
     def load_data(self):
         """The data, and with --caption_column the tokenizer and the training captions' token ids (N, L)."""
         super().load_data()

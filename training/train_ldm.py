@@ -214,6 +214,9 @@ class LDMTrainer(DDPMTrainer):
         return LatentDiffusionPipeline(self.vae, pipeline.unet, pipeline.scheduler, scale,
                                        pipeline.config.get("label_dropout"), self.config.objective, shift)
 
+    def base_models(self) -> list[str]:
+        return [*([self.config.vae_path] if self.config.vae_path else []), *super().base_models()]
+
     def model_card_description(self):
         kind = "class-conditional latent diffusion" if self.num_classes else "latent diffusion"
         kind = f"text-to-image latent diffusion ({self.text_description()})" if self.text_conditioned else kind

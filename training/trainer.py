@@ -35,8 +35,9 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from hfgen.data import (
-    StreamingImageDataset, dataset_length, default_num_workers, open_image_source, parse_color, training_dataloader)
-from hfgen.hub_utils import SAMPLE_GRID, push_output_folder, write_model_card
+    StreamingImageDataset, dataset_length, default_num_workers, hub_datasets, open_image_source, parse_color,
+    training_dataloader)
+from hfgen.hub_utils import SAMPLE_GRID, hub_id, push_output_folder, write_model_card
 from hfgen.image_processing import image_grid
 from hfgen.evaluation import EvaluationConfig, evaluate
 from hfgen.features import describe_feature_space, load_feature_space
@@ -334,6 +335,11 @@ class Trainer:
 
     def model_card_description(self) -> str:
         return ""
+
+    def base_models(self) -> list[str]:
+        """What this model was built on (a pretrained first stage or text encoder): the card's `base_model` where
+        they are Hub ids."""
+        return []
 
     def evaluation_note(self) -> str:
         """Which images the metrics compare with, for the card."""
@@ -734,6 +740,9 @@ class Trainer:
             task_type=self.pipeline_task,
             split=self.source.test_split,
             num_classes=pipeline.num_classes,
+            license=args.license,
+            datasets=hub_datasets(args.dataset_name, args.train_data_dir),
+            base_model=[model for model in map(hub_id, self.base_models()) if model],
         )
 
     def push_output(self) -> None:

