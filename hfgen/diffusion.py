@@ -266,3 +266,14 @@ def sample_flow_sigmas(train_sigmas: torch.Tensor, batch_size: int, weighting_sc
     u = compute_density_for_timestep_sampling(weighting_scheme, batch_size, logit_mean, logit_std, device=device)
     levels = torch.ceil(u * num_levels).long().clamp(1, num_levels)  # k in 1..T (u = 0 or 1 in float32 too)
     return train_sigmas.to(u.device)[num_levels - levels]  # the grid is descending: k sits at index T - k
+
+
+def forward_process(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """x_t ~ q(x_t | x0) at one sampling timestep of `scheduler`, as the scheduler's own forward process gives it
+    (docs/maths.md §6.11): sqrt(abar_t) x0 + sqrt(1 - abar_t) eps for the DDPM family, (1 - sigma) x0 + sigma eps
+    for flow matching, x0 + sigma eps for the k-diffusion and EDM samplers (whose samples are not rescaled).
+    Shapes: x0 and noise (B, ...); `timestep` one value of `scheduler.timesteps`."""
+    timesteps = timestep.reshape(1).to(x0.device).expand(x0.shape[0])
+    if hasattr(scheduler, "scale_noise"):  # diffusers' flow schedulers
+        return scheduler.scale_noise(x0, timesteps, noise)
+    return scheduler.add_noise(x0, noise, timesteps)

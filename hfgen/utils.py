@@ -87,6 +87,13 @@ def check_probability(name: str, value) -> None:
         raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}")
 
 
+def check_unit_interval(name: str, value) -> None:
+    """A number in [0, 1], both ends included."""
+    _check_real(name, value, "a number in [0, 1]")
+    if not 0 <= value <= 1:
+        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
+
+
 def available_devices() -> list[str]:
     """The torch devices this machine has: cpu, then each CUDA GPU (cuda:0, ...), mps and XPUs where present."""
     devices = ["cpu"]

@@ -6,11 +6,13 @@ import inspect
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
-from hfgen.diffusion import classes_of, guided, null_class_labels
+from hfgen.diffusion import classes_of, forward_process, guided, null_class_labels
 from hfgen.objectives import DiffusionObjective, objective_class, objective_of
-from hfgen.image_processing import SYMMETRIC
+from hfgen.image_processing import SYMMETRIC, preprocess
 from hfgen.models import ViTDenoiser
-from hfgen.utils import check_positive_int
+from hfgen.utils import check_positive_int, check_unit_interval
+
+DEFAULT_STRENGTH = 0.8  # image-to-image: the share of the reverse process run from the noised image
 
 from .pipeline_utils import GenerativePipeline
 
@@ -103,6 +105,33 @@ class DDPMPipeline(GenerativePipeline):
         """The reverse process's final sample x_0 -> images (here the sample itself, in [-1, 1])."""
         return sample
 
+    def from_images(self, images, name: str = "image") -> torch.Tensor:
+        """Images (PIL, numpy or tensor in [0, 1]) -> the samples x_0 (B, *latent_shape) the reverse process ends
+        at: here the pixels in [-1, 1]."""
+        return preprocess(images, self.latent_shape[0], self.sample_size, SYMMETRIC, name).to(self.device,
+                                                                                               self.unet.dtype)
+
+    def prepare_image(self, image, strength: float | None, batch_size: int | None):
+        """`image` and `strength` of a call -> (x_0 of the images (B, *latent_shape) or None, strength, batch size).
+
+        One image serves a whole batch; several set the batch size, or must match it."""
+        if image is None:
+            if strength is not None:
+                raise ValueError(f"`strength` {strength} is how much of the reverse process is run from `image`: pass "
+                                 "`image` too")
+            return None, 1.0, batch_size
+        strength = DEFAULT_STRENGTH if strength is None else strength
+        check_unit_interval("strength", strength)
+        start = self.from_images(image)
+        if batch_size is None:
+            batch_size = start.shape[0]
+        elif start.shape[0] == 1:
+            start = start.expand(batch_size, *start.shape[1:])
+        elif start.shape[0] != batch_size:
+            raise ValueError(f"`image` holds {start.shape[0]} images but `batch_size` is {batch_size}: pass one image, "
+                             "or one per image generated")
+        return start, strength, batch_size
+
     def denoise(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None, guidance_scale: float):
         """The model's prediction at one step (eps, x0, v or, for flow matching, the velocity); with guidance:
         f(x, null) + w (f(x, y) - f(x, null)), which is linear in the prediction, so right for every kind (§6.7)."""
@@ -125,17 +154,29 @@ class DDPMPipeline(GenerativePipeline):
         return num_inference_steps
 
     def reverse_process(self, sample: torch.Tensor, condition, guidance_scale: float, num_inference_steps: int,
-                        generator) -> torch.Tensor:
-        """x_T (B, *latent_shape) -> x_0, each step's prediction from `denoise(sample, t, condition, guidance_scale)`."""
+                        generator, start: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+        """Noise `sample` (B, *latent_shape) -> x_0, each step's prediction from `denoise(sample, t, condition,
+        guidance_scale)`. With `start` (clean x_0 of images, same shape) and `strength` < 1, image-to-image (SDEdit,
+        docs/maths.md §6.11): only the last `strength` share of the steps runs, from `start` brought to the first
+        one's noise level by the scheduler's forward process with `sample` as the noise (strength 0: `start`)."""
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        # the k-diffusion schedulers (Euler, Heun, ...) start from noise of scale sigma_max and rescale the denoiser's
-        # input; for the others (and the flow schedulers, which have neither) both are the identity
         scheduler = self.scheduler
-        sample = sample * getattr(scheduler, "init_noise_sigma", 1.0)
+        timesteps = scheduler.timesteps
+        if start is None or strength == 1.0:
+            # the k-diffusion schedulers (Euler, Heun, ...) start from noise of scale sigma_max and rescale the
+            # denoiser's input; for the others (and the flow schedulers, which have neither) both are the identity
+            sample = sample * getattr(scheduler, "init_noise_sigma", 1.0)
+        else:
+            skipped = (num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)) * \
+                scheduler.order
+            timesteps = timesteps[skipped:]
+            if hasattr(scheduler, "set_begin_index"):  # the schedulers that count their steps start at `skipped`
+                scheduler.set_begin_index(skipped)
+            sample = forward_process(scheduler, start, sample, timesteps[0]) if len(timesteps) else start
         # the stochastic schedulers draw their noise from `generator`; others (Heun, ...) take none
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         # a flow scheduler's timesteps are floats sigma * T, passed to the denoiser as they are (as in training)
-        for timestep in self.progress_bar(self.scheduler.timesteps):
+        for timestep in self.progress_bar(timesteps):
             model_input = scheduler.scale_model_input(sample, timestep) if hasattr(scheduler, "scale_model_input") \
                 else sample
             prediction = self.denoise(model_input, timestep, condition, guidance_scale)
@@ -162,8 +203,10 @@ class DDPMPipeline(GenerativePipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         prompt=None,
+        image=None,
+        strength: float | None = None,
     ):
-        r"""Runs the reverse process.
+        r"""Runs the reverse process, from noise or (image-to-image) from a noised `image`.
 
         Args:
             batch_size: number of images; None means one per class label, or 1.
@@ -175,11 +218,17 @@ class DDPMPipeline(GenerativePipeline):
             latents: x_T of shape (B, C, H, W) instead of fresh noise.
             output_type: "pil", "np" (B, H, W, C) or "pt" (B, C, H, W), values in [0, 1].
             prompt: refused: text prompts need a text-to-image pipeline (`TextToImagePipeline`).
+            image: image-to-image (SDEdit): the image(s) to start from, PIL, numpy or a tensor in [0, 1] of the
+                pipeline's size; one image serves the whole batch.
+            strength: with `image`, the share of the reverse process run from it, in [0, 1] (default 0.8): the image
+                is noised to that level first. 0 returns the image (after the pipeline's own encoding and decoding),
+                1 samples as without an image; below 1 the output keeps more of the image as strength falls.
         """
         if prompt is not None:
             raise ValueError(f"`prompt` {prompt!r}: this {type(self).__name__} has no text encoder; prompts need a "
                              "text-to-image pipeline (TextToImagePipeline, LatentTextToImagePipeline, trained with "
                              "--caption_column). Condition this one with `class_labels`")
+        start, strength, batch_size = self.prepare_image(image, strength, batch_size)
         labels, batch_size = self.prepare_class_labels(class_labels, batch_size)
         if guidance_scale != 1.0 and labels is None:
             raise ValueError(f"`guidance_scale` {guidance_scale} needs `class_labels` and a class-conditional denoiser "
@@ -187,6 +236,8 @@ class DDPMPipeline(GenerativePipeline):
         self.check_guidance_trained(guidance_scale, "label_dropout", "its null class")
         self.check_scheduler()
         num_inference_steps = self.check_num_inference_steps(num_inference_steps)
+        if start is not None and start.shape[0] != batch_size:
+            start = start.expand(batch_size, *start.shape[1:])  # one image, for every class label
         sample = self.prepare_latents(batch_size, generator, latents)
-        sample = self.reverse_process(sample, labels, guidance_scale, num_inference_steps, generator)
+        sample = self.reverse_process(sample, labels, guidance_scale, num_inference_steps, generator, start, strength)
         return self.output(self.to_images(sample), output_type, return_dict)

@@ -6,7 +6,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, SchedulerMixin, UNet2DMode
 
 from hfgen import autoencoders
 from hfgen.autoencoders import LatentNormalization
-from hfgen.image_processing import UNIT
+from hfgen.image_processing import UNIT, preprocess
 from hfgen.models import VAEModel, ViTDenoiser
 
 from .ddpm import DDPMPipeline
@@ -73,3 +73,10 @@ class LatentDiffusionPipeline(DDPMPipeline):
     def to_images(self, sample: torch.Tensor) -> torch.Tensor:
         """Normalized latents z_0 (B, *latent_shape) -> the decoded images (B, C, H, W) in [0, 1]."""
         return autoencoders.decode(self.vae, self.latent_normalization.denormalize(sample.float()))
+
+    def from_images(self, images, name: str = "image") -> torch.Tensor:
+        """Images (PIL, numpy or tensor in [0, 1]) -> the normalized latents z_0 of their posterior means (the
+        encoding `to_images` inverts up to the autoencoder's reconstruction error)."""
+        pixels = preprocess(images, autoencoders.image_channels(self.vae), self.sample_size, UNIT, name)
+        latents = autoencoders.encode(self.vae, pixels).mean
+        return self.latent_normalization.normalize(latents.float()).to(self.device, self.unet.dtype)

@@ -108,8 +108,10 @@ class TextConditioning:
         output_type: str = "pil",
         return_dict: bool = True,
         class_labels=None,
+        image=None,
+        strength: float | None = None,
     ):
-        r"""Generates images that follow the prompts.
+        r"""Generates images that follow the prompts, from noise or (image-to-image) from a noised `image`.
 
         Args:
             batch_size: number of images; None means one per prompt (or one image). With a list of prompts it must be
@@ -121,6 +123,7 @@ class TextConditioning:
             guidance_scale: classifier-free guidance weight w (1: the conditional model alone).
             num_inference_steps, generator, latents, output_type, return_dict: as `DDPMPipeline`.
             class_labels: refused: this pipeline is conditioned on text.
+            image, strength: image-to-image, as `DDPMPipeline`'s.
         """
         if class_labels is not None:
             raise ValueError(f"`class_labels` {class_labels!r}: a {type(self).__name__} is conditioned on `prompt`, "
@@ -128,10 +131,15 @@ class TextConditioning:
         self.check_guidance_trained(guidance_scale, "prompt_dropout", "the empty prompt")
         self.check_scheduler()
         num_inference_steps = self.check_num_inference_steps(num_inference_steps)
+        start, strength, batch_size = self.prepare_image(image, strength, batch_size)
         condition = self.prepare_prompt_embeds(batch_size, prompt, negative_prompt, prompt_embeds,
                                                negative_prompt_embeds, guidance_scale)
-        sample = self.prepare_latents(len(condition[0]), generator, latents)
-        sample = self.reverse_process(sample, condition, guidance_scale, num_inference_steps, generator)
+        batch_size = len(condition[0])
+        if start is not None and start.shape[0] != batch_size:
+            start = start.expand(batch_size, *start.shape[1:])  # one image, for every prompt
+        sample = self.prepare_latents(batch_size, generator, latents)
+        sample = self.reverse_process(sample, condition, guidance_scale, num_inference_steps, generator, start,
+                                      strength)
         return self.output(self.to_images(sample), output_type, return_dict)
 
 

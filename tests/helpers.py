@@ -180,3 +180,15 @@ def plain_diffusers_images(tmp_path, sources, **call) -> np.ndarray:
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     return np.load(output)
+
+
+def image_to_image_distances(pipe, dataset, strengths=(0.25, 0.5, 0.75, 1.0), num_images: int = 16) -> list[float]:
+    """Mean squared distance between test images and the pipeline's image-to-image outputs from them, per strength
+    (the images' own labels for a class-conditional model; 10 sampling steps)."""
+    pipe.set_progress_bar_config(disable=True)
+    images = torch.stack([dataset[index][0] for index in range(num_images)])
+    labels = [int(dataset[index][1]) for index in range(num_images)] if pipe.num_classes else None
+    reference = pipe(image=images, strength=0.0, class_labels=labels, output_type="pt").images
+    return [float((pipe(image=images, strength=strength, class_labels=labels, num_inference_steps=10,
+                        generator=torch.manual_seed(0), output_type="pt").images - reference).square().mean())
+            for strength in strengths]

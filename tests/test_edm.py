@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
-from helpers import quick_training_args, trained_and_untrained_pixel_fd
+from helpers import image_to_image_distances, quick_training_args, trained_and_untrained_pixel_fd
 
 from hfgen import AutoPipeline, DDPMPipeline
 from hfgen.data import load_image_dataset
@@ -146,3 +146,9 @@ def test_a_ddpm_scheduler_is_refused_for_an_edm_denoiser(edm_dir):
 def test_bad_flags_are_clear_errors(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
         main(quick_training_args(tmp_path / "out", *DIGITS, *flags, "--max_train_steps", "1"))
+
+
+def test_image_to_image_keeps_more_of_a_test_digit_as_strength_falls(edm_dir):
+    distances = image_to_image_distances(DDPMPipeline.from_pretrained(edm_dir),
+                                         load_image_dataset("hfgen:digits", "test", resolution=8))
+    assert distances == sorted(distances) and distances[0] < distances[-1] / 2, distances

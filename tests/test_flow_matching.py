@@ -11,7 +11,8 @@ from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from helpers import (
-    RawSamples, interrupt_then_resume, quick_training_args, same_weights, tiny_unet, trained_and_untrained_pixel_fd)
+    RawSamples, image_to_image_distances, interrupt_then_resume, quick_training_args, same_weights, tiny_unet,
+    trained_and_untrained_pixel_fd)
 from hub_fixtures import hub_server  # noqa: F401  (the fixture)
 
 from hfgen import AutoPipeline, DDPMPipeline, LatentDiffusionPipeline, VAEModel, VAEPipeline, ViTDenoiser
@@ -272,3 +273,8 @@ def test_ldm_refuses_a_ddpm_option_before_its_first_stage_trains(tmp_path):
     with pytest.raises(ValueError, match="`--beta_schedule` is an option of `--objective ddpm`"):
         ldm_main(quick_training_args(tmp_path, *FLOW, "--beta_schedule", "linear"))
     assert not (tmp_path / "first_stage").exists()
+
+
+def test_image_to_image_keeps_more_of_a_test_digit_as_strength_falls(flow_dir, digits_test):
+    distances = image_to_image_distances(DDPMPipeline.from_pretrained(flow_dir), digits_test)
+    assert distances == sorted(distances) and distances[0] < distances[-1] / 2, distances

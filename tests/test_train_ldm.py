@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from helpers import interrupt_then_resume, quick_training_args, same_weights
+from helpers import image_to_image_distances, interrupt_then_resume, quick_training_args, same_weights
 from diffusers import UNet2DModel
 
 from hfgen import AutoPipeline, GANPipeline, Generator, LatentDiffusionPipeline, VAEModel, VAEPipeline
@@ -146,3 +146,8 @@ def test_the_latent_cache_is_on_disk_reused_and_keyed_by_first_stage_and_data(tr
     assert np.load(flipped / "moments.npy", mmap_mode="r").shape == (300, 2, 8, 8, 8)
     factors = [LatentDiffusionPipeline.from_pretrained(tmp_path / run).config.scaling_factor for run in "ab"]
     assert factors[0] == factors[1]
+
+
+def test_image_to_image_keeps_more_of_a_test_digit_as_strength_falls(trained_ldm_dir, test_digits_32px):
+    distances = image_to_image_distances(LatentDiffusionPipeline.from_pretrained(trained_ldm_dir), test_digits_32px)
+    assert distances == sorted(distances) and distances[0] < distances[-1] / 2, distances
