@@ -277,3 +277,27 @@ def forward_process(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep: 
     if hasattr(scheduler, "scale_noise"):  # diffusers' flow schedulers
         return scheduler.scale_noise(x0, timesteps, noise)
     return scheduler.add_noise(x0, noise, timesteps)
+
+
+def resampling_levels(num_steps: int, jump_length: int = 1, resamples: int = 1, first: int = 0) -> list[int]:
+    """RePaint's path over noise levels (Lugmayr et al., 2022; docs/maths.md §6.12): level n is the sample after n of
+    `num_steps` steps (`first` the level sampling starts at, `num_steps` the data). Down one level at a time; at every
+    `jump_length`-th level before the last, back up `jump_length` levels (renoising) and down again, `resamples` - 1
+    times. With resamples 1 it is first, first + 1, ..., num_steps."""
+    jumps = {level: resamples - 1 for level in range(first + jump_length, num_steps, jump_length)}
+    levels, level = [first], first
+    while level < num_steps:
+        level += 1
+        levels.append(level)
+        if jumps.get(level, 0) > 0:
+            jumps[level] -= 1
+            level -= jump_length
+            levels.append(level)
+    return levels
+
+
+def renoise(sample: torch.Tensor, abar_from: float, abar_to: float, noise: torch.Tensor) -> torch.Tensor:
+    """x_s -> x_t of the DDPM forward process, from a level of cumulative alpha `abar_from` up to a noisier one
+    `abar_to`: sqrt(abar_to / abar_from) x_s + sqrt(1 - abar_to / abar_from) eps (§6.12)."""
+    ratio = abar_to / abar_from
+    return ratio ** 0.5 * sample + (1 - ratio) ** 0.5 * noise

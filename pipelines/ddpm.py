@@ -1,18 +1,52 @@
 """Ancestral and fast sampling from a diffusion model (docs/maths.md §6.6) or a flow-matching model (§6.9), with
 classifier-free guidance (§6.7)."""
 
+import dataclasses
 import inspect
 
 import torch
-from diffusers import SchedulerMixin, UNet2DModel
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
 
-from hfgen.diffusion import classes_of, forward_process, guided, null_class_labels
+from hfgen.diffusion import classes_of, forward_process, guided, null_class_labels, renoise, resampling_levels
 from hfgen.objectives import DiffusionObjective, objective_class, objective_of
-from hfgen.image_processing import SYMMETRIC, preprocess
+from hfgen.image_processing import SYMMETRIC, UNIT, preprocess
 from hfgen.models import ViTDenoiser
 from hfgen.utils import check_positive_int, check_unit_interval
 
 DEFAULT_STRENGTH = 0.8  # image-to-image: the share of the reverse process run from the noised image
+STATELESS_SCHEDULERS = (DDPMScheduler, DDIMScheduler)  # their steps can be undone and redone (RePaint's resampling)
+
+
+@dataclasses.dataclass
+class ImageEdit:
+    """What a call edits: image-to-image from `start` (x_0 of the images, (B, *latent_shape)) at `strength`, and for
+    inpainting the regions to regenerate, `mask` at the sample's resolution (B, 1, h, w) and `pixel_mask` at the
+    image's (B, 1, H, W), 1 = regenerate, with the images' `pixels` in the pipeline's data range to paste back."""
+
+    start: torch.Tensor
+    strength: float
+    mask: torch.Tensor | None = None
+    pixel_mask: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    jump_length: int = 1
+    resamples: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.start.shape[0]
+
+    def expand(self, batch_size: int) -> "ImageEdit":
+        """One image's edit repeated for a batch (a batch of images must already match it)."""
+        if self.size == batch_size:
+            return self
+        if self.size != 1:
+            raise ValueError(f"`image` holds {self.size} images but the call generates {batch_size}: pass one image, "
+                             "or one per image generated")
+        fields = {name: value.expand(batch_size, *value.shape[1:]) if isinstance(value, torch.Tensor) else value
+                  for name, value in dataclasses.asdict(self).items()}
+        return ImageEdit(**fields)
 
 from .pipeline_utils import GenerativePipeline
 
@@ -105,32 +139,66 @@ class DDPMPipeline(GenerativePipeline):
         """The reverse process's final sample x_0 -> images (here the sample itself, in [-1, 1])."""
         return sample
 
+    @property
+    def image_channels(self) -> int:
+        return self.latent_shape[0]
+
     def from_images(self, images, name: str = "image") -> torch.Tensor:
         """Images (PIL, numpy or tensor in [0, 1]) -> the samples x_0 (B, *latent_shape) the reverse process ends
         at: here the pixels in [-1, 1]."""
         return preprocess(images, self.latent_shape[0], self.sample_size, SYMMETRIC, name).to(self.device,
                                                                                                self.unet.dtype)
 
-    def prepare_image(self, image, strength: float | None, batch_size: int | None):
-        """`image` and `strength` of a call -> (x_0 of the images (B, *latent_shape) or None, strength, batch size).
+    def prepare_edit(self, image, strength: float | None, mask_image, jump_length: int, resamples: int,
+                     batch_size: int | None) -> tuple[ImageEdit | None, int | None]:
+        """The image arguments of a call -> (the edit, or None without `image`; the batch size it sets).
 
-        One image serves a whole batch; several set the batch size, or must match it."""
+        One image serves a whole batch; several set the batch size, or must match it. Inpainting's strength is 1
+        unless given: the masked region is regenerated from noise."""
         if image is None:
-            if strength is not None:
-                raise ValueError(f"`strength` {strength} is how much of the reverse process is run from `image`: pass "
-                                 "`image` too")
-            return None, 1.0, batch_size
-        strength = DEFAULT_STRENGTH if strength is None else strength
+            for name, value, default in (("strength", strength, None), ("mask_image", mask_image, None),
+                                         ("jump_length", jump_length, 1), ("resamples", resamples, 1)):
+                if value is not default and (default is None or value != default):
+                    raise ValueError(f"`{name}` edits `image`: pass `image` too")
+            return None, batch_size
+        strength = (1.0 if mask_image is not None else DEFAULT_STRENGTH) if strength is None else strength
         check_unit_interval("strength", strength)
-        start = self.from_images(image)
+        edit = ImageEdit(self.from_images(image), strength)
+        if mask_image is not None:
+            self.prepare_inpainting(edit, image, mask_image, jump_length, resamples)
+        elif (jump_length, resamples) != (1, 1):
+            raise ValueError("`jump_length` and `resamples` are inpainting's resampling: pass `mask_image` too")
         if batch_size is None:
-            batch_size = start.shape[0]
-        elif start.shape[0] == 1:
-            start = start.expand(batch_size, *start.shape[1:])
-        elif start.shape[0] != batch_size:
-            raise ValueError(f"`image` holds {start.shape[0]} images but `batch_size` is {batch_size}: pass one image, "
-                             "or one per image generated")
-        return start, strength, batch_size
+            batch_size = edit.size
+        return edit.expand(batch_size), batch_size
+
+    def prepare_inpainting(self, edit: ImageEdit, image, mask_image, jump_length: int, resamples: int) -> None:
+        """Fills in `edit`'s mask (a PIL, numpy or tensor image of the pipeline's size, values in [0, 1], 1 = regenerate,
+        cut at 0.5), the images' pixels and the resampling, checked against the scheduler."""
+        check_positive_int("jump_length", jump_length)
+        check_positive_int("resamples", resamples)
+        if self.scheduler.order != 1:
+            raise ValueError(f"`mask_image`: inpainting replaces the known region after every step, which a "
+                             f"{type(self.scheduler).__name__} (a solver of order {self.scheduler.order}) cannot take; "
+                             "use its objective's first-order sampler")
+        if resamples > 1 and not isinstance(self.scheduler, STATELESS_SCHEDULERS):
+            raise ValueError(f"`resamples` {resamples}: RePaint's resampling undoes steps, which only a DDPMScheduler or "
+                             f"DDIMScheduler can redo; this pipeline samples with a {type(self.scheduler).__name__} "
+                             "(pass resamples=1)")
+        edit.pixels = preprocess(image, self.image_channels, self.sample_size, self.data_range, "image").to(
+            self.device, self.unet.dtype)
+        mask = preprocess(mask_image, 1, self.sample_size, UNIT, "mask_image").to(self.device, self.unet.dtype)
+        edit.pixel_mask = (mask >= 0.5).to(mask.dtype)
+        # a latent cell is regenerated where any of its pixels is
+        edit.mask = F.adaptive_max_pool2d(edit.pixel_mask, tuple(self.latent_shape[1:]))
+        if edit.mask.shape[0] != edit.size:
+            images, masks = edit.size, edit.mask.shape[0]
+            if images != 1 and masks != 1:
+                raise ValueError(f"`mask_image` holds {masks} masks for {images} images: pass one, or one per image")
+            batch = max(images, masks)
+            edit.start, edit.pixels = (value.expand(batch, *value.shape[1:]) for value in (edit.start, edit.pixels))
+            edit.mask, edit.pixel_mask = (value.expand(batch, *value.shape[1:]) for value in (edit.mask, edit.pixel_mask))
+        edit.jump_length, edit.resamples = jump_length, resamples
 
     def denoise(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None, guidance_scale: float):
         """The model's prediction at one step (eps, x0, v or, for flow matching, the velocity); with guidance:
@@ -154,34 +222,73 @@ class DDPMPipeline(GenerativePipeline):
         return num_inference_steps
 
     def reverse_process(self, sample: torch.Tensor, condition, guidance_scale: float, num_inference_steps: int,
-                        generator, start: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+                        generator, edit: ImageEdit | None = None) -> torch.Tensor:
         """Noise `sample` (B, *latent_shape) -> x_0, each step's prediction from `denoise(sample, t, condition,
-        guidance_scale)`. With `start` (clean x_0 of images, same shape) and `strength` < 1, image-to-image (SDEdit,
-        docs/maths.md §6.11): only the last `strength` share of the steps runs, from `start` brought to the first
-        one's noise level by the scheduler's forward process with `sample` as the noise (strength 0: `start`)."""
+        guidance_scale)`. With an `edit` of strength < 1, image-to-image (SDEdit, docs/maths.md §6.11): only the last
+        `strength` share of the steps runs, from the image brought to the first one's noise level by the scheduler's
+        forward process with `sample` as the noise (strength 0: the image itself). With its mask, inpainting (§6.12)."""
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         scheduler = self.scheduler
         timesteps = scheduler.timesteps
-        if start is None or strength == 1.0:
+        first = 0
+        if edit is None or edit.strength == 1.0:
             # the k-diffusion schedulers (Euler, Heun, ...) start from noise of scale sigma_max and rescale the
             # denoiser's input; for the others (and the flow schedulers, which have neither) both are the identity
             sample = sample * getattr(scheduler, "init_noise_sigma", 1.0)
         else:
-            skipped = (num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)) * \
+            first = (num_inference_steps - min(int(num_inference_steps * edit.strength), num_inference_steps)) * \
                 scheduler.order
-            timesteps = timesteps[skipped:]
-            if hasattr(scheduler, "set_begin_index"):  # the schedulers that count their steps start at `skipped`
-                scheduler.set_begin_index(skipped)
-            sample = forward_process(scheduler, start, sample, timesteps[0]) if len(timesteps) else start
+            if hasattr(scheduler, "set_begin_index"):  # the schedulers that count their steps start at `first`
+                scheduler.set_begin_index(first)
+            sample = forward_process(scheduler, edit.start, sample, timesteps[first]) if first < len(timesteps) \
+                else edit.start
         # the stochastic schedulers draw their noise from `generator`; others (Heun, ...) take none
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        # a flow scheduler's timesteps are floats sigma * T, passed to the denoiser as they are (as in training)
-        for timestep in self.progress_bar(timesteps):
-            model_input = scheduler.scale_model_input(sample, timestep) if hasattr(scheduler, "scale_model_input") \
-                else sample
-            prediction = self.denoise(model_input, timestep, condition, guidance_scale)
-            sample = self.scheduler.step(prediction, timestep, sample, **step_kwargs).prev_sample
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        if edit is None or edit.mask is None:
+            for timestep in self.progress_bar(timesteps[first:]):
+                sample = self.denoising_step(sample, timestep, condition, guidance_scale, step_kwargs)
+            return sample
+        return self.inpaint(sample, edit, first, condition, guidance_scale, generator, step_kwargs)
+
+    def denoising_step(self, sample: torch.Tensor, timestep, condition, guidance_scale: float, step_kwargs: dict):
+        """One scheduler step. A flow scheduler's timesteps are floats sigma * T, passed to the denoiser as they are
+        (as in training)."""
+        scheduler = self.scheduler
+        model_input = scheduler.scale_model_input(sample, timestep) if hasattr(scheduler, "scale_model_input") \
+            else sample
+        prediction = self.denoise(model_input, timestep, condition, guidance_scale)
+        return scheduler.step(prediction, timestep, sample, **step_kwargs).prev_sample
+
+    def inpaint(self, sample, edit: ImageEdit, first: int, condition, guidance_scale, generator, step_kwargs):
+        """The reverse process with the known region (mask 0) replaced after every step by the image at the next
+        noise level, drawn by the scheduler's forward process (the image itself after the last step); with RePaint's
+        resampling, some steps are undone by renoising and run again (docs/maths.md §6.12)."""
+        timesteps = self.scheduler.timesteps
+        num_steps = len(timesteps)
+
+        def abar(level):
+            return 1.0 if level == num_steps else float(self.scheduler.alphas_cumprod[int(timesteps[level])])
+
+        def noise():
+            return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+
+        levels = resampling_levels(num_steps, edit.jump_length, edit.resamples, first)
+        for level, next_level in self.progress_bar(list(zip(levels, levels[1:]))):
+            if next_level < level:  # undo: back up to a noisier level
+                sample = renoise(sample, abar(level), abar(next_level), noise())
+                continue
+            sample = self.denoising_step(sample, timesteps[level], condition, guidance_scale, step_kwargs)
+            known = edit.start if next_level == num_steps else \
+                forward_process(self.scheduler, edit.start, noise(), timesteps[next_level])
+            sample = edit.mask * sample + (1 - edit.mask) * known
         return sample
+
+    def finish(self, sample: torch.Tensor, edit: ImageEdit | None, output_type: str, return_dict: bool):
+        """x_0 -> the call's output; inpainting pastes the known pixels back (a latent model's decoder changes them)."""
+        images = self.to_images(sample)
+        if edit is not None and edit.mask is not None:
+            images = edit.pixel_mask * images + (1 - edit.pixel_mask) * edit.pixels.to(images.dtype)
+        return self.output(images, output_type, return_dict)
 
     def check_guidance_trained(self, guidance_scale: float, dropout: str, unconditional: str) -> None:
         """Guidance contrasts with the unconditional input, which the `dropout` config entry trained (None: unknown)."""
@@ -205,6 +312,9 @@ class DDPMPipeline(GenerativePipeline):
         prompt=None,
         image=None,
         strength: float | None = None,
+        mask_image=None,
+        jump_length: int = 1,
+        resamples: int = 1,
     ):
         r"""Runs the reverse process, from noise or (image-to-image) from a noised `image`.
 
@@ -223,12 +333,17 @@ class DDPMPipeline(GenerativePipeline):
             strength: with `image`, the share of the reverse process run from it, in [0, 1] (default 0.8): the image
                 is noised to that level first. 0 returns the image (after the pipeline's own encoding and decoding),
                 1 samples as without an image; below 1 the output keeps more of the image as strength falls.
+            mask_image: inpainting: where to regenerate `image` (1; 0 keeps it), a PIL, numpy or tensor image of the
+                pipeline's size with values in [0, 1], cut at 0.5; strength is then 1 unless given. The kept pixels
+                are returned exactly (a latent pipeline pastes them back over its decoded image).
+            jump_length, resamples: RePaint's resampling (DDPMScheduler and DDIMScheduler): every `jump_length`
+                steps, go back `jump_length` noise levels and sample them again, `resamples` times in all (1: none).
         """
         if prompt is not None:
             raise ValueError(f"`prompt` {prompt!r}: this {type(self).__name__} has no text encoder; prompts need a "
                              "text-to-image pipeline (TextToImagePipeline, LatentTextToImagePipeline, trained with "
                              "--caption_column). Condition this one with `class_labels`")
-        start, strength, batch_size = self.prepare_image(image, strength, batch_size)
+        edit, batch_size = self.prepare_edit(image, strength, mask_image, jump_length, resamples, batch_size)
         labels, batch_size = self.prepare_class_labels(class_labels, batch_size)
         if guidance_scale != 1.0 and labels is None:
             raise ValueError(f"`guidance_scale` {guidance_scale} needs `class_labels` and a class-conditional denoiser "
@@ -236,8 +351,7 @@ class DDPMPipeline(GenerativePipeline):
         self.check_guidance_trained(guidance_scale, "label_dropout", "its null class")
         self.check_scheduler()
         num_inference_steps = self.check_num_inference_steps(num_inference_steps)
-        if start is not None and start.shape[0] != batch_size:
-            start = start.expand(batch_size, *start.shape[1:])  # one image, for every class label
+        edit = edit.expand(batch_size) if edit is not None else None  # one image, for every class label
         sample = self.prepare_latents(batch_size, generator, latents)
-        sample = self.reverse_process(sample, labels, guidance_scale, num_inference_steps, generator, start, strength)
-        return self.output(self.to_images(sample), output_type, return_dict)
+        sample = self.reverse_process(sample, labels, guidance_scale, num_inference_steps, generator, edit)
+        return self.finish(sample, edit, output_type, return_dict)

@@ -74,9 +74,13 @@ class LatentDiffusionPipeline(DDPMPipeline):
         """Normalized latents z_0 (B, *latent_shape) -> the decoded images (B, C, H, W) in [0, 1]."""
         return autoencoders.decode(self.vae, self.latent_normalization.denormalize(sample.float()))
 
+    @property
+    def image_channels(self) -> int:
+        return autoencoders.image_channels(self.vae)
+
     def from_images(self, images, name: str = "image") -> torch.Tensor:
         """Images (PIL, numpy or tensor in [0, 1]) -> the normalized latents z_0 of their posterior means (the
         encoding `to_images` inverts up to the autoencoder's reconstruction error)."""
-        pixels = preprocess(images, autoencoders.image_channels(self.vae), self.sample_size, UNIT, name)
+        pixels = preprocess(images, self.image_channels, self.sample_size, UNIT, name)
         latents = autoencoders.encode(self.vae, pixels).mean
         return self.latent_normalization.normalize(latents.float()).to(self.device, self.unet.dtype)

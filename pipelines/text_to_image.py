@@ -110,6 +110,9 @@ class TextConditioning:
         class_labels=None,
         image=None,
         strength: float | None = None,
+        mask_image=None,
+        jump_length: int = 1,
+        resamples: int = 1,
     ):
         r"""Generates images that follow the prompts, from noise or (image-to-image) from a noised `image`.
 
@@ -123,7 +126,7 @@ class TextConditioning:
             guidance_scale: classifier-free guidance weight w (1: the conditional model alone).
             num_inference_steps, generator, latents, output_type, return_dict: as `DDPMPipeline`.
             class_labels: refused: this pipeline is conditioned on text.
-            image, strength: image-to-image, as `DDPMPipeline`'s.
+            image, strength, mask_image, jump_length, resamples: image-to-image and inpainting, as `DDPMPipeline`'s.
         """
         if class_labels is not None:
             raise ValueError(f"`class_labels` {class_labels!r}: a {type(self).__name__} is conditioned on `prompt`, "
@@ -131,16 +134,14 @@ class TextConditioning:
         self.check_guidance_trained(guidance_scale, "prompt_dropout", "the empty prompt")
         self.check_scheduler()
         num_inference_steps = self.check_num_inference_steps(num_inference_steps)
-        start, strength, batch_size = self.prepare_image(image, strength, batch_size)
+        edit, batch_size = self.prepare_edit(image, strength, mask_image, jump_length, resamples, batch_size)
         condition = self.prepare_prompt_embeds(batch_size, prompt, negative_prompt, prompt_embeds,
                                                negative_prompt_embeds, guidance_scale)
         batch_size = len(condition[0])
-        if start is not None and start.shape[0] != batch_size:
-            start = start.expand(batch_size, *start.shape[1:])  # one image, for every prompt
+        edit = edit.expand(batch_size) if edit is not None else None  # one image, for every prompt
         sample = self.prepare_latents(batch_size, generator, latents)
-        sample = self.reverse_process(sample, condition, guidance_scale, num_inference_steps, generator, start,
-                                      strength)
-        return self.output(self.to_images(sample), output_type, return_dict)
+        sample = self.reverse_process(sample, condition, guidance_scale, num_inference_steps, generator, edit)
+        return self.finish(sample, edit, output_type, return_dict)
 
 
 class TextToImagePipeline(TextConditioning, DDPMPipeline):

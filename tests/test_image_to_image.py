@@ -1,6 +1,6 @@
-"""Image-to-image (SDEdit, docs/maths.md §6.11) in every diffusion pipeline: the ends of `strength`, the closed form
-on the exact Gaussian denoiser, and bad input. (Trained digits models: test_flow_matching.py, test_edm.py,
-test_train_ldm.py.)"""
+"""Editing with every diffusion pipeline: image-to-image (SDEdit, docs/maths.md §6.11): the ends of `strength`, the
+closed form on the exact Gaussian denoiser; inpainting (§6.12): the kept pixels, RePaint's resampling path; bad input.
+(Trained digits models: test_flow_matching.py, test_edm.py, test_train_ldm.py.)"""
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ from helpers import RawSamples, tiny_unet
 from test_pipelines_ddpm import GaussianEpsilon
 
 from hfgen import DDPMPipeline, LatentDiffusionPipeline, LatentTextToImagePipeline, VAEModel, text
+from hfgen.diffusion import resampling_levels
 
 
 def tiny_latent(objective="ddpm"):
@@ -108,13 +109,53 @@ def test_sdedit_of_the_exact_gaussian_denoiser_keeps_the_closed_form_share_of_th
         torch.testing.assert_close(samples.mean(0), expected, atol=0.05, rtol=0)
 
 
+def right_half_mask(batch: int = 1) -> torch.Tensor:
+    mask = torch.zeros(batch, 1, 8, 8)
+    mask[..., 4:] = 1
+    return mask
+
+
+@pytest.mark.parametrize("kind", PIPELINES)
+def test_inpainting_keeps_the_known_pixels_and_draws_the_rest_from_the_generator(kind):
+    pipe = PIPELINES[kind]()
+    pipe.set_progress_bar_config(disable=True)
+    images, mask = torch.rand(2, 1, 8, 8, generator=torch.manual_seed(1)), right_half_mask()
+    first = call(pipe, image=images, mask_image=mask, generator=torch.manual_seed(3))
+    torch.testing.assert_close(first[..., :4], images[..., :4], atol=1e-6, rtol=0)  # kept exactly, latents included
+    second = call(pipe, image=images, mask_image=mask, generator=torch.manual_seed(4))
+    assert not torch.allclose(first[..., 4:], second[..., 4:], atol=1e-3)
+    assert torch.equal(first, call(pipe, image=images, mask_image=mask, generator=torch.manual_seed(3)))
+
+
+def test_repaint_resampling_path_and_its_runs():
+    # 6 steps, jumps of 2 sampled twice: down to 2, back to 0, down to 4, back to 2, down to 6 (no jump at the end)
+    assert resampling_levels(6, jump_length=2, resamples=2) == [0, 1, 2, 0, 1, 2, 3, 4, 2, 3, 4, 5, 6]
+    assert resampling_levels(4) == [0, 1, 2, 3, 4] and resampling_levels(6, 2, 1, first=3) == [3, 4, 5, 6]
+    pipe = PIPELINES["ddpm"]()
+    pipe.set_progress_bar_config(disable=True)
+    images, mask = torch.rand(1, 1, 8, 8, generator=torch.manual_seed(1)), right_half_mask()
+    resampled = call(pipe, image=images, mask_image=mask, jump_length=2, resamples=3, generator=torch.manual_seed(3))
+    torch.testing.assert_close(resampled[..., :4], images[..., :4], atol=1e-6, rtol=0)
+    assert not torch.equal(resampled, call(pipe, image=images, mask_image=mask, generator=torch.manual_seed(3)))
+    with pytest.raises(ValueError, match="`resamples` 2: RePaint's resampling undoes steps"):
+        call(PIPELINES["flow"](), image=images, mask_image=mask, resamples=2)
+
+
 def test_bad_image_input():
     pipe = PIPELINES["ddpm"]()
-    with pytest.raises(ValueError, match="`strength` 0.5 is how much .* pass `image` too"):
+    with pytest.raises(ValueError, match="`strength` edits `image`: pass `image` too"):
         pipe(1, strength=0.5)
     with pytest.raises(ValueError, match=r"`strength` must be a number in \[0, 1\], got 1.5"):
         pipe(image=torch.rand(1, 1, 8, 8), strength=1.5)
     with pytest.raises(ValueError, match=r"`image` must be images of 1 channel\(s\) and 8x8 pixels"):
         pipe(image=torch.rand(1, 1, 16, 16))
-    with pytest.raises(ValueError, match="`image` holds 2 images but `batch_size` is 3"):
+    with pytest.raises(ValueError, match="`image` holds 2 images but the call generates 3"):
         pipe(3, image=torch.rand(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="`mask_image` edits `image`: pass `image` too"):
+        pipe(1, mask_image=right_half_mask())
+    with pytest.raises(ValueError, match="`jump_length` and `resamples` are inpainting's resampling"):
+        pipe(image=torch.rand(1, 1, 8, 8), resamples=2)
+    with pytest.raises(ValueError, match=r"`mask_image` must be images of 1 channel\(s\) and 8x8 pixels"):
+        pipe(image=torch.rand(1, 1, 8, 8), mask_image=torch.ones(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="`resamples` must be a positive integer"):
+        pipe(image=torch.rand(1, 1, 8, 8), mask_image=right_half_mask(), resamples=0)
