@@ -1,5 +1,5 @@
 """The `hfgen` command: `hfgen train <family> ...`, `hfgen sample <folder> ...`, `hfgen evaluate <folder> ...`,
-`hfgen demo <folder> ...` and `hfgen push <folder> <repo_id>`.
+`hfgen demo <folder> ...`, `hfgen distill <teacher> ...` and `hfgen push <folder> <repo_id>`.
 
 `hfgen train vae ARGS` runs exactly what `accelerate launch -m hfgen.training.train_vae ARGS` runs.
 """
@@ -303,7 +303,8 @@ def main(argv=None) -> None:
 
 def dispatch(argv) -> None:
     usage = (f"usage: hfgen train {{{','.join(TRAINERS)}}} ARGS | hfgen sample FOLDER ARGS | hfgen evaluate FOLDER ARGS | "
-             "hfgen demo FOLDER ARGS | hfgen push FOLDER REPO_ID | hfgen --version  (-h after each for its flags)")
+             "hfgen demo FOLDER ARGS | hfgen distill TEACHER ARGS | hfgen push FOLDER REPO_ID | hfgen --version  (-h after "
+             "each for its flags)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return
@@ -325,6 +326,11 @@ def dispatch(argv) -> None:
         demo(rest)
     elif command == "push":
         push(rest)
+    elif command == "distill":  # `hfgen distill TEACHER ARGS` is train_distill's `--teacher TEACHER ARGS`
+        if not rest or rest[0].startswith("-"):
+            raise ValueError("`hfgen distill` needs the teacher first: hfgen distill TEACHER_FOLDER_OR_REPO --output_dir "
+                             "DIR [--num_steps 1|2|4 ...]")
+        importlib.import_module("hfgen.training.train_distill").main(["--teacher", rest[0], *rest[1:]])
     else:
         raise ValueError(f"unknown command {command!r}; {usage}")
 

@@ -85,7 +85,7 @@ class DDPMPipeline(GenerativePipeline):
     pipeline_kind = "pixels"  # which of the objective's card tags names this pipeline (hfgen.objectives.PIPELINE_KINDS)
 
     def __init__(self, unet: UNet2DModel | ViTDenoiser, scheduler: SchedulerMixin, label_dropout: float | None = None,
-                 objective: str | None = None):
+                 objective: str | None = None, sampling_steps: int | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         if label_dropout is not None:  # unknown for folders saved elsewhere (diffusers, older hfgen)
@@ -93,6 +93,9 @@ class DDPMPipeline(GenerativePipeline):
         if objective is not None:  # unknown for folders saved elsewhere: the scheduler's kind is all there is
             self.register_to_config(objective=objective_class(objective).name)
             self.check_scheduler()
+        if sampling_steps is not None:  # a few-step model's (a distilled student's): its calls' default
+            check_positive_int("sampling_steps", sampling_steps)
+            self.register_to_config(sampling_steps=int(sampling_steps))
 
     @property
     def objective(self) -> str:
@@ -212,9 +215,11 @@ class DDPMPipeline(GenerativePipeline):
         return guided(*both.chunk(2), guidance_scale)
 
     def check_num_inference_steps(self, num_inference_steps: int | None) -> int:
-        """The number of sampling steps: by default (and at most) the scheduler's training steps."""
+        """The number of sampling steps: at most the scheduler's training steps; by default a few-step model's own
+        `sampling_steps`, else all of them."""
         num_train_timesteps = self.scheduler.config.num_train_timesteps
-        num_inference_steps = num_train_timesteps if num_inference_steps is None else num_inference_steps
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("sampling_steps") or num_train_timesteps
         check_positive_int("num_inference_steps", num_inference_steps)
         if num_inference_steps > num_train_timesteps:
             raise ValueError(f"`num_inference_steps` must be at most the {num_train_timesteps} training steps, "
@@ -322,8 +327,9 @@ class DDPMPipeline(GenerativePipeline):
             batch_size: number of images; None means one per class label, or 1.
             class_labels: for a class-conditional denoiser: an int or one per image.
             guidance_scale: classifier-free guidance weight w (1: the conditional model alone).
-            num_inference_steps: denoising steps, at most (and by default) the scheduler's training steps (a
-                flow scheduler's are integration steps: Heun evaluates the denoiser about twice per step).
+            num_inference_steps: denoising steps, at most the scheduler's training steps; by default those, or a
+                distilled model's `sampling_steps` (a flow scheduler's are integration steps: Heun evaluates the
+                denoiser about twice per step).
             generator: the same generator state gives the same images.
             latents: x_T of shape (B, C, H, W) instead of fresh noise.
             output_type: "pil", "np" (B, H, W, C) or "pt" (B, C, H, W), values in [0, 1].

@@ -44,8 +44,9 @@ class LatentDiffusionPipeline(DDPMPipeline):
 
     def __init__(self, vae: FirstStage, unet: UNet2DModel | ViTDenoiser, scheduler: SchedulerMixin,
                  scaling_factor: float | list[float] | None = None, label_dropout: float | None = None,
-                 objective: str | None = None, shift_factor: float | list[float] = 0.0):
-        super().__init__(unet, scheduler, label_dropout, objective)
+                 objective: str | None = None, shift_factor: float | list[float] = 0.0,
+                 sampling_steps: int | None = None):
+        super().__init__(unet, scheduler, label_dropout, objective, sampling_steps)
         if scaling_factor is None:
             raise ValueError("`scaling_factor` is missing: the latents' scale the denoiser was trained on; measure it (and "
                              "shift_factor) as .scale and .shift of hfgen.latent_tools.latent_normalization("

@@ -189,9 +189,14 @@ class DDPMTrainer(TextConditionedTraining, Trainer):
         """A training batch -> x0 for the forward process: images in [0, 1] mapped to [-1, 1]."""
         return from_unit_range(batch, SYMMETRIC)
 
+    def clean_and_noise(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch -> (x0, the noise it is corrupted with): fresh Gaussian noise (reflow's pairs bring
+        their own, training/train_distill.py)."""
+        x0 = self.clean_sample(batch)
+        return x0, torch.randn_like(x0)
+
     def training_step(self, images, labels):
-        x0 = self.clean_sample(images)
-        noise = torch.randn_like(x0)
+        x0, noise = self.clean_and_noise(images)
         model_input, timesteps, target, weights = self.objective.corrupt(x0, noise, self.noise_scheduler)
         prediction = self.models["unet"](model_input, timesteps, **self.conditioning(labels)).sample
         loss = self.objective.loss(prediction, target, weights)

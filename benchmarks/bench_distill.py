@@ -1,0 +1,141 @@
+"""Few-step students by reflow (training/train_distill.py): FD of the student at 1, 2 and 4 Euler steps against its
+teacher's at the same steps, at 20 Euler steps and with the recipe's DPM-Solver++ at 20, and the distillation's
+minutes (drawing the pairs, then training).
+
+The teacher is the README's flow-matching recipe (bench_quality's `hfgen-flow`, trained here unless --teacher names a
+folder), on the 4,000 training digits; FD of 1,000 samples in the features of `hfgen:digit-classifier` against the
+1,000 test digits, as bench_quality computes it (2 torch threads).
+
+    python benchmarks/bench_distill.py --work /tmp/distill --write
+    python benchmarks/bench_distill.py --teacher /tmp/distill/teacher --distill_flags "--num_epochs 20" --write
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_quality import DIGITS, FD_SOLVER_STEPS, RECIPES, Evaluator, pipeline_sampler, sample_in_batches  # noqa: E402
+from common import environment_lines, load_average, markers, start_clock, write_section  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures", "distill.json")
+STEPS = (1, 2, 4)
+TEACHER = "hfgen-flow"
+# the distillation: 4,000 pairs of the teacher's 20-step DPM-Solver++ samples, then flow matching on them
+DISTILL_FLAGS = ("--num_steps 2 --num_pairs 4000 --teacher_steps 20 --num_epochs 12 --train_batch_size 32 "
+                 "--learning_rate 2e-4 --lr_scheduler cosine --lr_warmup_steps 50 --use_ema --weighting_scheme "
+                 "logit_normal")
+TARGET_RATIO = 1.5  # the student at 2 steps within this factor of the teacher's 20-step FD
+
+
+def quiet_flags(output_dir: str) -> list[str]:
+    return ["--output_dir", output_dir, "--logger", "none", "--save_images_epochs", "0", "--feature_extractor", "none",
+            "--checkpointing_steps", str(10 ** 9), "--eval_num_samples", "100"]
+
+
+def train_teacher(folder: str) -> float:
+    """The README's flow recipe into `folder`; its minutes."""
+    from hfgen.training import train_ddpm
+
+    started = time.time()
+    train_ddpm.main([*quiet_flags(folder), *RECIPES[TEACHER][1].split()])
+    return (time.time() - started) / 60
+
+
+def distill(teacher: str, folder: str, flags: str) -> dict:
+    from hfgen.training.train_distill import DistillTrainer, parse_args
+
+    started = time.time()
+    trainer = DistillTrainer(parse_args([*quiet_flags(folder), "--teacher", teacher, *flags.split()]))
+    trainer.train()
+    return {"distill_minutes": round((time.time() - started) / 60, 2), "pair_minutes": round(trainer.pair_minutes, 2)}
+
+
+def fds(pipeline, evaluator: Evaluator, steps, num_samples: int, solver=None) -> dict[str, float]:
+    """FD at each step count, with the pipeline's own scheduler (or `solver(scheduler)`)."""
+    from hfgen.objectives import dpm_solver
+
+    results = {}
+    for count in steps:
+        if solver is not None:
+            pipeline.scheduler = dpm_solver(pipeline.scheduler)
+        sampler = pipeline_sampler(pipeline, num_inference_steps=count)
+        results[str(count)] = round(evaluator.fd(sample_in_batches(sampler, num_samples)), 2)
+    return results
+
+
+def measure(teacher_dir: str, student_dir: str, num_samples: int) -> dict:
+    from hfgen import DDPMPipeline
+
+    evaluator = Evaluator(DIGITS)
+    teacher, student = (DDPMPipeline.from_pretrained(folder).to("cpu") for folder in (teacher_dir, student_dir))
+    for pipe in (teacher, student):
+        pipe.set_progress_bar_config(disable=True)
+    row = {"teacher_euler": fds(teacher, evaluator, (*STEPS, 20), num_samples),
+           "student_euler": fds(student, evaluator, (*STEPS, 20), num_samples)}
+    row["teacher_dpm_solver_20"] = fds(DDPMPipeline.from_pretrained(teacher_dir), evaluator, (FD_SOLVER_STEPS,),
+                                       num_samples, solver=True)[str(FD_SOLVER_STEPS)]
+    return row
+
+
+def section(row: dict, environment: list[str]) -> str:
+    teacher, student = row["teacher_euler"], row["student_euler"]
+    reference = row["teacher_euler"]["20"]
+    ratio = student["2"] / reference
+    start, end = markers("distill")
+    lines = [
+        start,
+        "## Few-step students (reflow)",
+        "",
+        f"`python benchmarks/bench_distill.py`: the README's flow-matching recipe (`{TEACHER}`"
+        + (f", trained in {row['teacher_minutes']} min" if row["teacher_minutes"] else "") + ") distilled by `hfgen distill` ({row['flags']}): {row['distill_minutes']} min, of which "
+        f"{row['pair_minutes']} drawing the pairs. FD of {row['num_samples']} samples (digit-classifier features, 1,000 "
+        "test digits), Euler steps of the saved FlowMatchEulerDiscreteScheduler; one run.",
+        "",
+        "| sampler steps | 1 | 2 | 4 | 20 |",
+        "| --- | --- | --- | --- | --- |",
+        "| teacher | " + " | ".join(str(teacher[str(count)]) for count in (*STEPS, 20)) + " |",
+        "| student | " + " | ".join(str(student[str(count)]) for count in (*STEPS, 20)) + " |",
+        "",
+        f"The teacher with DPM-Solver++ at 20 steps: FD {row['teacher_dpm_solver_20']}. Target: the student at 2 steps "
+        f"within {TARGET_RATIO}x of the teacher's 20-step FD ({reference}): {student['2']}, {ratio:.2f}x, "
+        f"{'met' if ratio <= TARGET_RATIO else 'missed'}.",
+        "",
+        *environment,
+        end,
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/hfgen-distill", help="Where the teacher and the student are written.")
+    parser.add_argument("--teacher", default=None, help="A trained teacher folder (default: train the recipe).")
+    parser.add_argument("--distill_flags", default=DISTILL_FLAGS)
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default=RESULTS)
+    parser.add_argument("--write", action="store_true", help="Write the BENCHMARKS.md section.")
+    args = parser.parse_args(argv)
+    _, load_before = start_clock(args.threads)
+    teacher_dir, teacher_minutes = args.teacher, None
+    if teacher_dir is None:
+        teacher_dir = os.path.join(args.work, "teacher")
+        teacher_minutes = round(train_teacher(teacher_dir), 2)
+    student_dir = os.path.join(args.work, "student")
+    row = {"teacher_minutes": teacher_minutes, "flags": args.distill_flags, "num_samples": args.num_samples,
+           **distill(teacher_dir, student_dir, args.distill_flags)}
+    row.update(measure(teacher_dir, student_dir, args.num_samples))
+    print(json.dumps(row), flush=True)
+    with open(args.results, "a", encoding="utf-8") as file:
+        file.write(json.dumps(row) + "\n")
+    text = section(row, environment_lines("bench_distill.py", args.threads, load_before, load_average()))
+    print(text)
+    if args.write:
+        write_section("distill", text)
+
+
+if __name__ == "__main__":
+    main()
