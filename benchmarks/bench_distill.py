@@ -84,14 +84,15 @@ def section(row: dict, environment: list[str]) -> str:
     teacher, student = row["teacher_euler"], row["student_euler"]
     reference = row["teacher_euler"]["20"]
     ratio = student["2"] / reference
+    trained = f", trained in {row['teacher_minutes']} min" if row["teacher_minutes"] else ""
     start, end = markers("distill")
     lines = [
         start,
         "## Few-step students (reflow)",
         "",
-        f"`python benchmarks/bench_distill.py`: the README's flow-matching recipe (`{TEACHER}`"
-        + (f", trained in {row['teacher_minutes']} min" if row["teacher_minutes"] else "") + ") distilled by `hfgen distill` ({row['flags']}): {row['distill_minutes']} min, of which "
-        f"{row['pair_minutes']} drawing the pairs. FD of {row['num_samples']} samples (digit-classifier features, 1,000 "
+        f"`python benchmarks/bench_distill.py`: the README's flow-matching recipe (`{TEACHER}`{trained}) distilled "
+        f"by `hfgen distill` ({row['flags']}): {row['distill_minutes']} min, of which {row['pair_minutes']} drawing "
+        f"the pairs. FD of {row['num_samples']} samples (digit-classifier features, 1,000 "
         "test digits), Euler steps of the saved FlowMatchEulerDiscreteScheduler; one run.",
         "",
         "| sampler steps | 1 | 2 | 4 | 20 |",
