@@ -119,15 +119,24 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", default=RESULTS)
     parser.add_argument("--write", action="store_true", help="Write the BENCHMARKS.md section.")
+    parser.add_argument("--remeasure", action="store_true", help="Measure the teacher and student of --work again "
+                        "(after a sampler change), keeping the last run's training minutes from --results.")
     args = parser.parse_args(argv)
     _, load_before = start_clock(args.threads)
     teacher_dir, teacher_minutes = args.teacher, None
-    if teacher_dir is None:
-        teacher_dir = os.path.join(args.work, "teacher")
-        teacher_minutes = round(train_teacher(teacher_dir), 2)
     student_dir = os.path.join(args.work, "student")
-    row = {"teacher_minutes": teacher_minutes, "flags": args.distill_flags, "num_samples": args.num_samples,
-           **distill(teacher_dir, student_dir, args.distill_flags)}
+    if args.remeasure:
+        with open(args.results, encoding="utf-8") as file:
+            last = json.loads(file.read().splitlines()[-1])
+        teacher_dir = teacher_dir or os.path.join(args.work, "teacher")
+        row = {key: last[key] for key in ("teacher_minutes", "flags", "distill_minutes", "pair_minutes")}
+        row["num_samples"] = args.num_samples
+    else:
+        if teacher_dir is None:
+            teacher_dir = os.path.join(args.work, "teacher")
+            teacher_minutes = round(train_teacher(teacher_dir), 2)
+        row = {"teacher_minutes": teacher_minutes, "flags": args.distill_flags, "num_samples": args.num_samples,
+               **distill(teacher_dir, student_dir, args.distill_flags)}
     row.update(measure(teacher_dir, student_dir, args.num_samples))
     print(json.dumps(row), flush=True)
     with open(args.results, "a", encoding="utf-8") as file:

@@ -1,8 +1,9 @@
 """A Gradio demo for any hfgen pipeline (`hfgen demo FOLDER_OR_REPO`), and the Space that runs it.
 
 The page offers what the pipeline can do, read from the pipeline itself: the arguments its call takes (class
-labels, denoising steps, guidance), its scheduler (DDPM-family or flow-matching samplers) and a VAE's or a GAN's
-latent-space tools. The pipeline checks every input; its ValueError is shown in the page as a `gr.Error`.
+labels, denoising steps, guidance), its scheduler (DDPM-family or flow-matching samplers), a VAE's or a GAN's
+latent-space tools, and a diffusion pipeline's editing (image-to-image, inpainting of a painted region). The
+pipeline checks every input; its ValueError is shown in the page as a `gr.Error`.
 """
 
 import functools
@@ -19,6 +20,7 @@ try:
 except ImportError as error:
     raise ImportError('the hfgen demo needs gradio: pip install "hfgen[demo]"') from error
 import PIL.Image
+import PIL.ImageChops
 import torch
 from diffusers import DiffusionPipeline
 from huggingface_hub import snapshot_download
@@ -140,9 +142,7 @@ def sample_tab(pipeline) -> None:
 
         controls["scheduler"] = (gr.Dropdown(list(choices), value=saved_scheduler_name(saved, choices),
                                              label="Scheduler", elem_id="scheduler"), scheduler)
-        num_train_timesteps = saved.config.num_train_timesteps
-        controls["num_inference_steps"] = (gr.Slider(1, num_train_timesteps, min(DEFAULT_STEPS, num_train_timesteps),
-                                                     step=1, label="Denoising steps", elem_id="steps"), int)
+        controls["num_inference_steps"] = (steps_slider(pipeline, "steps"), int)
     guided = (pipeline.config.get("prompt_dropout") or 0) > 0 if text_to_image else (
         pipeline.num_classes and (pipeline.config.get("label_dropout") or 0) > 0)
     if "guidance_scale" in parameters and guided:
@@ -167,6 +167,76 @@ def sample_tab(pipeline) -> None:
         + [inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress(track_tqdm=True))])
     button.click(sample, [num_images, seed, *(component for component, _ in controls.values())], [gallery, download],
                  api_name="sample")
+
+
+def steps_slider(pipeline, elem_id: str) -> "gr.Slider":
+    """Denoising steps, up to the scheduler's training steps; by default a few-step model's own count, else 50."""
+    num_train_timesteps = pipeline.scheduler.config.num_train_timesteps
+    default = pipeline.config.get("sampling_steps") or min(DEFAULT_STEPS, num_train_timesteps)
+    return gr.Slider(1, num_train_timesteps, default, step=1, label="Denoising steps", elem_id=elem_id)
+
+
+def edited_inputs(editor_value, size: int):
+    """An image editor's value (an uploaded image, and strokes painted over it) -> (the image and the mask of the
+    painted region (1: regenerate; None where nothing is painted)), both at the model's size."""
+    background = (editor_value or {}).get("background")
+    if background is None:
+        raise ValueError("`image`: upload an image to edit first")
+    image = background.convert("RGBA")
+    flat = PIL.Image.alpha_composite(PIL.Image.new("RGBA", image.size, "white"), image).convert("RGB")
+    image = flat.resize((size, size), PIL.Image.Resampling.LANCZOS)
+    painted = None
+    for layer in (editor_value.get("layers") or []):
+        alpha = layer.convert("RGBA").getchannel("A")
+        painted = alpha if painted is None else PIL.ImageChops.lighter(painted, alpha)
+    if painted is None or painted.getbbox() is None:
+        return image, None
+    mask = painted.resize((size, size), PIL.Image.Resampling.BOX).point(lambda value: 255 if value > 0 else 0)
+    return image, mask
+
+
+def edit_tab(pipeline) -> None:
+    """Image-to-image and inpainting for a diffusion pipeline: an uploaded image, strokes painted over what to
+    regenerate (none: image-to-image at the strength), seed, steps and the class or prompt where it takes one."""
+    parameters = call_arguments(pipeline)
+    size = pipeline.sample_size
+    with gr.Tab("Edit"):
+        with gr.Row():
+            editor = gr.ImageEditor(type="pil", image_mode="RGBA", sources=["upload", "clipboard"], format="png",
+                                    label=f"Upload an image (resized to {size}x{size}); paint over what to regenerate",
+                                    brush=gr.Brush(colors=["#ff0000"], default_color="#ff0000"), elem_id="edit-image")
+            edited = gr.Image(label="Edited", format="png", elem_id="edited")
+        with gr.Row():
+            strength = gr.Slider(0.0, 1.0, 0.6, step=0.05, elem_id="strength",
+                                 label="Strength: how much is redrawn (painted strokes: the painted region, fully)")
+            seed = gr.Number(0, precision=0, label="Seed", elem_id="edit-seed")
+            steps = steps_slider(pipeline, "edit-steps")
+        condition = None
+        if "prompt" in parameters and hasattr(pipeline, "encode_prompt"):
+            condition = ("prompt", gr.Textbox("", label="Prompt", elem_id="edit-prompt"), str)
+        elif pipeline.num_classes and "class_labels" in parameters:
+            names = label_names(pipeline)
+            condition = ("class_labels", gr.Dropdown(names, value=names[0], allow_custom_value=True, label="Class",
+                                                     elem_id="edit-class"), functools.partial(class_label, pipeline))
+        button = gr.Button("Edit", variant="primary", elem_id="edit-button")
+
+        @shows_errors
+        def edit(editor_value, strength, seed, steps, *value):
+            image, mask = edited_inputs(editor_value, size)
+            kwargs = {condition[0]: condition[2](value[0])} if condition else {}
+            if mask is not None:
+                kwargs["mask_image"] = mask  # the painted region, regenerated from noise
+            else:
+                kwargs["strength"] = float(strength)
+            return pipeline(image=image, num_inference_steps=int(steps), generator=generator(seed), **kwargs).images[0]
+
+        # named after the call's arguments, as the sample tab's API is
+        parameter = functools.partial(inspect.Parameter, kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        edit.__signature__ = inspect.Signature(
+            [parameter(name) for name in ("image", "strength", "seed", "num_inference_steps",
+                                          *([condition[0]] if condition else []))])
+        button.click(edit, [editor, strength, seed, steps, *([condition[1]] if condition else [])], edited,
+                     api_name="edit")
 
 
 def image_input(label: str, elem_id: str):
@@ -270,6 +340,8 @@ def demo_blocks(pipeline, name: str, folder: str | None = None) -> "gr.Blocks":
                     vae_tabs(pipeline)
                 if pipeline.family == "gan" and hasattr(pipeline, "interpolate"):  # GANPipeline's
                     gan_tab(pipeline)
+                if "strength" in call_arguments(pipeline):  # the diffusion pipelines' editing
+                    edit_tab(pipeline)
             if folder is not None:
                 with gr.Column(scale=1):
                     card_panel(folder)

@@ -10,9 +10,11 @@ Shapes: x0, noise (B, C, H, W); the denoiser's timesteps (B,).
 """
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -90,6 +92,11 @@ class DiffusionObjective:
     def fast_sampler(cls, scheduler):
         """The few-step sampler on the trained `scheduler`'s noise levels (20 steps sample well)."""
         raise NotImplementedError
+
+    @classmethod
+    def set_timesteps(cls, scheduler, num_steps: int, device=None) -> None:
+        """Sets `scheduler`'s sampling timesteps for `num_steps` steps (its own spacing)."""
+        scheduler.set_timesteps(num_steps, device=device)
 
     # ----- training ------------------------------------------------------------------------------------------
 
@@ -223,6 +230,16 @@ class FlowMatchingObjective(DiffusionObjective):
     samplers = {"FlowMatchEuler": (FlowMatchEulerDiscreteScheduler, swapped(FlowMatchEulerDiscreteScheduler)),
                 "FlowMatchHeun": (FlowMatchHeunDiscreteScheduler, swapped(FlowMatchHeunDiscreteScheduler)),
                 "DPM-Solver++": (DPMSolverMultistepScheduler, lambda saved: FlowMatchingObjective.fast_sampler(saved))}
+
+    @classmethod
+    def set_timesteps(cls, scheduler, num_steps: int, device=None) -> None:
+        """Euler's noise levels as diffusers' flow pipelines (SD3, Flux) set them: sigma = 1, 1 - 1/N, ..., 1/N (then
+        0), equal steps, shifted by the scheduler; the scheduler's own spacing ends at its smallest training level,
+        which wastes a step of few (2 steps were 1 and 0.001)."""
+        if "sigmas" in inspect.signature(scheduler.set_timesteps).parameters and hasattr(scheduler, "scale_noise"):
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps).tolist(), device=device)
+        else:
+            scheduler.set_timesteps(num_steps, device=device)
 
     @classmethod
     def fast_sampler(cls, scheduler) -> DPMSolverMultistepScheduler:

@@ -232,8 +232,8 @@ class DDPMPipeline(GenerativePipeline):
         guidance_scale)`. With an `edit` of strength < 1, image-to-image (SDEdit, docs/maths.md §6.11): only the last
         `strength` share of the steps runs, from the image brought to the first one's noise level by the scheduler's
         forward process with `sample` as the noise (strength 0: the image itself). With its mask, inpainting (§6.12)."""
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         scheduler = self.scheduler
+        objective_of(scheduler).set_timesteps(scheduler, num_inference_steps, self.device)
         timesteps = scheduler.timesteps
         first = 0
         if edit is None or edit.strength == 1.0:

@@ -211,10 +211,39 @@ def test_the_app_shows_the_model_cards_metrics_and_grid(tmp_path):
     assert by_id["card-grid"].value is not None
 
 
+def test_the_edit_tab_runs_image_to_image_and_inpaints_the_painted_region(tmp_path):
+    from gradio_client import handle_file
+
+    pipe = tiny_ddpm()
+    image = PIL.Image.fromarray((np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8), "L")
+    image.save(tmp_path / "in.png")
+    stroke = PIL.Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    stroke.paste((255, 0, 0, 255), (4, 0, 8, 8))  # the right half painted: regenerated
+    stroke.save(tmp_path / "stroke.png")
+    editor = {"background": handle_file(str(tmp_path / "in.png")), "layers": [], "composite": None}
+    painted = {**editor, "layers": [handle_file(str(tmp_path / "stroke.png"))]}
+    with served(build_demo(pipe)) as url:
+        client = served_client(url)
+        assert api(url)["/edit"] == ["image", "strength", "seed", "num_inference_steps", "class_labels"]
+        same = client.predict(editor, 0.0, 0, 5, "1", api_name="/edit")
+        redrawn = client.predict(editor, 0.5, 3, 5, "1", api_name="/edit")
+        inpainted = client.predict(painted, 0.5, 3, 5, "1", api_name="/edit")
+        with pytest.raises(AppError, match="upload an image to edit first"):
+            client.predict(None, 0.5, 3, 5, "1", api_name="/edit")
+    grey = np.asarray(image)
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(local(same)).convert("L")), grey)  # strength 0: the image
+    expected = pipe(image=image.convert("RGB"), strength=0.5, class_labels=1, num_inference_steps=5,
+                    generator=torch.manual_seed(3)).images[0]
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(local(redrawn))), np.asarray(expected))
+    kept = np.asarray(PIL.Image.open(local(inpainted)).convert("L"))
+    np.testing.assert_array_equal(kept[:, :4], grey[:, :4])
+    assert not np.array_equal(kept[:, 4:], grey[:, 4:])
+
+
 def test_each_family_gets_its_own_tools():
     gan = hfgen.GANPipeline(hfgen.Generator(latent_dim=8, base_channels=8))
     for pipe, endpoints in ((tiny_vae(), {"sample", "reconstruct", "interpolate", "traverse"}), (tiny_cvae(), {"sample"}),
-                            (gan, {"sample", "interpolate"}), (tiny_ddpm(), {"sample"})):
+                            (gan, {"sample", "interpolate"}), (tiny_ddpm(), {"sample", "edit"})):
         assert {fn.api_name for fn in build_demo(pipe).fns.values() if fn.api_name} == endpoints
 
 
@@ -227,20 +256,26 @@ CHROMEDRIVER = shutil.which("chromedriver")
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                     reason="no chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver; "
                            ".ci/run installs them)")
-def test_a_browser_samples_a_class_and_shows_bad_input_as_an_error(cvae_app, tmp_path):
+def chrome():
+    """A headless Chromium driven through chromedriver (selenium)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    pipe, url = cvae_app
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                      "--window-size=1280,1000"):
         options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def test_a_browser_samples_a_class_and_shows_bad_input_as_an_error(cvae_app, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pipe, url = cvae_app
+    driver = chrome()
     try:
         driver.get(url)
         wait = WebDriverWait(driver, 60)
@@ -271,6 +306,41 @@ def test_a_browser_samples_a_class_and_shows_bad_input_as_an_error(cvae_app, tmp
     finally:
         driver.quit()
     assert (tmp_path / "demo.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                    reason="no chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver; "
+                           ".ci/run installs them)")
+def test_a_browser_uploads_an_image_and_edits_it(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pipe = tiny_ddpm()
+    image = PIL.Image.fromarray((np.random.default_rng(1).random((8, 8)) * 255).astype(np.uint8), "L").convert("RGB")
+    image.save(tmp_path / "digit.png")
+    with served(build_demo(pipe)) as url:
+        driver = chrome()
+        try:
+            driver.get(url)
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: d.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Edit')]")).click()
+            upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#edit-image input[type=file]"))
+            upload.send_keys(str(tmp_path / "digit.png"))
+            box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#strength input[type=number]"))
+            box.clear()
+            box.send_keys("0", Keys.ENTER)
+            time.sleep(1)  # the canvas takes the upload
+            driver.find_element(By.ID, "edit-button").click()
+            shown = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#edited img")
+                               and d.find_element(By.CSS_SELECTOR, "#edited img"))
+            wait.until(lambda d: int(shown.get_attribute("naturalWidth")) > 0)
+            data = urllib.request.urlopen(shown.get_attribute("src"), timeout=30).read()
+            driver.save_screenshot(str(tmp_path / "edit.png"))
+        finally:
+            driver.quit()
+    edited = np.asarray(PIL.Image.open(io.BytesIO(data)).convert("L"))
+    np.testing.assert_array_equal(edited, np.asarray(image.convert("L")))  # strength 0: the uploaded image itself
 
 
 # ----- the Space, the push, the command ------------------------------------------------------------------------
