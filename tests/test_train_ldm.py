@@ -151,3 +151,15 @@ def test_the_latent_cache_is_on_disk_reused_and_keyed_by_first_stage_and_data(tr
 def test_image_to_image_keeps_more_of_a_test_digit_as_strength_falls(trained_ldm_dir, test_digits_32px):
     distances = image_to_image_distances(LatentDiffusionPipeline.from_pretrained(trained_ldm_dir), test_digits_32px)
     assert distances == sorted(distances) and distances[0] < distances[-1] / 2, distances
+
+
+def test_inpainting_keeps_the_known_pixels_of_a_test_digit(trained_ldm_dir, test_digits_32px):
+    pipe = LatentDiffusionPipeline.from_pretrained(trained_ldm_dir)
+    pipe.set_progress_bar_config(disable=True)
+    images = torch.stack([test_digits_32px[index][0] for index in range(4)])
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 16:] = 1  # the right half regenerated; the latent keeps the left half's cells (a 4x8x8 grid)
+    first, second = (pipe(image=images, mask_image=mask, num_inference_steps=10, generator=torch.manual_seed(seed),
+                          output_type="pt").images for seed in (0, 1))
+    torch.testing.assert_close(first[..., :16], images[..., :16], atol=1e-6, rtol=0)  # pasted back exactly
+    assert not torch.allclose(first[..., 16:], second[..., 16:], atol=1e-2)
