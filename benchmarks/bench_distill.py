@@ -23,7 +23,6 @@ from common import environment_lines, load_average, markers, start_clock, write_
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 STEPS = (1, 2, 4)
 TEACHER = "hfgen-flow"
-# the distillation: 4,000 pairs of the teacher's 20-step DPM-Solver++ samples, then flow matching on them
 # the distillation: 8,000 pairs of the teacher's 20-step DPM-Solver++ samples, then flow matching on them at uniform
 # noise levels (screens in figures/distill_screens.json: 4,000 pairs with logit-normal levels for 12 epochs gave 60.9
 # at 2 steps, uniform levels for 24 epochs 42.5)

@@ -176,4 +176,6 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from hfgen.cli import run_command
+
+    run_command(main, prog="hfgen distill")
