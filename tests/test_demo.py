@@ -253,9 +253,11 @@ CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", 
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                    reason="no chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver; "
-                           ".ci/run installs them)")
+needs_chrome = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                  reason="no chromium and chromedriver on PATH (Debian: apt-get install chromium "
+                                         "chromium-driver; .ci/run installs them)")
+
+
 def chrome():
     """A headless Chromium driven through chromedriver (selenium)."""
     from selenium import webdriver
@@ -269,6 +271,7 @@ def chrome():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
+@needs_chrome
 def test_a_browser_samples_a_class_and_shows_bad_input_as_an_error(cvae_app, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -308,9 +311,7 @@ def test_a_browser_samples_a_class_and_shows_bad_input_as_an_error(cvae_app, tmp
     assert (tmp_path / "demo.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                    reason="no chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver; "
-                           ".ci/run installs them)")
+@needs_chrome
 def test_a_browser_uploads_an_image_and_edits_it(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
