@@ -38,6 +38,12 @@ U-Net's channels); the section also gives the real-data floor (training images a
     python benchmarks/bench_quality.py --no_train --write            # re-draw from the recorded results
     python benchmarks/bench_quality.py --only hfgen-ddpm --extra_flags "--snr_gamma 1" --results SCREENS  # a lever
 
+The longer budget: the recipes' schedules are sized to end near 10 minutes, so a 20-minute mark runs each hfgen
+recipe with its --num_epochs doubled (--epochs_scale 2) and each peer for 20 minutes, into the data's own
+`quality_<data>_long.json`; the section then gives FD at 20 minutes beside FD at 10 and adds the points to the figure:
+
+    python benchmarks/bench_quality.py --data emoji --marks 20 --epochs_scale 2 --results benchmarks/figures/quality_emoji_long.json
+
 SCREENS, benchmarks/figures/quality_screens.json, keeps the lever screens (each row with its --extra_flags).
 
 Results (one JSON line per snapshot) accumulate in --results, so contenders can run in separate sessions;
@@ -175,6 +181,11 @@ class Data:
     @property
     def results(self) -> str:
         return RESULTS if self.name == "digits" else os.path.join(FIGURES, f"quality_{self.name}.json")
+
+    @property
+    def long_results(self) -> str:
+        """The runs at a longer budget (recipes' epochs scaled): one more column and more points in the figure."""
+        return os.path.join(FIGURES, f"quality_{self.name}_long.json")
 
     @property
     def figure(self) -> str:
@@ -418,8 +429,16 @@ def first_stage_details(vae, data: Data, resolution: int, evaluator: Evaluator) 
             "reconstruction_high_frequency_ratio": round(evaluator.high_frequency_ratio(reconstructions), 3)}
 
 
+def scale_epochs(flags: list[str], scale: float) -> list[str]:
+    """A recipe's flags with its --num_epochs (the length of its learning-rate schedule) times `scale`."""
+    if scale == 1:
+        return flags
+    at = flags.index("--num_epochs") + 1
+    return [*flags[:at], str(max(1, round(int(flags[at]) * scale))), *flags[at + 1:]]
+
+
 def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", data: Data = DIGITS,
-              evaluator: "Evaluator | None" = None) -> None:
+              evaluator: "Evaluator | None" = None, epochs_scale: float = 1) -> None:
     from hfgen.objectives import dpm_solver
     from hfgen.training import train_ddpm, train_gan, train_ldm, train_vae
 
@@ -427,7 +446,8 @@ def run_hfgen(name: str, clock: Clock, output_dir: str, extra_flags: str = "", d
     module = {"vae": train_vae, "gan": train_gan, "ddpm": train_ddpm, "ldm": train_ldm}[family]
     trainer_class = {"vae": train_vae.VAETrainer, "gan": train_gan.GANTrainer, "ddpm": train_ddpm.DDPMTrainer,
                      "ldm": train_ldm.LDMTrainer}[family]
-    argv = ["--output_dir", output_dir, *data.flags(name), *flags.split(), *extra_flags.split(), "--logger", "none",
+    argv = ["--output_dir", output_dir, *data.flags(name), *scale_epochs(flags.split(), epochs_scale),
+            *extra_flags.split(), "--logger", "none",
             "--save_images_epochs", "0", "--feature_extractor", "none", "--checkpointing_steps", str(10 ** 9)]
     args = module.parse_args(argv)
 
@@ -692,21 +712,25 @@ def worker(args) -> None:
                "load_before": round(load_before, 2), "load_now": round(load_average(), 2),
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": cpu_model(),
                **({"sampler": FD_SAMPLER} if samples_by_diffusion(args.worker, data) else {}),
-               **({"extra_flags": args.extra_flags} if args.extra_flags else {})}
-        print(json.dumps(row), flush=True)
-        with open(args.results, "a") as file:
-            file.write(json.dumps(row) + "\n")
+               **({"extra_flags": args.extra_flags} if args.extra_flags else {}),
+               **({"epochs_scale": args.epochs_scale} if args.epochs_scale != 1 else {})}
         if args.grids:
             from hfgen.image_processing import image_grid, postprocess
 
             os.makedirs(args.grids, exist_ok=True)
-            grid = image_grid(postprocess(samples[:64].clamp(0, 1)))
-            grid.save(os.path.join(args.grids, f"{args.worker}-{round(seconds / 60, 1)}min.png"))
+            name = f"{args.worker}-{round(seconds / 60, 1)}min"
+            image_grid(postprocess(samples[:64].clamp(0, 1))).save(os.path.join(args.grids, f"{name}.png"))
+            if len(samples) >= args.num_samples:  # the final mark's: all of them, for the pixel-space ranking
+                torch.save((samples.clamp(0, 1) * 255).round().to(torch.uint8), os.path.join(args.grids, f"{name}.pt"))
+                row["samples_file"] = f"{name}.pt"
+        print(json.dumps(row), flush=True)
+        with open(args.results, "a") as file:
+            file.write(json.dumps(row) + "\n")
 
     clock = Clock([60 * minutes for minutes in args.marks], args.num_samples, args.curve_num_samples, record)
     with tempfile.TemporaryDirectory() as output_dir, contextlib.suppress(BudgetReached):
         if args.worker in data.recipes:
-            run_hfgen(args.worker, clock, output_dir, args.extra_flags, data, evaluator)
+            run_hfgen(args.worker, clock, output_dir, args.extra_flags, data, evaluator, args.epochs_scale)
         elif args.worker == "plain-vae":
             run_plain_vae(clock, data)
         elif args.worker == "pythae-vae":
@@ -769,7 +793,9 @@ def final_fd(rows: list[dict], num_samples: int) -> float | None:
     return rows[-1]["fd"] if rows and rows[-1]["num_samples"] >= num_samples else None
 
 
-def draw(runs: dict, data: Data, floor: float | None = None) -> None:
+def draw(runs: dict, data: Data, floor: float | None = None, long_runs: dict | None = None) -> None:
+    """FD against training minutes, a line per contender; a longer budget's runs (`long_runs`) as hollow points
+    joined to their contender's line by a dotted one."""
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 5))
     colors = plt.get_cmap("tab20").colors  # one colour per contender, the same in every redraw
@@ -777,6 +803,15 @@ def draw(runs: dict, data: Data, floor: float | None = None) -> None:
         style = "-o" if name.startswith("hfgen") else "--s"
         axes.plot([row["train_seconds"] / 60 for row in rows], [row["fd"] for row in rows], style, label=name,
                   color=colors[CONTENDERS.index(name) % len(colors)])
+    for name, rows in (long_runs or {}).items():
+        joined = [*runs.get(name, [])[-1:], rows[-1]]
+        axes.plot([row["train_seconds"] / 60 for row in joined], [row["fd"] for row in joined], ":",
+                  color=colors[CONTENDERS.index(name) % len(colors)])
+        axes.plot(rows[-1]["train_seconds"] / 60, rows[-1]["fd"], "o", markerfacecolor="white",
+                  color=colors[CONTENDERS.index(name) % len(colors)])
+    if long_runs:
+        axes.plot([], [], "o:", color="grey", markerfacecolor="white",
+                  label="a longer budget (hfgen: the recipe's epochs scaled to it)")
     if floor is not None:
         axes.axhline(floor, color="grey", linestyle=":", label="real training images (the floor)")
     axes.set_yscale("log")
@@ -808,11 +843,24 @@ def grid_images(path: str, resolution: int) -> torch.Tensor:
     return tiles if size == resolution else torch.nn.functional.interpolate(tiles, size=resolution, mode="area")
 
 
-def ranking_check(runs: dict, data: Data, grids: str, num_samples: int) -> list[str]:
+def final_samples(rows: list[dict], grids: str, name: str, resolution: int) -> torch.Tensor | None:
+    """(N, 3, resolution, resolution) in [0, 1]: the samples FD was computed on at the run's last mark, where the
+    worker saved them (`samples_file`), else its last grid's 64; None without either."""
+    path = os.path.join(grids, rows[-1].get("samples_file", "")) if rows else ""
+    if os.path.isfile(path):
+        samples = torch.load(path).float() / 255
+        if samples.shape[-1] != resolution:
+            samples = torch.nn.functional.interpolate(samples, size=resolution, mode="area")
+        return samples
+    grid = last_grid(grids, name)
+    return grid_images(grid[1], resolution) if grid else None
+
+
+def ranking_check(runs: dict, data: Data, grids: str, num_samples: int, what: str = "above") -> list[str]:
     """Does the domain feature space rank the contenders as raw pixels do? Each contender's FD at the budget (N=1000,
-    domain features) beside the pixel-space KID of its last grid's 64 samples against the test images (the
-    polynomial kernel on the 3,072 pixel values; 100 subsets of 50), and the Spearman correlation of the two
-    rankings."""
+    domain features) beside the pixel-space KID of its final samples (all N where the worker saved them, else the
+    64 of its last grid) against the test images (the polynomial kernel on the 3,072 pixel values; 100 subsets of
+    100, or of 50 for a grid), and the Spearman correlation of the two rankings."""
     from scipy.stats import spearmanr
 
     from hfgen.sample_metrics import kernel_distance
@@ -820,21 +868,20 @@ def ranking_check(runs: dict, data: Data, grids: str, num_samples: int) -> list[
     real = data.images("test").flatten(1)
     rows = []
     for name, contender_rows in runs.items():
-        fd, grid = final_fd(contender_rows, num_samples), last_grid(grids, name)
-        if fd is None or grid is None:
+        fd, samples = final_fd(contender_rows, num_samples), final_samples(contender_rows, grids, name, data.resolution)
+        if fd is None or samples is None:
             continue
-        samples = grid_images(grid[1], data.resolution).flatten(1)
-        kid, kid_std = kernel_distance(real, samples, subset_size=50)
-        rows.append((name, fd, kid, kid_std))
+        kid, kid_std = kernel_distance(real, samples.flatten(1), subset_size=100 if len(samples) > 64 else 50)
+        rows.append((name, fd, len(samples), kid, kid_std))
     if len(rows) < 3:
         return []
-    rho = spearmanr([row[1] for row in rows], [row[2] for row in rows]).statistic
+    rho = spearmanr([row[1] for row in rows], [row[3] for row in rows]).statistic
     lines = [f"Does the domain feature space rank the recipes as raw pixels do? Spearman correlation of the FD ranking "
-             f"above with the pixel-space KID of each contender's last 64 samples (the grids): {rho:.2f} over "
-             f"{len(rows)} contenders.", "",
-             "| contender | FD (domain features, N=1000) | pixel KID ×10³ (64 samples) |", "|---|---|---|"]
-    lines += [f"| {name} | {fd:.1f} | {1000 * kid:.2f} ± {1000 * kid_std:.2f} |"
-              for name, fd, kid, kid_std in sorted(rows, key=lambda row: row[1])]
+             f"{what} with the pixel-space KID of each contender's final samples: {rho:.2f} over {len(rows)} "
+             "contenders.", "",
+             "| contender | FD (domain features, N=1000) | samples for pixel KID | pixel KID ×10³ |", "|---|---|---|---|"]
+    lines += [f"| {name} | {fd:.1f} | {count} | {1000 * kid:.2f} ± {1000 * kid_std:.2f} |"
+              for name, fd, count, kid, kid_std in sorted(rows, key=lambda row: row[1])]
     return lines
 
 
@@ -912,8 +959,29 @@ def prompt_table(result: dict) -> list[str]:
     return lines
 
 
+def long_budget_table(runs: dict, long_runs: dict, data: Data, num_samples: int, budget_minutes: float) -> list[str]:
+    """FD at a longer budget beside FD at the section's, and each hfgen recipe's ratio to its peer there."""
+    budget = max(rows[-1]["train_seconds"] for rows in long_runs.values()) / 60
+    scales = sorted({rows[-1].get("epochs_scale", 1) for name, rows in long_runs.items() if name in data.recipes})
+    lines = [f"The longer budget ({budget:.0f} minutes): each hfgen recipe with its `--num_epochs` times "
+             f"{' or '.join(f'{scale:g}' for scale in scales)} (its schedule sized for the longer budget; a latent "
+             "recipe's first stage unchanged), evaluated at the budget or its end; each peer run for the budget. "
+             f"One run each ({data.long_results.rsplit(os.sep, 1)[-1]}).", "",
+             f"| contender | FD at {budget_minutes:g} min | minutes | FD at the longer budget | peer's FD there | ratio peer / hfgen |",
+             "|---|---|---|---|---|---|"]
+    for name, rows in long_runs.items():
+        final, before = final_fd(rows, num_samples), final_fd(runs.get(name, []), num_samples)
+        peer = data.peer_of.get(name)
+        peer_fd = final_fd(long_runs.get(peer, []), num_samples) if peer else None
+        ratio = f"{peer_fd / final:.2f}" if final and peer_fd else "–"
+        lines.append(f"| {name} | {before if before is not None else '–'} | {rows[-1]['train_seconds'] / 60:.1f} | "
+                     f"{final if final is not None else '–'} | {peer_fd if peer_fd is not None else '–'} | {ratio} |")
+    return lines
+
+
 def section(runs: dict, data: Data, budget_minutes: float, num_samples: int, environment: list[str],
-            floor: float | None = None, samples_figure: str | None = None, ranking: list[str] = ()) -> str:
+            floor: float | None = None, samples_figure: str | None = None, ranking: list[str] = (),
+            long_runs: dict | None = None) -> str:
     start, end = markers(data.section_key)
     if data is DIGITS:
         what = "the 4,000 training digits", "the 1,000 test digits"
@@ -946,6 +1014,8 @@ def section(runs: dict, data: Data, budget_minutes: float, num_samples: int, env
         cpu = rows[-1].get("cpu", "not recorded").replace("(R)", "")
         lines.append(f"| {name} | {recipe} | {rows[-1]['threads']} | {cpu} | {marks} | {final if final is not None else '–'} | {peer or '–'} | "
                      f"{peer_fd if peer_fd is not None else '–'} | {ratio} | {target_text} |")
+    if long_runs:
+        lines += ["", *long_budget_table(runs, long_runs, data, num_samples, budget_minutes)]
     if data is EMOJI and os.path.exists(PROMPTS_RESULTS):
         with open(PROMPTS_RESULTS) as file:
             lines += ["", *prompt_table(json.load(file))]
@@ -973,12 +1043,16 @@ def main(argv=None) -> None:
     parser.add_argument("--curve_num_samples", type=int, default=500, help="Samples for FD at the earlier marks.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", default=None, help="JSON lines, appended to (default: the --data's own file).")
-    parser.add_argument("--grids", default=None, help="Also save a grid of 64 samples per mark into this folder.")
+    parser.add_argument("--grids", default=None, help="Also save a grid of 64 samples per mark into this folder, and the last "
+                        "mark's samples (uint8, for the pixel-space ranking).")
     parser.add_argument("--no_train", action="store_true", help="Only redraw from --results.")
     parser.add_argument("--write", action="store_true", help="Write the figure and the BENCHMARKS.md section.")
     parser.add_argument("--extra_flags", default="",
                         help="Trainer flags added to an hfgen recipe's (a lever tried; the rows record them). Use "
                              "another --results file for such trials.")
+    parser.add_argument("--epochs_scale", type=float, default=1.0,
+                        help="Multiply each hfgen recipe's --num_epochs by this (its schedule is sized for 10 "
+                             "minutes: 2 for a 20-minute budget); the rows record it.")
     parser.add_argument("--prompt_check", action="store_true",
                         help="--data emoji: train the text-to-image recipe to its end and measure whether its prompts "
                              "move the samples (written to figures/quality_emoji_prompts.json).")
@@ -986,6 +1060,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if any(minutes <= 0 for minutes in args.marks):
         parser.error("--marks must be positive minutes")
+    if args.epochs_scale <= 0:
+        parser.error(f"--epochs_scale must be a positive factor, got {args.epochs_scale}")
     data = DATA[args.data]
     args.results = args.results or data.results
     unknown = [name for name in args.only or () if name not in data.contenders]
@@ -1005,23 +1081,29 @@ def main(argv=None) -> None:
             command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--marks", *map(str, args.marks),
                        "--num_samples", str(args.num_samples), "--curve_num_samples", str(args.curve_num_samples),
                        "--threads", str(args.threads), f"--extra_flags={args.extra_flags}", "--data", data.name,
+                       "--epochs_scale", str(args.epochs_scale),
                        "--results", args.results, *(["--grids", args.grids] if args.grids else [])]
             # progress bars off (tqdm reads TQDM_DISABLE); the worker prints one line per mark
             subprocess.run(command, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
     runs = read_results(args.results)
+    long_runs = read_results(data.long_results) if os.path.abspath(args.results) == data.results else {}
     floor = None if data is DIGITS or not runs else real_data_floor(data, args.num_samples)
     if args.write and runs:
-        draw(runs, data, floor)
+        draw(runs, data, floor, long_runs)
         samples_figure = grids_figure(data, args.grids, runs) if args.grids else None
         if args.grids and data is EMOJI:
             prompts_figure(args.grids)
-        ranking = ranking_check(runs, data, args.grids, args.num_samples) if args.grids and data is not DIGITS else []
+        ranking = []
+        if args.grids and data is not DIGITS:  # on the longer budget's runs where they saved their samples
+            saved = any(rows[-1].get("samples_file") for rows in long_runs.values())
+            ranking = ranking_check(long_runs, data, args.grids, args.num_samples, "at the longer budget") if saved \
+                else ranking_check(runs, data, args.grids, args.num_samples)
         environment = environment_lines("bench_quality.py", args.threads, load_before, load_average())
         write_section(data.section_key, section(runs, data, max(args.marks), args.num_samples, environment, floor,
-                                                samples_figure, ranking))
+                                                samples_figure, ranking, long_runs))
         print(f"wrote {BENCHMARKS_MD}", file=sys.stderr)
     elif runs:
-        print(section(runs, data, max(args.marks), args.num_samples, [], floor))
+        print(section(runs, data, max(args.marks), args.num_samples, [], floor, long_runs=long_runs))
 
 
 if __name__ == "__main__":

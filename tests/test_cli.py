@@ -90,25 +90,47 @@ def test_every_readme_training_command_parses():
         assert args.output_dir
 
 
+def bench_quality():
+    """benchmarks/bench_quality.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_longer_budget_scales_only_each_recipes_schedule():
+    """bench_quality's --epochs_scale: every recipe's --num_epochs times the factor, every other flag (a latent
+    recipe's first-stage epochs included) as the recipe has it."""
+    import importlib
+
+    from hfgen.cli import TRAINERS
+
+    module = bench_quality()
+    for data in module.DATA.values():
+        for family, flags in data.recipes.values():
+            parse = importlib.import_module(TRAINERS[family]).parse_args
+            recipe = parse(["--output_dir", "x", *flags.split()]).to_flags()
+            longer = parse(["--output_dir", "x", *module.scale_epochs(flags.split(), 2)]).to_flags()
+            assert longer.pop("num_epochs") == 2 * recipe.pop("num_epochs")
+            assert longer == recipe
+
+
 def test_benchmarked_recipes_are_the_readme_commands():
     """bench_quality.py measures the README's commands: each recipe (digits and colour) parses to the same arguments as
     one README line."""
     import importlib
-    import importlib.util
     import shlex
 
     from hfgen.cli import TRAINERS
-
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
-    bench_quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_quality)
 
     def parsed(family, flags):  # the training arguments, without where they go and the grids' sampling steps
         args = importlib.import_module(TRAINERS[family]).parse_args(["--output_dir", "x", *shlex.split(flags)]).to_flags()
         return {key: value for key, value in args.items() if key not in ("output_dir", "num_inference_steps")}
 
     readme_args = [parsed(family, flags) for family, flags in readme_training_commands()]
-    for data in bench_quality.DATA.values():  # the digits' recipes and the colour ones (with their data flags)
+    for data in bench_quality().DATA.values():  # the digits' recipes and the colour ones (with their data flags)
         for name in data.recipes:
             family, flags = data.command(name).split(" ", 3)[2:]
             assert parsed(family, flags) in readme_args, f"{data.name} {name}'s recipe `{flags}` is not a README command"
