@@ -713,7 +713,8 @@ def worker(args) -> None:
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": cpu_model(),
                **({"sampler": FD_SAMPLER} if samples_by_diffusion(args.worker, data) else {}),
                **({"extra_flags": args.extra_flags} if args.extra_flags else {}),
-               **({"epochs_scale": args.epochs_scale} if args.epochs_scale != 1 else {})}
+               **({"epochs_scale": args.epochs_scale} if args.epochs_scale != 1 and args.worker in data.recipes
+                  else {})}
         if args.grids:
             from hfgen.image_processing import image_grid, postprocess
 
