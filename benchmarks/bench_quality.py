@@ -799,17 +799,19 @@ def draw(runs: dict, data: Data, floor: float | None = None, long_runs: dict | N
     joined to their contender's line by a dotted one."""
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 5))
-    colors = plt.get_cmap("tab20").colors  # one colour per contender, the same in every redraw
+    colors = plt.get_cmap("tab20").colors
+
+    def color(name):  # one colour per contender, the same in every redraw
+        return colors[CONTENDERS.index(name) % len(colors)]
+
     for name, rows in runs.items():
         style = "-o" if name.startswith("hfgen") else "--s"
         axes.plot([row["train_seconds"] / 60 for row in rows], [row["fd"] for row in rows], style, label=name,
-                  color=colors[CONTENDERS.index(name) % len(colors)])
+                  color=color(name))
     for name, rows in (long_runs or {}).items():
         joined = [*runs.get(name, [])[-1:], rows[-1]]
-        axes.plot([row["train_seconds"] / 60 for row in joined], [row["fd"] for row in joined], ":",
-                  color=colors[CONTENDERS.index(name) % len(colors)])
-        axes.plot(rows[-1]["train_seconds"] / 60, rows[-1]["fd"], "o", markerfacecolor="white",
-                  color=colors[CONTENDERS.index(name) % len(colors)])
+        axes.plot([row["train_seconds"] / 60 for row in joined], [row["fd"] for row in joined], ":", color=color(name))
+        axes.plot(rows[-1]["train_seconds"] / 60, rows[-1]["fd"], "o", markerfacecolor="white", color=color(name))
     if long_runs:
         axes.plot([], [], "o:", color="grey", markerfacecolor="white",
                   label="a longer budget (hfgen: the recipe's epochs scaled to it)")
