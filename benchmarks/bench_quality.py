@@ -192,6 +192,11 @@ class Data:
         return os.path.join(FIGURES, "quality_vs_time.png" if self.name == "digits" else f"quality_{self.name}.png")
 
     @property
+    def samples_figure(self) -> str:
+        """Each contender's last grid beside real test images (`grids_figure`)."""
+        return os.path.join(FIGURES, f"quality_{self.name}_samples.png")
+
+    @property
     def contenders(self) -> tuple[str, ...]:
         return (*self.recipes, *PEERS)
 
@@ -715,6 +720,9 @@ def worker(args) -> None:
                **({"extra_flags": args.extra_flags} if args.extra_flags else {}),
                **({"epochs_scale": args.epochs_scale} if args.epochs_scale != 1 and args.worker in data.recipes
                   else {})}
+        if len(samples) >= args.num_samples and data is not DIGITS:  # the final mark's: kept in the row, so the
+            # ranking check needs no saved samples
+            row["pixel_kid"], row["pixel_kid_std"] = (round(value, 6) for value in pixel_kid(data, samples))
         if args.grids:
             from hfgen.image_processing import image_grid, postprocess
 
@@ -847,35 +855,43 @@ def grid_images(path: str, resolution: int) -> torch.Tensor:
 
 
 def final_samples(rows: list[dict], grids: str, name: str, resolution: int) -> torch.Tensor | None:
-    """(N, 3, resolution, resolution) in [0, 1]: the samples FD was computed on at the run's last mark, where the
-    worker saved them (`samples_file`), else its last grid's 64; None without either."""
+    """(N, 3, H, W) in [0, 1]: the samples FD was computed on at the run's last mark, where the worker saved them
+    (`samples_file`), else its last grid's 64 at `resolution`; None without either."""
     path = os.path.join(grids, rows[-1].get("samples_file", "")) if rows else ""
     if os.path.isfile(path):
-        samples = torch.load(path).float() / 255
-        if samples.shape[-1] != resolution:
-            samples = torch.nn.functional.interpolate(samples, size=resolution, mode="area")
-        return samples
+        return torch.load(path).float() / 255
     grid = last_grid(grids, name)
     return grid_images(grid[1], resolution) if grid else None
 
 
-def ranking_check(runs: dict, data: Data, grids: str, num_samples: int, what: str = "above") -> list[str]:
-    """Does the domain feature space rank the contenders as raw pixels do? Each contender's FD at the budget (N=1000,
-    domain features) beside the pixel-space KID of its final samples (all N where the worker saved them, else the
-    64 of its last grid) against the test images (the polynomial kernel on the 3,072 pixel values; 100 subsets of
-    100, or of 50 for a grid), and the Spearman correlation of the two rankings."""
-    from scipy.stats import spearmanr
-
+def pixel_kid(data: Data, samples: torch.Tensor) -> tuple[float, float]:
+    """KID (mean, std) of (N, 3, H, W) samples in [0, 1] against the test images on raw pixels: the polynomial
+    kernel on the 3,072 pixel values, 100 subsets of 100 (of 50 for a grid's 64)."""
     from hfgen.sample_metrics import kernel_distance
 
-    real = data.images("test").flatten(1)
+    samples = samples.clamp(0, 1)
+    if samples.shape[-1] != data.resolution:
+        samples = torch.nn.functional.interpolate(samples, size=data.resolution, mode="area")
+    return kernel_distance(data.images("test").flatten(1), samples.flatten(1), subset_size=100 if len(samples) > 64 else 50)
+
+
+def ranking_check(runs: dict, data: Data, grids: str | None, num_samples: int, what: str = "above") -> list[str]:
+    """Does the domain feature space rank the contenders as raw pixels do? Each contender's FD at the budget (N=1000,
+    domain features) beside the pixel-space KID of its final samples (`pixel_kid`: all N, recorded in the row by the
+    worker; for an older row without it, the samples or last grid saved in `grids`), and the Spearman correlation of
+    the two rankings."""
+    from scipy.stats import spearmanr
+
     rows = []
     for name, contender_rows in runs.items():
-        fd, samples = final_fd(contender_rows, num_samples), final_samples(contender_rows, grids, name, data.resolution)
-        if fd is None or samples is None:
+        fd = final_fd(contender_rows, num_samples)
+        if fd is None:
             continue
-        kid, kid_std = kernel_distance(real, samples.flatten(1), subset_size=100 if len(samples) > 64 else 50)
-        rows.append((name, fd, len(samples), kid, kid_std))
+        if "pixel_kid" in contender_rows[-1]:
+            last = contender_rows[-1]
+            rows.append((name, fd, last["num_samples"], last["pixel_kid"], last["pixel_kid_std"]))
+        elif grids and (samples := final_samples(contender_rows, grids, name, data.resolution)) is not None:
+            rows.append((name, fd, len(samples), *pixel_kid(data, samples)))
     if len(rows) < 3:
         return []
     rho = spearmanr([row[1] for row in rows], [row[3] for row in rows]).statistic
@@ -902,7 +918,7 @@ def grids_figure(data: Data, grids: str, contenders) -> str | None:
             panels.append((f"{name}, {minutes:g} min", Image.open(path).convert("RGB")))
     if len(panels) == 1:
         return None
-    return panels_figure(panels, os.path.join(FIGURES, f"quality_{data.name}_samples.png"))
+    return panels_figure(panels, data.samples_figure)
 
 
 def prompts_figure(grids: str) -> str | None:
@@ -1094,11 +1110,13 @@ def main(argv=None) -> None:
     if args.write and runs:
         draw(runs, data, floor, long_runs)
         samples_figure = grids_figure(data, args.grids, runs) if args.grids else None
+        if samples_figure is None and os.path.exists(data.samples_figure):  # the grids of an earlier --write
+            samples_figure = data.samples_figure
         if args.grids and data is EMOJI:
             prompts_figure(args.grids)
         ranking = []
-        if args.grids and data is not DIGITS:  # on the longer budget's runs where they saved their samples
-            saved = any(rows[-1].get("samples_file") for rows in long_runs.values())
+        if data is not DIGITS:  # on the longer budget's runs where they kept their pixel KID or samples
+            saved = any("pixel_kid" in rows[-1] or rows[-1].get("samples_file") for rows in long_runs.values())
             ranking = ranking_check(long_runs, data, args.grids, args.num_samples, "at the longer budget") if saved \
                 else ranking_check(runs, data, args.grids, args.num_samples)
         environment = environment_lines("bench_quality.py", args.threads, load_before, load_average())

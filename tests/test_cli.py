@@ -117,6 +117,22 @@ def test_longer_budget_scales_only_each_recipes_schedule():
             assert longer == recipe
 
 
+def test_ranking_check_reads_each_rows_pixel_kid():
+    """bench_quality's ranking check needs no saved samples once the worker kept each run's pixel KID in its last row:
+    the Spearman correlation of the two rankings, over the contenders whose run reached its final N."""
+    module = bench_quality()
+
+    def run(fd, kid, num_samples=1000):
+        return [{"fd": fd, "num_samples": num_samples, "pixel_kid": kid, "pixel_kid_std": 0.001, "train_seconds": 1200}]
+
+    runs = {"hfgen-gan": run(3.3, 0.006), "plain-dcgan": run(6.4, 0.012), "hfgen-vae": run(5.0, 0.02),
+            "plain-vae": run(30.0, 0.001, num_samples=500)}  # stopped before its final mark: left out
+    lines = module.ranking_check(runs, module.EMOJI, None, 1000)
+    assert "0.50 over 3 contenders" in lines[0]  # FD ranks 1, 3, 2; KID 1, 2, 3
+    assert [line.split(" | ")[0] for line in lines[4:]] == ["| hfgen-gan", "| hfgen-vae", "| plain-dcgan"]
+    assert module.ranking_check({"hfgen-gan": runs["hfgen-gan"]}, module.EMOJI, None, 1000) == []
+
+
 def test_benchmarked_recipes_are_the_readme_commands():
     """bench_quality.py measures the README's commands: each recipe (digits and colour) parses to the same arguments as
     one README line."""
