@@ -40,9 +40,13 @@ U-Net's channels); the section also gives the real-data floor (training images a
 
 The longer budget: the recipes' schedules are sized to end near 10 minutes, so a 20-minute mark runs each hfgen
 recipe with its --num_epochs doubled (--epochs_scale 2) and each peer for 20 minutes, into the data's own
-`quality_<data>_long.json`; the section then gives FD at 20 minutes beside FD at 10 and adds the points to the figure:
+`quality_<data>_long.json`; the section then gives FD at 20 minutes beside FD at 10 and adds the points to the figure.
+Each run keeps its pixel-space KID in its row (the ranking check) and its grid in a committed folder, so the runs can
+be spread over sessions; the last --write draws the samples figure from those grids:
 
-    python benchmarks/bench_quality.py --data emoji --marks 20 --epochs_scale 2 --results benchmarks/figures/quality_emoji_long.json
+    python benchmarks/bench_quality.py --data emoji --marks 20 --epochs_scale 2 \
+        --results benchmarks/figures/quality_emoji_long.json --grids benchmarks/figures/quality_emoji_long_grids
+    python benchmarks/bench_quality.py --data emoji --no_train --write --grids benchmarks/figures/quality_emoji_long_grids
 
 SCREENS, benchmarks/figures/quality_screens.json, keeps the lever screens (each row with its --extra_flags).
 
@@ -729,9 +733,6 @@ def worker(args) -> None:
             os.makedirs(args.grids, exist_ok=True)
             name = f"{args.worker}-{round(seconds / 60, 1)}min"
             image_grid(postprocess(samples[:64].clamp(0, 1))).save(os.path.join(args.grids, f"{name}.png"))
-            if len(samples) >= args.num_samples:  # the final mark's: all of them, for the pixel-space ranking
-                torch.save((samples.clamp(0, 1) * 255).round().to(torch.uint8), os.path.join(args.grids, f"{name}.pt"))
-                row["samples_file"] = f"{name}.pt"
         print(json.dumps(row), flush=True)
         with open(args.results, "a") as file:
             file.write(json.dumps(row) + "\n")
@@ -854,16 +855,6 @@ def grid_images(path: str, resolution: int) -> torch.Tensor:
     return tiles if size == resolution else torch.nn.functional.interpolate(tiles, size=resolution, mode="area")
 
 
-def final_samples(rows: list[dict], grids: str, name: str, resolution: int) -> torch.Tensor | None:
-    """(N, 3, H, W) in [0, 1]: the samples FD was computed on at the run's last mark, where the worker saved them
-    (`samples_file`), else its last grid's 64 at `resolution`; None without either."""
-    path = os.path.join(grids, rows[-1].get("samples_file", "")) if rows else ""
-    if os.path.isfile(path):
-        return torch.load(path).float() / 255
-    grid = last_grid(grids, name)
-    return grid_images(grid[1], resolution) if grid else None
-
-
 def pixel_kid(data: Data, samples: torch.Tensor) -> tuple[float, float]:
     """KID (mean, std) of (N, 3, H, W) samples in [0, 1] against the test images on raw pixels: the polynomial
     kernel on the 3,072 pixel values, 100 subsets of 100 (of 50 for a grid's 64)."""
@@ -878,8 +869,8 @@ def pixel_kid(data: Data, samples: torch.Tensor) -> tuple[float, float]:
 def ranking_check(runs: dict, data: Data, grids: str | None, num_samples: int, what: str = "above") -> list[str]:
     """Does the domain feature space rank the contenders as raw pixels do? Each contender's FD at the budget (N=1000,
     domain features) beside the pixel-space KID of its final samples (`pixel_kid`: all N, recorded in the row by the
-    worker; for an older row without it, the samples or last grid saved in `grids`), and the Spearman correlation of
-    the two rankings."""
+    worker; for an older row without it, the 64 of its last grid in `grids`), and the Spearman correlation of the two
+    rankings."""
     from scipy.stats import spearmanr
 
     rows = []
@@ -890,8 +881,8 @@ def ranking_check(runs: dict, data: Data, grids: str | None, num_samples: int, w
         if "pixel_kid" in contender_rows[-1]:
             last = contender_rows[-1]
             rows.append((name, fd, last["num_samples"], last["pixel_kid"], last["pixel_kid_std"]))
-        elif grids and (samples := final_samples(contender_rows, grids, name, data.resolution)) is not None:
-            rows.append((name, fd, len(samples), *pixel_kid(data, samples)))
+        elif grids and (grid := last_grid(grids, name)):
+            rows.append((name, fd, 64, *pixel_kid(data, grid_images(grid[1], data.resolution))))
     if len(rows) < 3:
         return []
     rho = spearmanr([row[1] for row in rows], [row[3] for row in rows]).statistic
@@ -1062,8 +1053,8 @@ def main(argv=None) -> None:
     parser.add_argument("--curve_num_samples", type=int, default=500, help="Samples for FD at the earlier marks.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", default=None, help="JSON lines, appended to (default: the --data's own file).")
-    parser.add_argument("--grids", default=None, help="Also save a grid of 64 samples per mark into this folder, and the last "
-                        "mark's samples (uint8, for the pixel-space ranking).")
+    parser.add_argument("--grids", default=None, help="Also save a grid of 64 samples per mark into this folder; "
+                        "--write then draws each contender's last grid into the samples figure.")
     parser.add_argument("--no_train", action="store_true", help="Only redraw from --results.")
     parser.add_argument("--write", action="store_true", help="Write the figure and the BENCHMARKS.md section.")
     parser.add_argument("--extra_flags", default="",
@@ -1115,8 +1106,8 @@ def main(argv=None) -> None:
         if args.grids and data is EMOJI:
             prompts_figure(args.grids)
         ranking = []
-        if data is not DIGITS:  # on the longer budget's runs where they kept their pixel KID or samples
-            saved = any("pixel_kid" in rows[-1] or rows[-1].get("samples_file") for rows in long_runs.values())
+        if data is not DIGITS:  # on the longer budget's runs where they kept their pixel KID
+            saved = any("pixel_kid" in rows[-1] for rows in long_runs.values())
             ranking = ranking_check(long_runs, data, args.grids, args.num_samples, "at the longer budget") if saved \
                 else ranking_check(runs, data, args.grids, args.num_samples)
         environment = environment_lines("bench_quality.py", args.threads, load_before, load_average())
