@@ -737,6 +737,8 @@ def worker(args) -> None:
         with open(args.results, "a") as file:
             file.write(json.dumps(row) + "\n")
 
+    for path in contender_grids(args.grids, args.worker).values() if args.grids else ():
+        os.remove(path)  # a new run's grids replace an earlier run's, as its rows do (`read_results`)
     clock = Clock([60 * minutes for minutes in args.marks], args.num_samples, args.curve_num_samples, record)
     with tempfile.TemporaryDirectory() as output_dir, contextlib.suppress(BudgetReached):
         if args.worker in data.recipes:
@@ -836,11 +838,16 @@ def draw(runs: dict, data: Data, floor: float | None = None, long_runs: dict | N
     save_figure(figure, data.figure, dpi=110)
 
 
+def contender_grids(grids: str, name: str) -> dict[float, str]:
+    """minutes -> path of each grid the contender's run saved in `grids`."""
+    return {float(match.group(1)): os.path.join(grids, file) for file in os.listdir(grids) if
+            (match := re.fullmatch(re.escape(name) + r"-([0-9.]+)min\.png", file))} if os.path.isdir(grids) else {}
+
+
 def last_grid(grids: str, name: str) -> tuple[float, str] | None:
     """(minutes, path) of the contender's grid at its last mark in `grids`, or None."""
-    saved = {float(match.group(1)): file for file in os.listdir(grids) if
-             (match := re.fullmatch(re.escape(name) + r"-([0-9.]+)min\.png", file))} if os.path.isdir(grids) else {}
-    return (max(saved), os.path.join(grids, saved[max(saved)])) if saved else None
+    saved = contender_grids(grids, name)
+    return (max(saved), saved[max(saved)]) if saved else None
 
 
 def grid_images(path: str, resolution: int) -> torch.Tensor:
@@ -878,8 +885,8 @@ def ranking_check(runs: dict, data: Data, grids: str | None, num_samples: int, w
         fd = final_fd(contender_rows, num_samples)
         if fd is None:
             continue
-        if "pixel_kid" in contender_rows[-1]:
-            last = contender_rows[-1]
+        last = contender_rows[-1]
+        if "pixel_kid" in last:
             rows.append((name, fd, last["num_samples"], last["pixel_kid"], last["pixel_kid_std"]))
         elif grids and (grid := last_grid(grids, name)):
             rows.append((name, fd, 64, *pixel_kid(data, grid_images(grid[1], data.resolution))))
