@@ -831,7 +831,7 @@ def draw(runs: dict, data: Data, floor: float | None = None, long_runs: dict | N
     axes.set_yscale("log")
     axes.set_xlabel("training minutes (evaluation excluded; threads per contender in BENCHMARKS.md)")
     axes.set_ylabel(f"FD vs the {data.name} test split ({'digit-classifier' if data is DIGITS else 'domain-classifier'}"
-                    " features; N=1000 at the end, 500 before)")
+                    " features;\nN=1000 at the end, 500 before)")  # two lines: one is taller than the axes
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8, ncol=2)
     figure.tight_layout()
