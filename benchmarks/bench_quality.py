@@ -856,7 +856,7 @@ def grid_images(path: str, resolution: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
     size = pixels.shape[2] // 8
     tiles = pixels.reshape(3, 8, size, 8, size).permute(1, 3, 0, 2, 4).reshape(64, 3, size, size)
     return tiles if size == resolution else torch.nn.functional.interpolate(tiles, size=resolution, mode="area")
@@ -873,11 +873,23 @@ def pixel_kid(data: Data, samples: torch.Tensor) -> tuple[float, float]:
     return kernel_distance(data.images("test").flatten(1), samples.flatten(1), subset_size=100 if len(samples) > 64 else 50)
 
 
+def grid_memorisation(data: Data, path: str) -> float:
+    """hfgen.sample_metrics.memorisation_share of a saved grid's 64 samples in the data's domain features: the share
+    closer to a training image than all but 5% of the test images are (about 0.05 for fresh draws, 1 for copies)."""
+    from hfgen.sample_metrics import memorisation_share
+
+    extractor = data.feature_extractor().eval()
+    with torch.no_grad():
+        features = [torch.cat([extractor(batch) for batch in images.split(250)])
+                    for images in (grid_images(path, data.resolution), data.images("test"), data.images("train"))]
+    return memorisation_share(*features)
+
+
 def ranking_check(runs: dict, data: Data, grids: str | None, num_samples: int, what: str = "above") -> list[str]:
     """Does the domain feature space rank the contenders as raw pixels do? Each contender's FD at the budget (N=1000,
     domain features) beside the pixel-space KID of its final samples (`pixel_kid`: all N, recorded in the row by the
     worker; for an older row without it, the 64 of its last grid in `grids`), and the Spearman correlation of the two
-    rankings."""
+    rankings. With `grids`, each contender's grid also gets its memorisation share (`grid_memorisation`)."""
     from scipy.stats import spearmanr
 
     rows = []
@@ -885,20 +897,23 @@ def ranking_check(runs: dict, data: Data, grids: str | None, num_samples: int, w
         fd = final_fd(contender_rows, num_samples)
         if fd is None:
             continue
-        last = contender_rows[-1]
+        last, grid = contender_rows[-1], grids and last_grid(grids, name)
+        memorised = f"{grid_memorisation(data, grid[1]):.2f}" if grid else "–"
         if "pixel_kid" in last:
-            rows.append((name, fd, last["num_samples"], last["pixel_kid"], last["pixel_kid_std"]))
-        elif grids and (grid := last_grid(grids, name)):
-            rows.append((name, fd, 64, *pixel_kid(data, grid_images(grid[1], data.resolution))))
+            rows.append((name, fd, last["num_samples"], last["pixel_kid"], last["pixel_kid_std"], memorised))
+        elif grid:
+            rows.append((name, fd, 64, *pixel_kid(data, grid_images(grid[1], data.resolution)), memorised))
     if len(rows) < 3:
         return []
     rho = spearmanr([row[1] for row in rows], [row[3] for row in rows]).statistic
     lines = [f"Does the domain feature space rank the recipes as raw pixels do? Spearman correlation of the FD ranking "
              f"{what} with the pixel-space KID of each contender's final samples: {rho:.2f} over {len(rows)} "
-             "contenders.", "",
-             "| contender | FD (domain features, N=1000) | samples for pixel KID | pixel KID ×10³ |", "|---|---|---|---|"]
-    lines += [f"| {name} | {fd:.1f} | {count} | {1000 * kid:.2f} ± {1000 * kid_std:.2f} |"
-              for name, fd, count, kid, kid_std in sorted(rows, key=lambda row: row[1])]
+             "contenders. Beside them, the memorisation share of its grid's 64 samples (domain features; held-out "
+             "real images score about 0.05, copies of training images 1).", "",
+             "| contender | FD (domain features, N=1000) | samples for pixel KID | pixel KID ×10³ | memorisation share |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {fd:.1f} | {count} | {1000 * kid:.2f} ± {1000 * kid_std:.2f} | {memorised} |"
+              for name, fd, count, kid, kid_std, memorised in sorted(rows, key=lambda row: row[1])]
     return lines
 
 

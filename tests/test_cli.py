@@ -7,6 +7,7 @@ import sys
 
 import PIL.Image
 import pytest
+import torch
 
 from hfgen.cli import main
 
@@ -131,6 +132,26 @@ def test_ranking_check_reads_each_rows_pixel_kid():
     assert "0.50 over 3 contenders" in lines[0]  # FD ranks 1, 3, 2; KID 1, 2, 3
     assert [line.split(" | ")[0] for line in lines[4:]] == ["| hfgen-gan", "| hfgen-vae", "| plain-dcgan"]
     assert module.ranking_check({"hfgen-gan": runs["hfgen-gan"]}, module.EMOJI, None, 1000) == []
+
+
+def test_ranking_check_gives_each_grids_memorisation_share(tmp_path):
+    """With `grids`, the ranking table gives each contender's grid its memorisation share in the data's features: 1 for
+    a grid of training images, 0 for one of white images, far from every (uniform random) training image, '–' without a grid."""
+    from types import SimpleNamespace
+
+    from hfgen.image_processing import image_grid, postprocess
+
+    module = bench_quality()
+    generator = torch.Generator().manual_seed(0)
+    train, test = torch.rand(200, 3, 8, 8, generator=generator), torch.rand(100, 3, 8, 8, generator=generator)
+    data = SimpleNamespace(resolution=8, feature_extractor=lambda: torch.nn.Flatten(),
+                           images=lambda split: {"train": train, "test": test}[split])
+    image_grid(postprocess(train[:64])).save(tmp_path / "hfgen-gan-20.0min.png")
+    image_grid(postprocess(torch.ones(64, 3, 8, 8))).save(tmp_path / "hfgen-vae-20.0min.png")
+    runs = {name: [{"fd": fd, "num_samples": 1000, "pixel_kid": fd / 1000, "pixel_kid_std": 0.001}]
+            for name, fd in [("hfgen-gan", 3.0), ("hfgen-vae", 5.0), ("plain-dcgan", 6.0)]}
+    table = module.ranking_check(runs, data, str(tmp_path), 1000)[4:]
+    assert [line.rsplit(" | ", 1)[1] for line in table] == ["1.00 |", "0.00 |", "– |"]
 
 
 def test_benchmarked_recipes_are_the_readme_commands():
