@@ -873,16 +873,21 @@ def pixel_kid(data: Data, samples: torch.Tensor) -> tuple[float, float]:
     return kernel_distance(data.images("test").flatten(1), samples.flatten(1), subset_size=100 if len(samples) > 64 else 50)
 
 
-def grid_memorisation(data: Data, path: str) -> float:
-    """hfgen.sample_metrics.memorisation_share of a saved grid's 64 samples in the data's domain features: the share
-    closer to a training image than all but 5% of the test images are (about 0.05 for fresh draws, 1 for copies)."""
+def grid_memorisation(data: Data):
+    """A function: a saved grid's path -> hfgen.sample_metrics.memorisation_share of its 64 samples in the data's
+    domain features, the share closer to a training image than all but 5% of the test images are (about 0.05 for
+    fresh draws, 1 for copies). The test and training images' features are computed once, here."""
+    from hfgen.frechet import batch_features
     from hfgen.sample_metrics import memorisation_share
 
     extractor = data.feature_extractor().eval()
-    with torch.no_grad():
-        features = [torch.cat([extractor(batch) for batch in images.split(250)])
-                    for images in (grid_images(path, data.resolution), data.images("test"), data.images("train"))]
-    return memorisation_share(*features)
+
+    @torch.no_grad()
+    def features(images: torch.Tensor, name: str) -> torch.Tensor:
+        return torch.cat([batch for _, batch in batch_features(images.split(250), extractor, name)])
+
+    test, train = features(data.images("test"), "test images"), features(data.images("train"), "training images")
+    return lambda path: memorisation_share(features(grid_images(path, data.resolution), path), test, train)
 
 
 def ranking_check(runs: dict, data: Data, grids: str | None, num_samples: int, what: str = "above") -> list[str]:
@@ -892,13 +897,13 @@ def ranking_check(runs: dict, data: Data, grids: str | None, num_samples: int, w
     rankings. With `grids`, each contender's grid also gets its memorisation share (`grid_memorisation`)."""
     from scipy.stats import spearmanr
 
-    rows = []
+    rows, memorisation = [], grid_memorisation(data) if grids else None
     for name, contender_rows in runs.items():
         fd = final_fd(contender_rows, num_samples)
         if fd is None:
             continue
         last, grid = contender_rows[-1], grids and last_grid(grids, name)
-        memorised = f"{grid_memorisation(data, grid[1]):.2f}" if grid else "–"
+        memorised = f"{memorisation(grid[1]):.2f}" if grid else "–"
         if "pixel_kid" in last:
             rows.append((name, fd, last["num_samples"], last["pixel_kid"], last["pixel_kid_std"], memorised))
         elif grid:

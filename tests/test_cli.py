@@ -136,7 +136,8 @@ def test_ranking_check_reads_each_rows_pixel_kid():
 
 def test_ranking_check_gives_each_grids_memorisation_share(tmp_path):
     """With `grids`, the ranking table gives each contender's grid its memorisation share in the data's features: 1 for
-    a grid of training images, 0 for one of white images, far from every (uniform random) training image, '–' without a grid."""
+    a grid of training images, 0 for one of white images, far from every (uniform random) training image, '–' without
+    a grid."""
     from types import SimpleNamespace
 
     from hfgen.image_processing import image_grid, postprocess
@@ -144,7 +145,9 @@ def test_ranking_check_gives_each_grids_memorisation_share(tmp_path):
     module = bench_quality()
     generator = torch.Generator().manual_seed(0)
     train, test = torch.rand(200, 3, 8, 8, generator=generator), torch.rand(100, 3, 8, 8, generator=generator)
-    data = SimpleNamespace(resolution=8, feature_extractor=lambda: torch.nn.Flatten(),
+    extractor = torch.nn.Flatten()
+    extractor.num_features = 3 * 8 * 8  # what hfgen.frechet.batch_features asks of a feature extractor
+    data = SimpleNamespace(resolution=8, feature_extractor=lambda: extractor,
                            images=lambda split: {"train": train, "test": test}[split])
     image_grid(postprocess(train[:64])).save(tmp_path / "hfgen-gan-20.0min.png")
     image_grid(postprocess(torch.ones(64, 3, 8, 8))).save(tmp_path / "hfgen-vae-20.0min.png")
